@@ -1,0 +1,1 @@
+"""Bouquet: Kubernetes-native federated learning with Flower and PyTorch."""

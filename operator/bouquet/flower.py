@@ -1,0 +1,295 @@
+"""Starting Flower's processes for a job: the SuperLink (with the ServerApp it spawns), one
+SuperNode per site, and the submission of the run.
+
+This is the only module that knows Flower's command lines. Local runs (`bouquet run`) and
+the pods the operator creates (`bouquet server`, `bouquet site`) both go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+SERVER_APP = "bouquet_workloads.server_app:app"
+CLIENT_APP = "bouquet_workloads.client_app:app"
+
+
+class LaunchError(RuntimeError):
+    """A Flower process could not be started or stopped working."""
+
+
+def _flower_command(name: str) -> str:
+    """Flower's console scripts, from the environment Bouquet itself runs in."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise LaunchError(f"{name} is not installed (it comes with the flwr package)")
+    return found
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Where the job's TLS files are; None fields mean TLS is off."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca is not None
+
+
+def write_app(directory: Path, job: Mapping) -> Path:
+    """Writes the Flower app bundle's manifest for a job: which ServerApp and ClientApp run
+    (the built-in ones or the job's own) and the run-config keys they accept. The code
+    itself is imported from the installed packages, not shipped in the bundle."""
+    app = job["spec"].get("app", {})
+    config = {"job": "", "output-dir": "", **{k: "" for k in app.get("config", {})}}
+    manifest = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "bouquet-job", "version": "1.0.0", "dependencies": []},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "bouquet",
+                    "components": {
+                        "serverapp": app.get("serverApp", SERVER_APP),
+                        "clientapp": app.get("clientApp", CLIENT_APP),
+                    },
+                    "config": config,
+                }
+            }
+        },
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(tomli_w.dumps(manifest))
+    return directory
+
+
+def run_config(job: Mapping, out: Path) -> dict[str, str]:
+    """What the ServerApp and ClientApps receive as their run config."""
+    return {"job": json.dumps(job, separators=(",", ":")), "output-dir": str(out), **job["spec"].get("app", {}).get("config", {})}
+
+
+@dataclass
+class Processes:
+    """Processes started for a job, each in its own process group so that stopping one
+    also stops what it spawned (the ServerApp under the SuperLink, ClientApps under a
+    SuperNode)."""
+
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=lambda: process_env())
+    running: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
+            )
+        self.running[name] = process
+        return process
+
+    def check(self) -> None:
+        """Raises if a process ended on its own."""
+        for name, process in self.running.items():
+            code = process.poll()
+            if code is not None:
+                raise LaunchError(f"{name} exited with code {code}; its log: {self.log_dir / (name + '.log')}\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, names: list[str] | None = None, grace: float = 5.0) -> None:
+        """Stops the named processes (default: all) and everything they started: SIGTERM,
+        then SIGKILL to whatever is left after grace seconds. Flower starts its ServerApp
+        and ClientApps in sessions of their own, so the whole process tree is collected
+        first rather than trusting process groups."""
+        chosen = {n: p for n, p in self.running.items() if names is None or n in names}
+        pids = {pid for p in chosen.values() for pid in (p.pid, *descendants(p.pid))}
+        _signal_all(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in chosen.values():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
+        _signal_all(pids, signal.SIGKILL)
+        for name, process in chosen.items():
+            process.wait()
+            del self.running[name]
+
+
+def process_env(extra_paths: list[Path] = ()) -> dict[str, str]:
+    """The environment for Flower's processes. Flower starts further console scripts of
+    its own by name, so this environment's bin directory goes first on PATH; and the
+    ServerApp and ClientApps import the same Bouquet code as this process (plus a job's
+    own app modules from extra_paths)."""
+    import bouquet_workloads
+
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    roots = [str(p) for p in extra_paths] + [str(Path(bouquet_workloads.__file__).parent.parent)]
+    env["PYTHONPATH"] = os.pathsep.join(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited already; only its parent's wait is missing.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def superlink_command(port: int, state_db: Path, tls: Tls, host: str = "127.0.0.1") -> list[str]:
+    command = [
+        _flower_command("flower-superlink"),
+        "--host", host,
+        "--port", str(port),
+        "--database", str(state_db),
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if tls.enabled:
+        command += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+    else:
+        command.append("--insecure")
+    return command
+
+
+def supernode_command(server: str, site: str, data: Path, data_format: str | None, runtime_port: int, ca: Path | None) -> list[str]:
+    node_config = f'site="{site}" data-path="{data}"'
+    if data_format:
+        node_config += f' data-format="{data_format}"'
+    command = [
+        _flower_command("flower-supernode"),
+        "--superlink", server,
+        "--port", str(runtime_port),
+        "--node-config", node_config,
+        "--isolation", "subprocess",
+    ]  # fmt: skip
+    command += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    return command
+
+
+def wait_healthy(port: int, tls: Tls, timeout: float, processes: Processes) -> None:
+    """Waits until the SuperLink answers /health."""
+    scheme = "https" if tls.enabled else "http"
+    context = ssl.create_default_context(cafile=str(tls.ca)) if tls.enabled else None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        processes.check()
+        try:
+            with urllib.request.urlopen(f"{scheme}://localhost:{port}/health", timeout=2, context=context) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise LaunchError(f"the server did not become healthy on port {port} within {timeout:.0f}s")
+
+
+def submit(app_dir: Path, port: int, tls: Tls, config: Mapping[str, str], flwr_home: Path, env: Mapping[str, str]) -> int:
+    """Submits the run to the SuperLink and returns its run id."""
+    connection: dict[str, object] = {"address": f"localhost:{port}"}
+    if tls.enabled:
+        connection["root-certificates"] = str(tls.ca)
+    else:
+        connection["insecure"] = True
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "job", "job": connection}}))
+    config_file = flwr_home / "run-config.toml"
+    config_file.write_text(tomli_w.dumps(dict(config)))
+    reply = _flwr(["run", str(app_dir), "job", "--run-config", str(config_file), "--format", "json"], flwr_home, env)
+    return int(reply["run-id"])
+
+
+def run_status(run_id: int, flwr_home: Path, env: Mapping[str, str]) -> str:
+    """The run's status as Flower reports it, e.g. "running" or "finished:completed"."""
+    reply = _flwr(["ls", "job", "--run-id", str(run_id), "--format", "json"], flwr_home, env)
+    return str(reply["runs"][0]["status"])
+
+
+def _flwr(args: list[str], flwr_home: Path, env: Mapping[str, str]) -> dict:
+    result = subprocess.run(
+        [_flower_command("flwr"), *args],
+        capture_output=True,
+        text=True,
+        env={**env, "FLWR_HOME": str(flwr_home)},
+        timeout=120,
+    )
+    try:
+        reply = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise LaunchError(f"flwr {args[0]} failed: {result.stdout.strip()} {result.stderr.strip()}") from None
+    if not reply.get("success", True):
+        raise LaunchError(f"flwr {args[0]} failed: {reply.get('error-message', reply)}")
+    return reply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_port_free(port: int, what: str) -> None:
+    """Raises LaunchError naming the option when a port is taken."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise LaunchError(f"port {port} is already in use ({what}); choose another") from None

@@ -1,0 +1,136 @@
+"""The site side of the built-in task, on Flower's ClientApp API.
+
+A site reads one data file, its own, named in its node config (`data-path`), and sends
+back only weights and metrics: its training rows never leave this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .strategies import AUROC_WEIGHT_KEY, WEIGHT_KEY
+from .task import (
+    Table,
+    build_model,
+    check_labels,
+    feature_moments,
+    load_arrays,
+    pick_device,
+    read_table,
+    site_seed,
+    split_rows,
+    state_arrays,
+    evaluate,
+    train,
+)
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+app = ClientApp()
+
+
+@dataclass
+class Site:
+    """One site's view of the job: its settings and its own data."""
+
+    job: dict
+    name: str
+    data_path: Path
+    data_format: str | None
+
+    @classmethod
+    def from_context(cls, context: Context) -> Site:
+        fmt = str(context.node_config.get("data-format", "")) or None
+        return cls(
+            json.loads(str(context.run_config["job"])),
+            str(context.node_config["site"]),
+            Path(str(context.node_config["data-path"])),
+            fmt,
+        )
+
+    @property
+    def spec(self) -> dict:
+        return self.job["spec"]
+
+    @property
+    def settings(self) -> dict:
+        return next(s for s in self.spec["sites"] if s["name"] == self.name)
+
+    @cached_property
+    def seed(self) -> int:
+        return site_seed(self.spec["seed"], self.name)
+
+    @cached_property
+    def data(self) -> tuple[Table, Table]:
+        """(training rows, validation rows) of this site's file."""
+        task = self.spec["task"]
+        # Without task.features the file is one Bouquet wrote from a built-in dataset:
+        # every column but the label, in the order the server's model expects.
+        table = read_table(self.data_path, task.get("features"), task["labelColumn"], self.data_format)
+        check_labels(table, task["classes"], str(self.data_path))
+        kept, held = split_rows(len(table), task["training"]["validationFraction"], self.seed)
+        return table.subset(kept), table.subset(held)
+
+    def model(self, arrays: ArrayRecord):
+        task = self.spec["task"]
+        model = build_model(task, self.data[0].features.shape[1], self.spec["seed"])
+        load_arrays(model, {k: v.numpy() for k, v in arrays.items()})
+        return model
+
+
+def _reply(message: Message, site: Site, metrics: dict, arrays: dict[str, np.ndarray] | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
+    return Message(content=content, reply_to=message)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    site = Site.from_context(context)
+    asked = message.content.config_records["config"]["query"]
+    if asked != "feature-moments":
+        raise ValueError(f"unknown query {asked!r}")
+    content = RecordDict({"moments": MetricRecord(feature_moments(site.data[0])), "site": ConfigRecord({"name": site.name})})
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train_site(message: Message, context: Context) -> Message:
+    site = Site.from_context(context)
+    config = message.content.config_records["config"]
+    model = site.model(message.content.array_records["arrays"])
+    device = pick_device(site.settings["gpus"])
+    train_rows = site.data[0]
+    loss = train(
+        model,
+        train_rows,
+        site.spec["task"]["training"],
+        seed=site.seed + int(config.get("server-round", 0)),
+        device=device,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    return _reply(message, site, {"loss": loss, WEIGHT_KEY: len(train_rows)}, state_arrays(model.cpu()))
+
+
+@app.evaluate()
+def evaluate_site(message: Message, context: Context) -> Message:
+    site = Site.from_context(context)
+    model = site.model(message.content.array_records["arrays"])
+    rows = site.data[1]
+    metrics = evaluate(model, rows, pick_device(site.settings["gpus"]))
+    # Every reply carries the same keys (Flower's aggregation requires it); a site whose
+    # validation rows hold one class gives AUROC no weight.
+    metrics[AUROC_WEIGHT_KEY] = len(rows) if "auroc" in metrics else 0
+    metrics.setdefault("auroc", 0.0)
+    metrics[WEIGHT_KEY] = len(rows)
+    return _reply(message, site, metrics)

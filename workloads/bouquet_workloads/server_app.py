@@ -1,0 +1,221 @@
+"""The server side of the built-in task, on Flower's ServerApp API.
+
+Bouquet drives the rounds itself rather than through Strategy.start, for three reasons:
+a run resumes from its last checkpoint with the right round numbers; every round is
+committed (checkpoint, history, metrics) the moment it ends; and replies are collected
+by polling every fraction of a second instead of Flower's fixed three-second waits.
+The strategies themselves are Flower's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from . import datasets, outputs
+from .strategies import WEIGHT_KEY, make_strategy, restore_strategy_state, strategy_state
+from .task import build_model, evaluate, load_arrays, set_standardization, state_arrays
+
+log = logging.getLogger("bouquet.server")
+
+POLL_SECONDS = 0.2
+
+app = ServerApp()
+
+
+class RoundFailed(RuntimeError):
+    """No site delivered a usable update in a round."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    job = json.loads(str(context.run_config["job"]))
+    out = Path(str(context.run_config["output-dir"]))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        train_federated(grid, job, out)
+    except BaseException as error:
+        _progress(out, job, "Failed", message=f"{type(error).__name__}: {error}")
+        raise
+
+
+def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
+    """Runs the job's remaining rounds, committing each, then writes the final model."""
+    spec = job["spec"]
+    rounds, task = spec["rounds"], spec["task"]
+    features = _feature_names(spec)
+    model = build_model(task, len(features), spec["seed"])
+    strategy = make_strategy(spec["strategy"], len(spec["sites"]))
+    checkpoint = outputs.latest_checkpoint(out)
+    if checkpoint is None:
+        _progress(out, job, "Running", round_=0, message="waiting for sites")
+        _standardize_from_sites(grid, spec, model, len(features))
+        weights, history, first = state_arrays(model), [], 1
+    else:
+        restore_strategy_state(strategy, checkpoint.strategy_state)
+        weights, history, first = checkpoint.weights, checkpoint.history, checkpoint.round + 1
+        log.info("resuming %s from the checkpoint of round %d", job["metadata"]["name"], checkpoint.round)
+    test_data = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test if "dataset" in spec else None
+    timeout = spec["strategy"]["roundTimeoutSeconds"]
+    train_config = ConfigRecord({"seed": spec["seed"]})
+
+    for round_ in range(first, rounds + 1):
+        _progress(out, job, "Running", round_=round_)
+        started = time.monotonic()
+        record = _to_record(weights)
+        sent = received = 0
+
+        messages = list(strategy.configure_train(round_, record, ConfigRecord(dict(train_config)), grid))
+        replies = _exchange(grid, messages, timeout)
+        sent += record.count_bytes() * len(messages)
+        received += sum(r.content.array_records["arrays"].count_bytes() for r in replies if not r.has_error())
+        aggregated, train_metrics = strategy.aggregate_train(round_, replies)
+        if aggregated is None:
+            raise RoundFailed(f"round {round_}: no site returned an update ({_errors(replies)})")
+        weights = {k: v.numpy() for k, v in aggregated.items()}
+        trained_by = _site_names(replies)
+
+        record = _to_record(weights)
+        eval_messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
+        eval_replies = _exchange(grid, eval_messages, timeout)
+        sent += record.count_bytes() * len(eval_messages)
+        site_metrics = strategy.aggregate_evaluate(round_, eval_replies)
+
+        entry = {
+            "round": round_,
+            "sites": trained_by,
+            "train": dict(train_metrics or {}),
+            "siteEvaluation": dict(site_metrics or {}),
+            "durationSeconds": round(time.monotonic() - started, 3),
+            "bytesSent": sent,
+            "bytesReceived": received,
+            "finishedAt": _now(),
+        }
+        if test_data is not None:
+            load_arrays(model, weights)
+            entry["test"] = evaluate(model, test_data, torch.device("cpu"))
+        entry.update(_headline(entry))
+        history.append(entry)
+        outputs.save_checkpoint(
+            out,
+            outputs.Checkpoint(round_, weights, strategy_state(strategy), history),
+            keep=spec["output"]["checkpointsToKeep"],
+        )
+        log.info("round %d/%d: %s", round_, rounds, {k: entry.get(k) for k in ("loss", "accuracy", "auroc")})
+
+    final = history[-1] if history else {}
+    outputs.save_model(
+        out,
+        weights,
+        {
+            "job": job["metadata"]["name"],
+            "namespace": job["metadata"].get("namespace", ""),
+            "rounds": rounds,
+            "strategy": spec["strategy"]["name"],
+            "metrics": {k: final[k] for k in ("loss", "accuracy", "auroc") if k in final},
+            "evaluatedOn": final.get("evaluatedOn", ""),
+            "features": features,
+            "labelColumn": spec["task"]["labelColumn"],
+            "classes": spec["task"]["classes"],
+            "model": spec["task"]["model"],
+            "createdAt": _now(),
+        },
+    )
+    _progress(out, job, "Succeeded", round_=rounds)
+
+
+def _feature_names(spec: Mapping) -> list[str]:
+    if "features" in spec["task"]:
+        return list(spec["task"]["features"])
+    return datasets.describe(spec["dataset"]["name"])[0]
+
+
+def _headline(entry: Mapping) -> dict:
+    """The round's loss, accuracy and AUROC: on the held-out test set when the server has
+    one, else the sites' own validation rows, example-weighted."""
+    source, name = ("test", "held-out test set") if "test" in entry else ("siteEvaluation", "sites' validation data")
+    metrics = entry[source]
+    return {**{k: metrics[k] for k in ("loss", "accuracy", "auroc") if k in metrics}, "evaluatedOn": name}
+
+
+def _standardize_from_sites(grid: Grid, spec: Mapping, model, num_features: int) -> None:
+    """Sets the model's input scaling from every site's feature moments (counts, sums and
+    sums of squares: aggregates, never rows)."""
+    strategy = spec["strategy"]
+    min_sites = strategy.get("minSites", len(spec["sites"]))
+    _, connected = sample_nodes(grid, strategy.get("minSitesToStart", min_sites), min_sites)
+    query = RecordDict({"config": ConfigRecord({"query": "feature-moments"})})
+    messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in connected]
+    replies = [r for r in _exchange(grid, messages, strategy["roundTimeoutSeconds"]) if not r.has_error()]
+    if not replies:
+        raise RoundFailed("no site answered the feature-statistics query")
+    count, total, total_sq = 0.0, np.zeros(num_features), np.zeros(num_features)
+    for reply in replies:
+        moments = reply.content.metric_records["moments"]
+        count += float(moments["count"][0])
+        total += np.asarray(moments["sum"], dtype=np.float64)
+        total_sq += np.asarray(moments["sumsq"], dtype=np.float64)
+    set_standardization(model, count, total, total_sq)
+    log.info("input scaling set from %d sites (%d rows)", len(replies), int(count))
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Sends messages and collects the replies that arrive within timeout seconds."""
+    if not messages:
+        return []
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(pending):
+            replies.append(reply)
+            pending.discard(reply.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(POLL_SECONDS)
+    if pending:
+        log.warning("%d of %d sites did not reply within %ss", len(pending), len(messages), timeout)
+    return replies
+
+
+def _to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def _site_names(replies: Iterable[Message]) -> list[str]:
+    return sorted(str(r.content.config_records["site"]["name"]) for r in replies if not r.has_error())
+
+
+def _errors(replies: list[Message]) -> str:
+    errors = [r.error.reason for r in replies if r.has_error()]
+    return "; ".join(errors) if errors else "no replies in time"
+
+
+def _progress(out: Path, job: Mapping, state: str, round_: int | None = None, message: str = "") -> None:
+    previous = outputs.read_json(out / outputs.PROGRESS, {}) or {}
+    outputs.write_json(
+        out / outputs.PROGRESS,
+        {
+            "job": job["metadata"]["name"],
+            "state": state,
+            "round": round_ if round_ is not None else previous.get("round", 0),
+            "rounds": job["spec"]["rounds"],
+            "message": message,
+            "updatedAt": _now(),
+        },
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
