@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import jobfile, local
+from . import flower, jobfile, local
 from .schema import InvalidJob
+from .server import RunFailed, serve
+from .site import exec_site
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/<job name>/); a run there resumes")
     run.add_argument("--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)")
 
+    server = commands.add_parser("server", help="run a job's server in the foreground (the server pod's entrypoint)")
+    server.add_argument("job", type=Path, metavar="JOB.yaml")
+    server.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory; a server restarted on it resumes")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 in a pod)")
+    server.add_argument("--port", type=int, default=9092, help="port the sites dial (default: %(default)s)")
+    server.add_argument("--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)")
+    server.add_argument("--tls-dir", type=Path, metavar="DIR", help="folder with ca.crt, tls.crt and tls.key (required unless the job disables TLS)")
+
+    site = commands.add_parser("site", help="run one site of a job in the foreground (a site pod's entrypoint)")
+    site.add_argument("job", type=Path, metavar="JOB.yaml")
+    site.add_argument("--site", required=True, help="the site's name in the job")
+    site.add_argument("--server", required=True, metavar="HOST:PORT", help="the job's server")
+    site.add_argument("--data", type=Path, help="the site's data file (default: the job's spec.sites[].data.path)")
+    site.add_argument("--ca", type=Path, metavar="FILE", help="the job's CA certificate (required unless the job disables TLS)")
+    site.add_argument("--runtime-port", type=int, default=9094, help="local port of the site's app runtime (default: %(default)s)")
+
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args.jobs)
@@ -29,7 +47,35 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.metrics_port <= 65535:
             parser.error(f"--metrics-port: {args.metrics_port} is not a port number (1-65535)")
         return local.main_run(args.job, args.out, args.metrics_port)
-    return 2
+    try:
+        job = jobfile.load(args.job)
+    except InvalidJob as error:
+        print(f"{args.job}: invalid job:\n{error}", file=sys.stderr)
+        return 1
+    tls_on = job["spec"]["security"]["tls"]["mode"] != "Disabled"
+    if args.command == "server":
+        if tls_on and args.tls_dir is None:
+            parser.error("--tls-dir is required: the job's spec.security.tls.mode is not Disabled")
+        tls = flower.Tls(args.tls_dir / "ca.crt", args.tls_dir / "tls.crt", args.tls_dir / "tls.key") if tls_on else flower.Tls()
+        try:
+            serve(job, args.out, tls, args.port, args.host, args.metrics_port)
+        except (flower.LaunchError, RunFailed) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    names = [s["name"] for s in job["spec"]["sites"]]
+    if args.site not in names:
+        parser.error(f"--site: {args.site!r} is not a site of the job ({', '.join(names)})")
+    if tls_on and args.ca is None:
+        parser.error("--ca is required: the job's spec.security.tls.mode is not Disabled")
+    settings = job["spec"]["sites"][names.index(args.site)]
+    data = args.data or (Path(settings["data"]["path"]) if "data" in settings else None)
+    if data is None:
+        parser.error(f"--data is required: site {args.site!r} takes a share of the built-in dataset, which `bouquet run` writes out")
+    exec_site(job, args.site, args.server, data, args.ca if tls_on else None, args.runtime_port)
+    return 0
 
 
 def _validate(paths: list[Path]) -> int:

@@ -8,7 +8,6 @@ metrics, and on success or failure stops every process it started.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
@@ -20,16 +19,12 @@ from bouquet_workloads import baseline, datasets, metrics, outputs, report
 from bouquet_workloads.task import DataError, write_csv
 
 from . import flower, jobfile, tls
+from .server import RunFailed, Server, clock
 from .schema import InvalidJob, Violation
 
-SERVER_START_SECONDS = 60
 DEFAULT_METRICS_PORT = 9400
 BASELINE = "baseline.json"
 REPORT = "report.png"
-
-
-class RunFailed(RuntimeError):
-    """Training did not complete."""
 
 
 @dataclass
@@ -51,21 +46,13 @@ class Paths:
         return self.out / "tls"
 
     @property
-    def app(self) -> Path:
-        return self.out / "app"
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.out / "flwr"
-
-    @property
     def job(self) -> Path:
         return self.out / "job.json"
 
 
 def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str], None] = print) -> dict:
     """Trains the job to completion and returns its model.json. Raises InvalidJob for a bad
-    job (before anything starts), flower.LaunchError or RunFailed otherwise."""
+    job (before anything starts), flower.LaunchError, RunFailed or DataError otherwise."""
     job = jobfile.load(job_path)
     site_files = jobfile.check_local(job, job_path)
     name = job["metadata"]["name"]
@@ -75,37 +62,38 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
 
     paths.out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(paths.job, job)
-    site_files.update(_write_builtin_shares(job, paths.data))
+    site_files.update(write_builtin_shares(job, paths.data))
     tls_files = _make_tls(job, paths.tls)
-    app_dir = flower.write_app(paths.app, job)
     processes = flower.Processes(paths.logs, flower.process_env([job_path.parent.resolve()]))
-    server, _ = metrics.serve(paths.out, "local", name, metrics_port)
+    metrics_server, _ = metrics.serve(paths.out, "local", name, metrics_port)
     started = time.monotonic()
     stop_on_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         say(f"job {name}: {len(job['spec']['sites'])} sites, {job['spec']['rounds']} rounds of {job['spec']['strategy']['name']}; "
             f"output in {paths.out}, metrics on http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip
-        port = flower.free_port()
-        processes.start("server", flower.superlink_command(port, paths.out / "state.db", tls_files))
-        flower.wait_healthy(port, tls_files, SERVER_START_SECONDS, processes)
+        server = Server(job, paths.out, tls_files, processes)
+        server.start()
         for site in job["spec"]["sites"]:
-            data = site_files[site["name"]]
-            data_format = site.get("data", {}).get("format")
-            processes.start(
-                f"site-{site['name']}",
-                flower.supernode_command(f"localhost:{port}", site["name"], data, data_format, flower.free_port(), tls_files.ca),
+            command = flower.supernode_command(
+                server.address,
+                site["name"],
+                site_files[site["name"]],
+                site.get("data", {}).get("format"),
+                flower.free_port(),
+                tls_files.ca,
             )
-        run_id = flower.submit(app_dir, port, tls_files, flower.run_config(job, paths.out), paths.flwr_home, processes.env)
-        _follow(paths, job, run_id, processes, started, say)
+            processes.start(f"site-{site['name']}", command)
+        server.submit()
+        server.follow(say, started)
     finally:
         processes.stop()
-        server.shutdown()
+        metrics_server.shutdown()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     model = outputs.read_json(paths.out / outputs.MODEL_INFO)
     if "task" in job["spec"]:
         reference = _compare_with_baseline(job, paths, site_files, model, say)
         report.plot(paths.out / REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
-    say(f"done in {_clock(time.monotonic() - started)}: {paths.out / outputs.MODEL} (sha256 {model['sha256'][:16]}...)")
+    say(f"done in {clock(time.monotonic() - started)}: {paths.out / outputs.MODEL} (sha256 {model['sha256'][:16]}...)")
     return model
 
 
@@ -127,7 +115,7 @@ def _check_same_job(paths: Paths, job: dict) -> None:
         )
 
 
-def _write_builtin_shares(job: dict, directory: Path) -> dict[str, Path]:
+def write_builtin_shares(job: dict, directory: Path) -> dict[str, Path]:
     """Writes each data-less site's share of the built-in dataset to a file of its own."""
     spec = job["spec"]
     takers = [s["name"] for s in spec["sites"] if "data" not in s]
@@ -149,34 +137,6 @@ def _make_tls(job: dict, directory: Path) -> flower.Tls:
     return flower.Tls(files["ca.crt"], files["tls.crt"], files["tls.key"])
 
 
-def _follow(paths: Paths, job: dict, run_id: int, processes: flower.Processes, started: float, say: Callable[[str], None]) -> None:
-    """Reports each finished round until Flower says the run is over."""
-    rounds = job["spec"]["rounds"]
-    reported = 0
-    while True:
-        processes.check()
-        history = outputs.read_json(paths.out / outputs.HISTORY, []) or []
-        for entry in history[reported:]:
-            say(_round_line(entry, rounds, history, started))
-        reported = max(reported, len(history))
-        status = flower.run_status(run_id, paths.flwr_home, processes.env)
-        if status.startswith("finished"):
-            break
-        time.sleep(1)
-    progress = outputs.read_json(paths.out / outputs.PROGRESS, {}) or {}
-    if status != "finished:completed" or progress.get("state") != "Succeeded":
-        reason = progress.get("message") or status
-        raise RunFailed(f"training did not complete ({reason}); server log: {paths.logs / 'server.log'}\n{processes.tail('server')}")
-
-
-def _round_line(entry: dict, rounds: int, history: list[dict], started: float) -> str:
-    elapsed = time.monotonic() - started
-    durations = [e["durationSeconds"] for e in history]
-    remaining = (rounds - entry["round"]) * sum(durations) / len(durations)
-    metrics_text = "  ".join(f"{k} {entry[k]:.4f}" for k in ("loss", "accuracy", "auroc") if k in entry)
-    return f"round {entry['round']:>3}/{rounds}  {metrics_text}  sites {len(entry['sites'])}  elapsed {_clock(elapsed)}  remaining ~{_clock(remaining)}"
-
-
 def _compare_with_baseline(job: dict, paths: Paths, site_files: dict[str, Path], model: dict, say: Callable[[str], None]) -> dict:
     """Trains the same model on the pooled training data (possible only because every
     site's data is on this machine), prints it beside the federated result and keeps it
@@ -189,11 +149,6 @@ def _compare_with_baseline(job: dict, paths: Paths, site_files: dict[str, Path],
         if key in federated and key in result:
             say(f"  {key:<9} federated {federated[key]:.4f}   centralized baseline {result[key]:.4f}")
     return result
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def main_run(job_path: Path, out: Path | None, metrics_port: int) -> int:

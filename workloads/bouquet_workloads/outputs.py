@@ -4,6 +4,7 @@
     model.json          job, rounds, strategy, final metrics, sha256 of model.safetensors
     history.json        one entry per finished round, in order, never one twice
     progress.json       what the server is doing now (round under way, state)
+    audit.jsonl         what each site's replies carried: record names, keys, shapes (no values)
     checkpoints/        round-NNNNNN.safetensors: weights, strategy state and history
 
 Every file is written atomically (a temporary file, fsync, rename), so a reader or a
@@ -33,6 +34,7 @@ MODEL = "model.safetensors"
 MODEL_INFO = "model.json"
 HISTORY = "history.json"
 PROGRESS = "progress.json"
+AUDIT = "audit.jsonl"
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_FORMAT = "bouquet-checkpoint/1"
 

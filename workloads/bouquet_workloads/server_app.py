@@ -61,7 +61,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
     checkpoint = outputs.latest_checkpoint(out)
     if checkpoint is None:
         _progress(out, job, "Running", round_=0, message="waiting for sites")
-        _standardize_from_sites(grid, spec, model, len(features))
+        _standardize_from_sites(grid, spec, model, len(features), out)
         weights, history, first = state_arrays(model), [], 1
     else:
         restore_strategy_state(strategy, checkpoint.strategy_state)
@@ -79,6 +79,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
 
         messages = list(strategy.configure_train(round_, record, ConfigRecord(dict(train_config)), grid))
         replies = _exchange(grid, messages, timeout)
+        _audit(out, round_, "train", replies)
         sent += record.count_bytes() * len(messages)
         received += sum(r.content.array_records["arrays"].count_bytes() for r in replies if not r.has_error())
         aggregated, train_metrics = strategy.aggregate_train(round_, replies)
@@ -90,6 +91,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
         record = _to_record(weights)
         eval_messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
         eval_replies = _exchange(grid, eval_messages, timeout)
+        _audit(out, round_, "evaluate", eval_replies)
         sent += record.count_bytes() * len(eval_messages)
         site_metrics = strategy.aggregate_evaluate(round_, eval_replies)
 
@@ -150,7 +152,7 @@ def _headline(entry: Mapping) -> dict:
     return {**{k: metrics[k] for k in ("loss", "accuracy", "auroc") if k in metrics}, "evaluatedOn": name}
 
 
-def _standardize_from_sites(grid: Grid, spec: Mapping, model, num_features: int) -> None:
+def _standardize_from_sites(grid: Grid, spec: Mapping, model, num_features: int, out: Path) -> None:
     """Sets the model's input scaling from every site's feature moments (counts, sums and
     sums of squares: aggregates, never rows)."""
     strategy = spec["strategy"]
@@ -158,7 +160,9 @@ def _standardize_from_sites(grid: Grid, spec: Mapping, model, num_features: int)
     _, connected = sample_nodes(grid, strategy.get("minSitesToStart", min_sites), min_sites)
     query = RecordDict({"config": ConfigRecord({"query": "feature-moments"})})
     messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in connected]
-    replies = [r for r in _exchange(grid, messages, strategy["roundTimeoutSeconds"]) if not r.has_error()]
+    replies = _exchange(grid, messages, strategy["roundTimeoutSeconds"])
+    _audit(out, 0, "feature-moments", replies)
+    replies = [r for r in replies if not r.has_error()]
     if not replies:
         raise RoundFailed("no site answered the feature-statistics query")
     count, total, total_sq = 0.0, np.zeros(num_features), np.zeros(num_features)
@@ -169,6 +173,31 @@ def _standardize_from_sites(grid: Grid, spec: Mapping, model, num_features: int)
         total_sq += np.asarray(moments["sumsq"], dtype=np.float64)
     set_standardization(model, count, total, total_sq)
     log.info("input scaling set from %d sites (%d rows)", len(replies), int(count))
+
+
+def _audit(out: Path, round_: int, phase: str, replies: list[Message]) -> None:
+    """Appends to audit.jsonl what each reply carried: record names, array keys, shapes and
+    dtypes, metric names and lengths. Never values. It lets a site's operators check that
+    nothing but weights and metrics reached the server."""
+    lines = []
+    for reply in replies:
+        entry: dict = {"round": round_, "phase": phase, "node": reply.metadata.src_node_id}
+        if reply.has_error():
+            entry["error"] = reply.error.reason
+        else:
+            content = reply.content
+            entry["arrays"] = {
+                name: {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in record.items()}
+                for name, record in content.array_records.items()
+            }
+            entry["metrics"] = {
+                name: {k: len(v) if isinstance(v, list) else type(v).__name__ for k, v in record.items()}
+                for name, record in content.metric_records.items()
+            }
+            entry["configs"] = {name: sorted(record.keys()) for name, record in content.config_records.items()}
+        lines.append(json.dumps(entry, separators=(",", ":")))
+    with (out / outputs.AUDIT).open("a") as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:

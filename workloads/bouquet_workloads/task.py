@@ -89,10 +89,9 @@ def read_table(path: Path, features: Sequence[str] | None, label: str, file_form
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
-        if file_format == "Parquet":
-            table = pyarrow.parquet.read_table(path)
-        else:
-            table = pyarrow.csv.read_csv(path)
+        # Opened here rather than by pyarrow so that Python's audit hooks see the read.
+        with path.open("rb") as f:
+            table = pyarrow.parquet.read_table(f) if file_format == "Parquet" else pyarrow.csv.read_csv(f)
     except Exception as error:  # pyarrow raises several unrelated types for bad files
         raise DataError(f"cannot read {path} as {file_format}: {error}") from error
     if features is None:

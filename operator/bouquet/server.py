@@ -1,0 +1,113 @@
+"""A job's server: Flower's SuperLink (which starts the ServerApp), the run submitted to it,
+and the wait for the run's end. `bouquet run` uses it on this machine; `bouquet server` is
+the same thing as a process of its own, the entrypoint of the server pod on Kubernetes.
+
+Restarting a server on the same output directory continues the job: the ServerApp finds
+the newest checkpoint and carries on from the round after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bouquet_workloads import outputs
+
+from . import flower
+
+START_SECONDS = 60
+POLL_SECONDS = 1.0
+
+
+class RunFailed(RuntimeError):
+    """Training did not complete."""
+
+
+class Server:
+    def __init__(self, job: dict, out: Path, tls: flower.Tls, processes: flower.Processes, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.job = job
+        self.out = out
+        self.tls = tls
+        self.processes = processes
+        self.port = port or flower.free_port()
+        self.host = host
+        self.flwr_home = out / "flwr"
+        self.run_id: int | None = None
+
+    @property
+    def address(self) -> str:
+        """How sites on this machine reach the server (the certificate names localhost)."""
+        return f"localhost:{self.port}"
+
+    def start(self) -> None:
+        """Starts the SuperLink and waits until it answers."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.processes.start("server", flower.superlink_command(self.port, self.out / "state.db", self.tls, self.host))
+        flower.wait_healthy(self.port, self.tls, START_SECONDS, self.processes)
+
+    def submit(self) -> int:
+        """Submits the job's run; the ServerApp resumes from a checkpoint if there is one."""
+        app_dir = flower.write_app(self.out / "app", self.job)
+        config = flower.run_config(self.job, self.out)
+        self.run_id = flower.submit(app_dir, self.port, self.tls, config, self.flwr_home, self.processes.env)
+        return self.run_id
+
+    def follow(self, say: Callable[[str], None], started: float) -> None:
+        """Reports each round as it is committed, until Flower says the run is over;
+        raises RunFailed unless the final model was written."""
+        rounds = self.job["spec"]["rounds"]
+        reported = len(outputs.read_json(self.out / outputs.HISTORY, []) or [])
+        if reported:
+            say(f"continuing after round {reported} (from its checkpoint)")
+        first_new = reported
+        while True:
+            self.processes.check()
+            history = outputs.read_json(self.out / outputs.HISTORY, []) or []
+            for entry in history[reported:]:
+                say(round_line(entry, rounds, history[first_new:], started))
+            reported = max(reported, len(history))
+            status = flower.run_status(self.run_id, self.flwr_home, self.processes.env)
+            if status.startswith("finished"):
+                break
+            time.sleep(POLL_SECONDS)
+        progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}
+        if status != "finished:completed" or progress.get("state") != "Succeeded":
+            reason = progress.get("message") or status
+            raise RunFailed(f"training did not complete ({reason}); server log: {self.processes.log_dir / 'server.log'}\n{self.processes.tail('server')}")
+
+
+def round_line(entry: dict, rounds: int, timed: list[dict], started: float) -> str:
+    """One line of progress: round i of N, its metrics, elapsed and estimated remaining
+    time (from the rounds this process saw)."""
+    elapsed = time.monotonic() - started
+    durations = [e["durationSeconds"] for e in timed] or [entry["durationSeconds"]]
+    remaining = (rounds - entry["round"]) * sum(durations) / len(durations)
+    metrics_text = "  ".join(f"{k} {entry[k]:.4f}" for k in ("loss", "accuracy", "auroc") if k in entry)
+    return f"round {entry['round']:>3}/{rounds}  {metrics_text}  sites {len(entry['sites'])}  elapsed {clock(elapsed)}  remaining ~{clock(remaining)}"
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def serve(job: dict, out: Path, tls: flower.Tls, port: int, host: str, metrics_port: int, say: Callable[[str], None] = print) -> None:
+    """`bouquet server`: runs the job's server in the foreground until the run ends,
+    serving the job's metrics meanwhile. Restarted on the same output directory, it
+    continues from the last checkpoint."""
+    from bouquet_workloads import metrics
+
+    namespace = job["metadata"].get("namespace", "local")
+    metrics_server, _ = metrics.serve(out, namespace, job["metadata"]["name"], metrics_port, host)
+    processes = flower.Processes(out / "logs")
+    started = time.monotonic()
+    try:
+        server = Server(job, out, tls, processes, port, host)
+        server.start()
+        say(f"server of job {job['metadata']['name']} listening on {host}:{server.port}")
+        server.submit()
+        server.follow(say, started)
+    finally:
+        processes.stop()
+        metrics_server.shutdown()
