@@ -15,11 +15,12 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test venv debian-packages
+.PHONY: help run test lint venv debian-packages bench-local
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
 	@echo "make test   run the whole test suite"
+	@echo "make bench-local  time a local run of $(JOB) and print figures"
 
 venv:
 	@scripts/venv.sh >/dev/null
@@ -30,5 +31,12 @@ debian-packages:
 run: venv
 	$(PYTHON) -m bouquet run $(JOB)
 
-test: venv debian-packages
+test: lint debian-packages
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check operator workloads tests benchmarks
+	$(VENV)/bin/ruff format --check operator workloads tests benchmarks
+
+bench-local: venv
+	$(PYTHON) benchmarks/local_run.py $(JOB)

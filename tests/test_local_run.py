@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 import yaml
-
 from bouquet_workloads.task import build_model, load_arrays
 from support.processes import processes_mentioning
 from support.prometheus import Prometheus, free_port
@@ -69,22 +68,34 @@ def run(tmp_path_factory) -> Run:
             deadline = time.monotonic() + RUN_TIMEOUT
             while process.poll() is None and time.monotonic() < deadline:
                 history = _read_json(out / "history.json") or []
-                if mid_run_round is None and len(history) >= 3:
-                    time.sleep(2.5)  # a couple of scrapes
+                if not mid_run_history_rounds and len(history) >= 3:
+                    mid_run_round = _first_value(prometheus, 'bouquet_job_current_round{job_name="breast-cancer"} >= 3')
                     mid_run_history_rounds = len(_read_json(out / "history.json"))
-                    mid_run_round = prometheus.value('bouquet_job_current_round{job="breast-cancer"}')
                 time.sleep(0.5)
             if process.poll() is None:
                 process.kill()
                 pytest.fail(f"bouquet run did not finish within {RUN_TIMEOUT}s:\n{log.read_text()}")
         window = "[15m]"
-        final_round = prometheus.value(f'last_over_time(bouquet_job_current_round{{job="breast-cancer"}}{window})')
-        final_accuracy = prometheus.value(f'last_over_time(bouquet_round_accuracy{{job="breast-cancer"}}{window})')
-        histogram_count = prometheus.value(f'last_over_time(bouquet_round_duration_seconds_count{{job="breast-cancer"}}{window})')
+        final_round = prometheus.value(f'last_over_time(bouquet_job_current_round{{job_name="breast-cancer"}}{window})')
+        final_accuracy = prometheus.value(f'last_over_time(bouquet_round_accuracy{{job_name="breast-cancer"}}{window})')
+        histogram_count = prometheus.value(f'last_over_time(bouquet_round_duration_seconds_count{{job_name="breast-cancer"}}{window})')
     finally:
         prometheus.stop()
     opens = [tuple(line.split("\t", 1)) for line in opens_log.read_text().splitlines()] if opens_log.exists() else []
-    return Run(process.returncode, log.read_text(), out, opens, mid_run_round, mid_run_history_rounds, final_round, final_accuracy, histogram_count)
+    return Run(
+        process.returncode, log.read_text(), out, opens, mid_run_round, mid_run_history_rounds, final_round, final_accuracy, histogram_count
+    )
+
+
+def _first_value(prometheus: Prometheus, promql: str, timeout: float = 15) -> float | None:
+    """The query's value as soon as Prometheus has scraped one (scrapes are 1 s apart)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = prometheus.value(promql)
+        if value is not None:
+            return value
+        time.sleep(0.25)
+    return None
 
 
 def _read_json(path: Path):
@@ -136,6 +147,7 @@ def test_report_and_checkpoints_are_written(run):
 
 def test_prometheus_reads_round_progress_and_final_metrics(run):
     model = json.loads((run.out / "model.json").read_text())
+    assert run.mid_run_history_rounds < 10, "the run ended before Prometheus was asked mid-run"
     assert run.mid_run_round is not None and 3 <= run.mid_run_round <= run.mid_run_history_rounds
     assert run.final_round == 10
     assert run.final_accuracy == pytest.approx(model["metrics"]["accuracy"])

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from bouquet import flower, jobfile, tls
 from bouquet.local import write_builtin_shares
 from support.processes import processes_mentioning
@@ -75,14 +74,39 @@ def test_killed_server_resumes_from_last_checkpoint(tmp_path):
     certs = tls.issue("resume", ["localhost", "127.0.0.1"]).write(tmp_path / "tls")
     port = free_port()
     server_log = tmp_path / "server.log"
-    server_args = [str(job_file), "--out", str(out), "--port", str(port), "--metrics-port", str(free_port()), "--tls-dir", str(tmp_path / "tls")]
+    server_args = [
+        str(job_file),
+        "--out",
+        str(out),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(free_port()),
+        "--tls-dir",
+        str(tmp_path / "tls"),
+    ]
     site_logs = [tmp_path / f"{name}.log" for name in data]
 
     server = start(["server", *server_args], server_log)
     sites = [
-        start(["site", str(job_file), "--site", name, "--server", f"localhost:{port}", "--data", str(path),
-               "--ca", str(certs["ca.crt"]), "--runtime-port", str(free_port())], log)  # fmt: skip
-        for (name, path), log in zip(data.items(), site_logs)
+        start(
+            [
+                "site",
+                str(job_file),
+                "--site",
+                name,
+                "--server",
+                f"localhost:{port}",
+                "--data",
+                str(path),
+                "--ca",
+                str(certs["ca.crt"]),
+                "--runtime-port",
+                str(free_port()),
+            ],
+            log,
+        )  # fmt: skip
+        for (name, path), log in zip(data.items(), site_logs, strict=True)
     ]
     try:
         wait_for(lambda: len(history(out)) >= 2, 240, "two rounds", [server_log, *site_logs])

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from bouquet_workloads.task import DataError
+
 from . import flower, jobfile, local
 from .schema import InvalidJob
 from .server import RunFailed, serve
@@ -22,15 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="train a job on this machine: one server and one process per site")
     run.add_argument("job", type=Path, metavar="JOB.yaml")
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/<job name>/); a run there resumes")
-    run.add_argument("--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)")
+    run.add_argument(
+        "--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)"
+    )
 
     server = commands.add_parser("server", help="run a job's server in the foreground (the server pod's entrypoint)")
     server.add_argument("job", type=Path, metavar="JOB.yaml")
     server.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory; a server restarted on it resumes")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 in a pod)")
     server.add_argument("--port", type=int, default=9092, help="port the sites dial (default: %(default)s)")
-    server.add_argument("--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)")
-    server.add_argument("--tls-dir", type=Path, metavar="DIR", help="folder with ca.crt, tls.crt and tls.key (required unless the job disables TLS)")
+    server.add_argument(
+        "--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)"
+    )
+    server.add_argument(
+        "--tls-dir", type=Path, metavar="DIR", help="folder with ca.crt, tls.crt and tls.key (required unless the job disables TLS)"
+    )
 
     site = commands.add_parser("site", help="run one site of a job in the foreground (a site pod's entrypoint)")
     site.add_argument("job", type=Path, metavar="JOB.yaml")
@@ -46,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         if not 1 <= args.metrics_port <= 65535:
             parser.error(f"--metrics-port: {args.metrics_port} is not a port number (1-65535)")
-        return local.main_run(args.job, args.out, args.metrics_port)
+        return _run(args.job, args.out, args.metrics_port)
     try:
         job = jobfile.load(args.job)
     except InvalidJob as error:
-        print(f"{args.job}: invalid job:\n{error}", file=sys.stderr)
+        _print_invalid(args.job, error)
         return 1
     tls_on = job["spec"]["security"]["tls"]["mode"] != "Disabled"
     if args.command == "server":
@@ -85,12 +93,31 @@ def _validate(paths: list[Path]) -> int:
             jobfile.load(path)
         except InvalidJob as error:
             failed = True
-            print(f"{path}: invalid:", file=sys.stderr)
-            for violation in error.violations:
-                print(f"  {violation}", file=sys.stderr)
+            _print_invalid(path, error)
         else:
             print(f"{path}: valid")
     return 1 if failed else 0
+
+
+def _run(job: Path, out: Path | None, metrics_port: int) -> int:
+    try:
+        local.run(job, out, metrics_port)
+        return 0
+    except InvalidJob as error:
+        _print_invalid(job, error)
+        return 1
+    except (flower.LaunchError, RunFailed, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopped: every process of the run was stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _print_invalid(path: Path, error: InvalidJob) -> None:
+    print(f"{path}: invalid:", file=sys.stderr)
+    for violation in error.violations:
+        print(f"  {violation}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from bouquet_workloads import datasets
 
 from .schema import InvalidJob, Violation, load_valid
@@ -51,18 +50,24 @@ def check_local(job: dict, job_path: Path) -> dict[str, Path]:
         features, label = datasets.describe(spec["dataset"]["name"])
         if task["labelColumn"] != label:
             violations.append(
-                Violation("spec.task.labelColumn", f"Invalid value: {task['labelColumn']!r}: the {spec['dataset']['name']} dataset's label column is {label!r}")
+                Violation(
+                    "spec.task.labelColumn",
+                    f"Invalid value: {task['labelColumn']!r}: the {spec['dataset']['name']} dataset's label column is {label!r}",
+                )
             )
         unknown = [f for f in task.get("features", []) if f not in features]
         if unknown:
             violations.append(
-                Violation("spec.task.features", f"Invalid value: {unknown[0]!r}: not a column of the {spec['dataset']['name']} dataset ({', '.join(features)})")
+                Violation(
+                    "spec.task.features",
+                    f"Invalid value: {unknown[0]!r}: not a column of the {spec['dataset']['name']} dataset ({', '.join(features)})",
+                )
             )
-    if task is not None and "features" not in task and any("data" in s for s in spec["sites"]):
-        violations.append(Violation("spec.task.features", "Required value: sites with their own data files need the feature columns named"))
     if spec["security"]["tls"]["mode"] == "Secret":
         violations.append(
-            Violation("spec.security.tls.mode", "Unsupported value: \"Secret\": a local run makes its own certificates; use Auto (or Disabled)")
+            Violation(
+                "spec.security.tls.mode", 'Unsupported value: "Secret": a local run makes its own certificates; use Auto (or Disabled)'
+            )
         )
     if violations:
         raise InvalidJob(violations)

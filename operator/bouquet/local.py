@@ -9,18 +9,17 @@ metrics, and on success or failure stops every process it started.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bouquet_workloads import baseline, datasets, metrics, outputs, report
-from bouquet_workloads.task import DataError, write_csv
+from bouquet_workloads.task import write_csv
 
 from . import flower, jobfile, tls
-from .server import RunFailed, Server, clock
 from .schema import InvalidJob, Violation
+from .server import Server, clock
 
 DEFAULT_METRICS_PORT = 9400
 BASELINE = "baseline.json"
@@ -51,7 +50,8 @@ class Paths:
 
 
 def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str], None] = print) -> dict:
-    """Trains the job to completion and returns its model.json. Raises InvalidJob for a bad
+    """Trains the job to completion and returns its model.json ({} for a job's own app,
+    whose outputs are its own business). Raises InvalidJob for a bad
     job (before anything starts), flower.LaunchError, RunFailed or DataError otherwise."""
     job = jobfile.load(job_path)
     site_files = jobfile.check_local(job, job_path)
@@ -89,10 +89,12 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         processes.stop()
         metrics_server.shutdown()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
+    if "app" in job["spec"]:
+        say(f"done in {clock(time.monotonic() - started)}: the job's own app finished; its output is in {paths.out}")
+        return {}
     model = outputs.read_json(paths.out / outputs.MODEL_INFO)
-    if "task" in job["spec"]:
-        reference = _compare_with_baseline(job, paths, site_files, model, say)
-        report.plot(paths.out / REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
+    reference = _compare_with_baseline(job, paths, site_files, model, say)
+    report.plot(paths.out / REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
     say(f"done in {clock(time.monotonic() - started)}: {paths.out / outputs.MODEL} (sha256 {model['sha256'][:16]}...)")
     return model
 
@@ -149,19 +151,3 @@ def _compare_with_baseline(job: dict, paths: Paths, site_files: dict[str, Path],
         if key in federated and key in result:
             say(f"  {key:<9} federated {federated[key]:.4f}   centralized baseline {result[key]:.4f}")
     return result
-
-
-def main_run(job_path: Path, out: Path | None, metrics_port: int) -> int:
-    """The `bouquet run` command: returns the process exit code."""
-    try:
-        run(job_path, out, metrics_port)
-        return 0
-    except InvalidJob as error:
-        print(f"{job_path}: invalid job:\n{error}", file=sys.stderr)
-        return 1
-    except (flower.LaunchError, RunFailed, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopped: every process of the run was stopped; run the same command again to resume", file=sys.stderr)
-        return 130

@@ -1,4 +1,4 @@
-"""Validation and defaulting of FederatedJob objects, done the way the Kubernetes API server does them.
+"""Validation and defaulting of FederatedJob objects, done as the Kubernetes API server does them.
 
 The CRD (federatedjob.crd.yaml) is the only source of the rules: this module walks its OpenAPI
 schema and evaluates its CEL rules, so that `bouquet validate` and the API server accept and
@@ -12,8 +12,10 @@ refuse the same objects. For a create, the server:
    check failed with a "blocking" error (wrong type, required field missing, value not in an
    enum, string or list too long): then it says so instead.
 
-Messages are the server's, as worded by Kubernetes 1.32 to 1.34, except that a violation of
-the whole object has an empty path where the server prints "<nil>".
+Messages are the server's, word for word as Kubernetes 1.34 puts them, except that a violation
+of the whole object has an empty path where the server prints "<nil>". (1.35 and later leave
+"object" out of a failed rule's message; 1.31 and earlier say "may not be longer than" for
+"may not be more than ... bytes".)
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import functools
 import importlib.resources
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import celpy
 import re2
@@ -54,10 +57,12 @@ class InvalidJob(Exception):
 
 
 def validate(obj: dict) -> list[Violation]:
-    """Every reason the API server would refuse to create obj, in document order.
+    """Every reason the API server would refuse to create obj.
 
-    Defaults are applied first, as the server does, so obj may be the document as written
-    (applying them twice changes nothing). Never raises for a bad object.
+    In the server's order: kind and apiVersion, the name, the schema's checks in document
+    order, then the CEL rules in document order. Defaults are applied first, as the server
+    does, so obj may be the document as written (applying them twice changes nothing). Never
+    raises for a bad object.
     """
     return _violations(apply_defaults(obj))
 
@@ -87,12 +92,30 @@ def load_valid(obj: dict) -> dict:
 # The schema keywords this module implements. A CRD that uses another one is refused, since
 # this module would silently accept what the API server refuses. (status is not checked:
 # the server drops it from a create.)
-_KEYWORDS = frozenset({
-    "type", "description", "properties", "required", "additionalProperties", "items", "default",
-    "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
-    "maxLength", "pattern", "minItems", "maxItems", "maxProperties",
-    "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
-})
+_KEYWORDS = frozenset(
+    {
+        "type",
+        "description",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "default",
+        "enum",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "minItems",
+        "maxItems",
+        "maxProperties",
+        "x-kubernetes-validations",
+        "x-kubernetes-preserve-unknown-fields",
+    }
+)
 
 # ObjectMeta as the server decodes it: these fields and no others.
 _OBJECT_META = {
@@ -104,9 +127,18 @@ _OBJECT_META = {
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
         **dict.fromkeys(
-            ["uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
-             "deletionGracePeriodSeconds", "ownerReferences", "finalizers", "managedFields",
-             "selfLink"],
+            [
+                "uid",
+                "resourceVersion",
+                "generation",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "ownerReferences",
+                "finalizers",
+                "managedFields",
+                "selfLink",
+            ],
             {"x-kubernetes-preserve-unknown-fields": True},
         ),
     },
@@ -163,14 +195,28 @@ def _check_supported(schema: dict, where: str) -> None:
     if unknown:
         raise ValueError(f"{where}: bouquet.schema does not implement {sorted(unknown)}")
     for rule in schema.get("x-kubernetes-validations", ()):
-        if set(rule) - {"rule", "message"}:
-            raise ValueError(f"{where}: bouquet.schema implements only rule and message in {rule}")
+        if set(rule) - {"rule", "message", "fieldPath"}:
+            raise ValueError(f"{where}: bouquet.schema implements only rule, message and fieldPath in {rule}")
+        if "fieldPath" in rule and not _declared(schema, rule["fieldPath"]):
+            raise ValueError(f"{where}: fieldPath {rule['fieldPath']} is not a simple path (.a.b) to a declared field")
         _program(rule["rule"])
     for name, sub in schema.get("properties", {}).items():
         _check_supported(sub, f"{where}.properties.{name}")
     for key in ("items", "additionalProperties"):
         if key in schema:
             _check_supported(schema[key], f"{where}.{key}")
+
+
+def _declared(schema: dict, field_path: str) -> bool:
+    """Whether a rule's fieldPath (.a.b) names a field the schema declares, as the server
+    requires of a CRD."""
+    if not re2.fullmatch(r"(\.[A-Za-z_][A-Za-z0-9_]*)+", field_path):
+        return False
+    for name in field_path[1:].split("."):
+        if name not in schema.get("properties", {}):
+            return False
+        schema = schema["properties"][name]
+    return True
 
 
 def _field_schema(schema: dict, name: str) -> dict | None:
@@ -183,6 +229,7 @@ def _field_schema(schema: dict, name: str) -> dict | None:
 
 
 def _default(value: Any, schema: dict) -> None:
+    """Default value in place, as the server's structural defaulting does."""
     if isinstance(value, dict):
         for name, sub in schema.get("properties", {}).items():
             if value.get(name) is None and "default" in sub:
@@ -207,21 +254,24 @@ def _default(value: Any, schema: dict) -> None:
 # A violation, and whether it keeps the server from evaluating the CEL rules.
 _Error = tuple[Violation, bool]
 
-_RULES_NOT_CHECKED = Violation("", (
-    "Invalid value: null: some validation rules were not checked because the object was "
-    "invalid; correct the existing errors to complete validation"
-))
+_RULES_NOT_CHECKED = Violation(
+    "",
+    (
+        "Invalid value: null: some validation rules were not checked because the object was "
+        "invalid; correct the existing errors to complete validation"
+    ),
+)
 
 
 def _violations(obj: Any) -> list[Violation]:
     if not isinstance(obj, dict):
-        kind = _json_type(obj)
-        return [Violation("", f"Invalid value: {_quote(kind)}: must be of type object: {_quote(kind)}")]
+        kind = _quote(_json_type(obj))
+        return [Violation("", f"Invalid value: {kind}: must be of type object: {kind}")]
     obj = _with_generated_name({k: v for k, v in obj.items() if k != "status"})
     errors = [
         *_type_meta_errors(obj),
-        *_node_errors(obj, _validation_root(), ""),
         *_metadata_errors(obj.get("metadata")),
+        *_node_errors(obj, _validation_root(), ""),
     ]
     violations = [violation for violation, _ in errors]
     if any(blocking for _, blocking in errors):
@@ -233,12 +283,15 @@ def _with_generated_name(obj: dict) -> dict:
     """obj named as the server names it before validating: generateName (cut to 58
     characters) and 5 random characters."""
     meta = obj.get("metadata")
-    if not isinstance(meta, dict) or meta.get("name") or not isinstance(meta.get("generateName"), str):
+    prefix = meta.get("generateName") if isinstance(meta, dict) else None
+    if not prefix or not isinstance(prefix, str) or meta.get("name"):
         return obj
-    return {**obj, "metadata": {**meta, "name": meta["generateName"][:58] + "xxxxx"}}
+    return {**obj, "metadata": {**meta, "name": prefix[:58] + "xxxxx"}}
 
 
 def _type_meta_errors(obj: dict) -> Iterator[_Error]:
+    # (A request with another kind or version does not even reach the FederatedJob validation;
+    # the server's validation checks them all the same, in these words.)
     for field, expected in _type_meta().items():
         value = obj.get(field, "")
         if isinstance(value, str) and value != expected:
@@ -314,7 +367,8 @@ def _string_errors(text: str, schema: dict, path: str) -> Iterator[_Error]:
         limit = schema["maxLength"]
         yield _blocking(path, f"Too long: may not be more than {limit} {_plural(limit, 'byte')}")
     elif "minLength" in schema and len(text) < schema["minLength"]:
-        yield _invalid(path, text, f"{path} in body should be at least {schema['minLength']} chars long")
+        detail = f"{path} in body should be at least {schema['minLength']} chars long"
+        yield _invalid(path, text, detail)
     elif "pattern" in schema and not _regex(schema["pattern"]).search(text):
         # Go's MatchString, like search(), matches anywhere: the pattern's anchors decide.
         yield _invalid(path, text, f"{path} in body should match '{schema['pattern']}'")
@@ -404,7 +458,7 @@ def _metadata_errors(meta: Any) -> Iterator[_Error]:
 
 
 def _dns_errors(name: str, limit: int, pattern: str, mismatch: list[str]) -> list[str]:
-    too_long = [f"must be no more than {limit} characters"] if len(name) > limit else []
+    too_long = [f"must be no more than {limit} characters"] if len(name.encode()) > limit else []
     return too_long + ([] if re2.fullmatch(pattern, name) else mismatch)
 
 
@@ -448,19 +502,21 @@ def _go_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=str)
 
 
-_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-               "\v": "\\v", '"': '\\"', "\\": "\\\\"}
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v", '"': '\\"', "\\": "\\\\"}
 
 
 def _quote(text: str) -> str:
     """Go's %q of a string."""
+
     def escape(char: str) -> str:
         if char in _GO_ESCAPES:
             return _GO_ESCAPES[char]
         if char.isprintable():
             return char
         code = ord(char)
-        return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+        if code < 0x80:
+            return f"\\x{code:02x}"
+        return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
     return '"' + "".join(map(escape, text)) + '"'
 
@@ -505,22 +561,25 @@ def _rule_violations(value: Any, schema: dict, path: str) -> Iterator[Violation]
 
 
 def _rule_violation(rule: dict, this: Any, node_type: str, path: str) -> Iterator[Violation]:
-    message = rule.get("message", "").strip()
+    message, text = rule.get("message", "").strip(), rule["rule"].strip()
+    # A rule's fieldPath names the field at fault below the node the rule sits on.
+    for name in rule.get("fieldPath", "").split(".")[1:]:
+        path = _join(path, name)
+    value = f"Invalid value: {_quote(node_type)}"
     try:
         result = _program(rule["rule"]).evaluate({"self": this})
     except celpy.CELEvalError as error:
-        about = message or rule["rule"].strip()
-        yield Violation(path, f"Invalid value: {_quote(node_type)}: {_cel_error(error)} evaluating rule: {about}")
+        yield Violation(path, f"{value}: {_cel_error(error)} evaluating rule: {message or text}")
         return
     if not (isinstance(result, celtypes.BoolType) and result):
-        yield Violation(path, f"Invalid value: {_quote(node_type)}: {message or 'failed rule: ' + rule['rule'].strip()}")
+        yield Violation(path, f"{value}: {message or 'failed rule: ' + text}")
 
 
 def _cel_error(error: celpy.CELEvalError) -> str:
     text = str(error.args[0]) if error.args else str(error)
     # cel-python's words for a missing field; the server's (cel-go's) are "no such key: x".
     missing = "no such member in mapping: "
-    return "no such key: " + text[len(missing):].strip("'") if text.startswith(missing) else text
+    return "no such key: " + text[len(missing) :].strip("'") if text.startswith(missing) else text
 
 
 @functools.cache
@@ -542,11 +601,13 @@ def _to_cel(value: Any, schema: dict) -> Any:
     """
     kind = schema.get("type")
     if kind == "object":
-        return celtypes.MapType({
-            celtypes.StringType(str(name)): _to_cel(field, sub)
-            for name, field in value.items()
-            if (sub := _field_schema(schema, name)) is not None
-        })
+        return celtypes.MapType(
+            {
+                celtypes.StringType(str(name)): _to_cel(field, sub)
+                for name, field in value.items()
+                if (sub := _field_schema(schema, name)) is not None
+            }
+        )
     if kind == "array":
         return celtypes.ListType([_to_cel(item, schema.get("items", {})) for item in value])
     if kind == "string":

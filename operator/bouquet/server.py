@@ -63,18 +63,23 @@ class Server:
         first_new = reported
         while True:
             self.processes.check()
+            status = flower.run_status(self.run_id, self.flwr_home, self.processes.env)
+            # Read after the status, so that the rounds of a run that just finished are shown.
             history = outputs.read_json(self.out / outputs.HISTORY, []) or []
             for entry in history[reported:]:
                 say(round_line(entry, rounds, history[first_new:], started))
             reported = max(reported, len(history))
-            status = flower.run_status(self.run_id, self.flwr_home, self.processes.env)
             if status.startswith("finished"):
                 break
             time.sleep(POLL_SECONDS)
         progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}
-        if status != "finished:completed" or progress.get("state") != "Succeeded":
+        # The built-in task also reports its own end; a job's own app is done when Flower says so.
+        builtin_done = "app" in self.job["spec"] or progress.get("state") == "Succeeded"
+        if status != "finished:completed" or not builtin_done:
             reason = progress.get("message") or status
-            raise RunFailed(f"training did not complete ({reason}); server log: {self.processes.log_dir / 'server.log'}\n{self.processes.tail('server')}")
+            raise RunFailed(
+                f"training did not complete ({reason}); server log: {self.processes.log_dir / 'server.log'}\n{self.processes.tail('server')}"
+            )
 
 
 def round_line(entry: dict, rounds: int, timed: list[dict], started: float) -> str:

@@ -44,7 +44,7 @@ class Bundle:
 
 def issue(job_name: str, hostnames: list[str]) -> Bundle:
     """A fresh CA for the job and a server certificate for hostnames (DNS names or IPs)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"bouquet {job_name} CA")])
     ca_cert = (

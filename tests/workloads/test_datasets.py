@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from bouquet_workloads import datasets
 
 SITES = ["a", "b", "c"]

@@ -1,24 +1,23 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
-
 from bouquet_workloads.task import (
     DataError,
     Table,
     auroc,
     build_model,
     check_labels,
+    evaluate,
     feature_moments,
     load_arrays,
     read_table,
     set_standardization,
     split_rows,
     state_arrays,
-    evaluate,
     train,
     write_csv,
 )
+from sklearn.metrics import roc_auc_score
 
 TASK = {
     "model": {"mlp": {"hiddenSizes": [8, 4]}},
@@ -127,10 +126,15 @@ def test_bad_data_files_say_what_is_wrong(tmp_path):
     (tmp_path / "d.csv").write_text("a,b,y\n1,2,0\n")
     with pytest.raises(DataError, match="no column 'c'"):
         read_table(tmp_path / "d.csv", ["a", "c"], "y")
-    (tmp_path / "e.csv").write_text("a,y\nx,0\n")
-    with pytest.raises(DataError, match="numeric"):
+    (tmp_path / "e.csv").write_text("a,y\nJane Roe,0\n")
+    with pytest.raises(DataError, match="column 'a' must hold numbers only") as error:
         read_table(tmp_path / "e.csv", ["a"], "y")
-    with pytest.raises(DataError, match="label 2 is outside 0..1"):
+    assert "Jane" not in str(error.value)  # the message can reach the server: no values in it
+    (tmp_path / "f.csv").write_text("a,y\n1,0\n2,0,Jane Roe\n")
+    with pytest.raises(DataError, match="cannot read") as error:
+        read_table(tmp_path / "f.csv", ["a"], "y")
+    assert "Jane" not in str(error.value)
+    with pytest.raises(DataError, match="1 rows have a label outside 0..1"):
         check_labels(Table(np.zeros((2, 1), np.float32), np.array([0, 2])), 2, "site.csv")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import datasets
-from .task import Table, build_model, check_labels, feature_moments, read_table, set_standardization, site_seed, split_rows, evaluate, train
+from .task import Table, build_model, check_labels, evaluate, feature_moments, read_table, set_standardization, site_seed, split_rows, train
 
 
 def centralized(job: Mapping, site_files: Mapping[str, Path]) -> dict:
@@ -31,7 +31,10 @@ def centralized(job: Mapping, site_files: Mapping[str, Path]) -> dict:
         check_parts.append(table.subset(held))
     pooled = _concat(fit_parts)
     if "dataset" in spec:
-        evaluation, evaluated_on = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test, "held-out test set"
+        evaluation, evaluated_on = (
+            datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test,
+            "held-out test set",
+        )
     else:
         evaluation, evaluated_on = _concat(check_parts), "sites' validation data"
     model = build_model(task, pooled.features.shape[1], spec["seed"])

@@ -21,6 +21,7 @@ from .task import (
     Table,
     build_model,
     check_labels,
+    evaluate,
     feature_moments,
     load_arrays,
     pick_device,
@@ -28,7 +29,6 @@ from .task import (
     site_seed,
     split_rows,
     state_arrays,
-    evaluate,
     train,
 )
 

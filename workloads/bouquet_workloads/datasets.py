@@ -93,7 +93,7 @@ def split(dataset: Mapping, site_names: Sequence[str], seed: int) -> Split:
         dataset.get("alpha", 0.5),
         seed,
     )
-    sites = {name: table.subset(train_rows[share]) for name, share in zip(site_names, shares)}
+    sites = {name: table.subset(train_rows[share]) for name, share in zip(site_names, shares, strict=True)}
     return Split(features, label, table.subset(test_rows), sites)
 
 

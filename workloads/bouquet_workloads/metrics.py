@@ -18,7 +18,9 @@ from prometheus_client.registry import Collector
 
 from . import outputs
 
-LABELS = ["namespace", "job"]
+# "job" is Prometheus's own target label, so the job's name goes in job_name (as kube-state-metrics
+# does for Kubernetes Jobs).
+LABELS = ["namespace", "job_name"]
 # Rounds take seconds (small models) to many minutes (large models, slow sites).
 DURATION_BUCKETS = (1, 2.5, 5, 10, 15, 20, 30, 45, 60, 120, 300, 600, 1800, 3600)
 
@@ -38,7 +40,9 @@ class JobCollector(Collector):
         yield self._gauge("bouquet_job_rounds", "Rounds the job runs in all.", progress.get("rounds"))
         yield self._gauge("bouquet_job_current_round", "The last round that finished.", latest.get("round", 0))
         yield self._gauge("bouquet_job_completed", "1 once the final model is written, else 0.", int(progress.get("state") == "Succeeded"))
-        yield self._gauge("bouquet_job_failed", "1 if the server's training stopped with an error, else 0.", int(progress.get("state") == "Failed"))
+        yield self._gauge(
+            "bouquet_job_failed", "1 if the server's training stopped with an error, else 0.", int(progress.get("state") == "Failed")
+        )
         for name, help_text in [
             ("loss", "Evaluation loss after the latest round."),
             ("accuracy", "Evaluation accuracy after the latest round."),
@@ -50,7 +54,9 @@ class JobCollector(Collector):
             yield self._gauge("bouquet_round_train_loss", "Sites' mean training loss in the latest round.", latest["train"]["loss"])
         yield self._gauge("bouquet_round_sites", "Sites that took part in the latest round.", len(latest.get("sites", [])))
         yield self._counter("bouquet_bytes_sent", "Model bytes the server sent to sites.", sum(e.get("bytesSent", 0) for e in history))
-        yield self._counter("bouquet_bytes_received", "Model bytes the server received from sites.", sum(e.get("bytesReceived", 0) for e in history))
+        yield self._counter(
+            "bouquet_bytes_received", "Model bytes the server received from sites.", sum(e.get("bytesReceived", 0) for e in history)
+        )
         yield self._histogram([e["durationSeconds"] for e in history if "durationSeconds" in e])
 
     def _gauge(self, name: str, help_text: str, value: float | None) -> GaugeMetricFamily:

@@ -17,7 +17,7 @@ def plot(path: Path, job: Mapping, history: list[dict], baseline: Mapping | None
     rounds = [e["round"] for e in history]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     evaluated_on = history[-1].get("evaluatedOn", "") if history else ""
-    for axis, key in zip(axes, ("loss", "accuracy")):
+    for axis, key in zip(axes, ("loss", "accuracy"), strict=True):
         axis.plot(rounds, [e.get(key) for e in history], marker="o", label=f"federated ({job['spec']['strategy']['name']})")
         if baseline and key in baseline:
             axis.axhline(baseline[key], linestyle="--", color="grey", label="centralized baseline")

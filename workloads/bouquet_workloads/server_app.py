@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from . import datasets, outputs
-from .strategies import WEIGHT_KEY, make_strategy, restore_strategy_state, strategy_state
+from .strategies import make_strategy, restore_strategy_state, strategy_state
 from .task import build_model, evaluate, load_arrays, set_standardization, state_arrays
 
 log = logging.getLogger("bouquet.server")
@@ -68,43 +68,10 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
         weights, history, first = checkpoint.weights, checkpoint.history, checkpoint.round + 1
         log.info("resuming %s from the checkpoint of round %d", job["metadata"]["name"], checkpoint.round)
     test_data = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test if "dataset" in spec else None
-    timeout = spec["strategy"]["roundTimeoutSeconds"]
-    train_config = ConfigRecord({"seed": spec["seed"]})
 
     for round_ in range(first, rounds + 1):
         _progress(out, job, "Running", round_=round_)
-        started = time.monotonic()
-        record = _to_record(weights)
-        sent = received = 0
-
-        messages = list(strategy.configure_train(round_, record, ConfigRecord(dict(train_config)), grid))
-        replies = _exchange(grid, messages, timeout)
-        _audit(out, round_, "train", replies)
-        sent += record.count_bytes() * len(messages)
-        received += sum(r.content.array_records["arrays"].count_bytes() for r in replies if not r.has_error())
-        aggregated, train_metrics = strategy.aggregate_train(round_, replies)
-        if aggregated is None:
-            raise RoundFailed(f"round {round_}: no site returned an update ({_errors(replies)})")
-        weights = {k: v.numpy() for k, v in aggregated.items()}
-        trained_by = _site_names(replies)
-
-        record = _to_record(weights)
-        eval_messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
-        eval_replies = _exchange(grid, eval_messages, timeout)
-        _audit(out, round_, "evaluate", eval_replies)
-        sent += record.count_bytes() * len(eval_messages)
-        site_metrics = strategy.aggregate_evaluate(round_, eval_replies)
-
-        entry = {
-            "round": round_,
-            "sites": trained_by,
-            "train": dict(train_metrics or {}),
-            "siteEvaluation": dict(site_metrics or {}),
-            "durationSeconds": round(time.monotonic() - started, 3),
-            "bytesSent": sent,
-            "bytesReceived": received,
-            "finishedAt": _now(),
-        }
+        weights, entry = _round(grid, strategy, spec, weights, round_, out)
         if test_data is not None:
             load_arrays(model, weights)
             entry["test"] = evaluate(model, test_data, torch.device("cpu"))
@@ -138,6 +105,41 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
     _progress(out, job, "Succeeded", round_=rounds)
 
 
+def _round(grid: Grid, strategy, spec: Mapping, weights: dict, round_: int, out: Path) -> tuple[dict, dict]:
+    """One round: the sites train on the current weights, the strategy aggregates their
+    updates, and the sites evaluate the result. Returns the new weights and the round's
+    history entry (without the server's own test)."""
+    started = time.monotonic()
+    timeout = spec["strategy"]["roundTimeoutSeconds"]
+    record = _to_record(weights)
+    messages = list(strategy.configure_train(round_, record, ConfigRecord(), grid))
+    replies = _exchange(grid, messages, timeout)
+    _audit(out, round_, "train", replies)
+    sent = record.count_bytes() * len(messages)
+    received = sum(r.content.array_records["arrays"].count_bytes() for r in replies if not r.has_error())
+    aggregated, train_metrics = strategy.aggregate_train(round_, replies)
+    if aggregated is None:
+        raise RoundFailed(f"round {round_}: no site returned an update ({_errors(replies)})")
+    weights = {k: v.numpy() for k, v in aggregated.items()}
+
+    record = _to_record(weights)
+    eval_messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
+    eval_replies = _exchange(grid, eval_messages, timeout)
+    _audit(out, round_, "evaluate", eval_replies)
+    sent += record.count_bytes() * len(eval_messages)
+    site_metrics = strategy.aggregate_evaluate(round_, eval_replies)
+    return weights, {
+        "round": round_,
+        "sites": _site_names(replies),
+        "train": dict(train_metrics or {}),
+        "siteEvaluation": dict(site_metrics or {}),
+        "durationSeconds": round(time.monotonic() - started, 3),
+        "bytesSent": sent,
+        "bytesReceived": received,
+        "finishedAt": _now(),
+    }
+
+
 def _feature_names(spec: Mapping) -> list[str]:
     if "features" in spec["task"]:
         return list(spec["task"]["features"])
@@ -147,7 +149,12 @@ def _feature_names(spec: Mapping) -> list[str]:
 def _headline(entry: Mapping) -> dict:
     """The round's loss, accuracy and AUROC: on the held-out test set when the server has
     one, else the sites' own validation rows, example-weighted."""
-    source, name = ("test", "held-out test set") if "test" in entry else ("siteEvaluation", "sites' validation data")
+    if "test" in entry:
+        source, name = "test", "held-out test set"
+    elif entry["siteEvaluation"]:
+        source, name = "siteEvaluation", "sites' validation data"
+    else:
+        return {"evaluatedOn": "nothing: site evaluation is off and the server holds no test set"}
     metrics = entry[source]
     return {**{k: metrics[k] for k in ("loss", "accuracy", "auroc") if k in metrics}, "evaluatedOn": name}
 
@@ -160,11 +167,11 @@ def _standardize_from_sites(grid: Grid, spec: Mapping, model, num_features: int,
     _, connected = sample_nodes(grid, strategy.get("minSitesToStart", min_sites), min_sites)
     query = RecordDict({"config": ConfigRecord({"query": "feature-moments"})})
     messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in connected]
-    replies = _exchange(grid, messages, strategy["roundTimeoutSeconds"])
-    _audit(out, 0, "feature-moments", replies)
-    replies = [r for r in replies if not r.has_error()]
+    answers = _exchange(grid, messages, strategy["roundTimeoutSeconds"])
+    _audit(out, 0, "feature-moments", answers)
+    replies = [r for r in answers if not r.has_error()]
     if not replies:
-        raise RoundFailed("no site answered the feature-statistics query")
+        raise RoundFailed(f"no site answered the feature-statistics query ({_errors(answers)})")
     count, total, total_sq = 0.0, np.zeros(num_features), np.zeros(num_features)
     for reply in replies:
         moments = reply.content.metric_records["moments"]
@@ -227,6 +234,7 @@ def _site_names(replies: Iterable[Message]) -> list[str]:
 
 
 def _errors(replies: list[Message]) -> str:
+    """What went wrong at the sites, in their words (Flower wraps them as <class>:<message>)."""
     errors = [r.error.reason for r in replies if r.has_error()]
     return "; ".join(errors) if errors else "no replies in time"
 
@@ -247,4 +255,4 @@ def _progress(out: Path, job: Mapping, state: str, round_: int | None = None, me
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

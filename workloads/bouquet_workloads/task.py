@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow
 import pyarrow.csv
 import pyarrow.parquet
 import torch
@@ -22,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
-    """A data file that cannot be used for the task (missing, unreadable, wrong columns)."""
+    """A data file that cannot be used for the task (missing, unreadable, wrong columns).
+
+    Its message may reach the server (Flower reports a site's errors there), so it names
+    files, columns and counts, never a value from the data; the parser's own words, which
+    can quote a row, go to the site's log only.
+    """
 
 
 @dataclass(frozen=True)
@@ -93,17 +99,22 @@ def read_table(path: Path, features: Sequence[str] | None, label: str, file_form
         with path.open("rb") as f:
             table = pyarrow.parquet.read_table(f) if file_format == "Parquet" else pyarrow.csv.read_csv(f)
     except Exception as error:  # pyarrow raises several unrelated types for bad files
-        raise DataError(f"cannot read {path} as {file_format}: {error}") from error
+        log.error("cannot read %s as %s: %s", path, file_format, error)
+        raise DataError(f"cannot read {path} as {file_format} (the parser's message is in the site's log)") from None
     if features is None:
         features = [c for c in table.column_names if c != label]
     missing = [c for c in [*features, label] if c not in table.column_names]
     if missing:
         raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (it has {', '.join(table.column_names)})")
-    try:
-        x = np.column_stack([table[c].to_numpy(zero_copy_only=False).astype(np.float32) for c in features])
-        y = table[label].to_numpy(zero_copy_only=False).astype(np.int64)
-    except (ValueError, TypeError) as error:
-        raise DataError(f"{path}: feature and label columns must be numeric: {error}") from error
+    columns = {}
+    for name in [*features, label]:
+        try:
+            columns[name] = table[name].to_numpy(zero_copy_only=False).astype(np.int64 if name == label else np.float32)
+        except (ValueError, TypeError, pyarrow.ArrowInvalid):
+            kind = "integers" if name == label else "numbers"
+            raise DataError(f"{path}: column {name!r} must hold {kind} only") from None
+    x = np.column_stack([columns[c] for c in features])
+    y = columns[label]
     if np.isnan(x).any():
         raise DataError(f"{path}: feature columns hold missing values; impute them before training")
     return Table(x, y)
@@ -117,9 +128,9 @@ def write_csv(path: Path, table: Table, features: Sequence[str], label: str) -> 
 
 
 def check_labels(table: Table, num_classes: int, source: str) -> None:
-    bad = table.labels[(table.labels < 0) | (table.labels >= num_classes)]
-    if len(bad):
-        raise DataError(f"{source}: label {bad[0]} is outside 0..{num_classes - 1} (task.classes is {num_classes})")
+    bad = int(((table.labels < 0) | (table.labels >= num_classes)).sum())
+    if bad:
+        raise DataError(f"{source}: {bad} rows have a label outside 0..{num_classes - 1} (task.classes is {num_classes})")
 
 
 def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +198,7 @@ def train(
             optimizer.zero_grad()
             loss = loss_fn(model(xb), yb)
             if anchor:
-                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
             loss.backward()
             optimizer.step()
             total += loss.item() * len(rows)

@@ -1,0 +1,169 @@
+"""The `bouquet` command's answers to bad input: a clear message naming the field or the
+option, a non-zero exit, and nothing started or written."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from bouquet import cli
+from support.processes import processes_mentioning
+from support.prometheus import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def expected(path: Path) -> tuple[str, str]:
+    """What an invalid job file's first line promises: the start of the violation's line
+    (its field path, or nothing for a rule on the whole object, written <root>) and a
+    fragment of its message."""
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} must start with '# expect: <path> <message>'"
+    field, _, message = first.removeprefix("# expect: ").partition(" ")
+    return ("" if field == "<root>" else f"{field}: "), message
+
+
+def test_there_are_at_least_15_distinct_invalid_jobs():
+    assert len(INVALID) >= 15
+    assert len({repr(yaml.safe_load(p.read_text())) for p in INVALID}) == len(INVALID)
+
+
+def test_examples_are_valid(capsys):
+    assert cli.main(["validate", *map(str, EXAMPLES)]) == 0
+    assert capsys.readouterr().out.count(": valid") == len(EXAMPLES)
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_validate_rejects_invalid_job_naming_the_field(path, capsys):
+    field, message = expected(path)
+    assert cli.main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"  {field}" in err and message in err, err
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_run_rejects_invalid_job_before_starting_anything(path, tmp_path, capsys):
+    field, message = expected(path)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(path), "--out", str(out), "--metrics-port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert f"  {field}" in err and message in err, err
+    assert not out.exists()
+    assert processes_mentioning(str(out)) == []
+
+
+def test_run_command_exits_non_zero_with_the_field_in_its_message(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "bouquet", "run", str(INVALID[0]), "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
+    field, message = expected(INVALID[0])
+    assert result.returncode == 1
+    assert field in result.stderr and message in result.stderr
+    assert not out.exists()
+
+
+def own_data_job(tmp_path: Path, data_path: str) -> Path:
+    job = {
+        "apiVersion": "bouquet.dev/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "own-data"},
+        "spec": {
+            "rounds": 2,
+            "task": {"model": {"logreg": {}}, "features": ["a", "b"], "labelColumn": "y"},
+            "sites": [{"name": "one", "data": {"path": data_path}}],
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_missing_data_file_is_named_and_nothing_starts(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(own_data_job(tmp_path, "missing.csv")), "--out", str(out), "--metrics-port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "spec.sites[0].data.path" in err and "missing.csv" in err and "does not exist" in err
+    assert not out.exists()
+
+
+def test_metrics_port_in_use_is_reported_and_nothing_starts(tmp_path, capsys):
+    out = tmp_path / "out"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["run", str(ROOT / "examples" / "breast-cancer.yaml"), "--out", str(out), "--metrics-port", str(port)]) == 1
+    assert f"port {port} is already in use (--metrics-port)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_port_number_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", str(ROOT / "examples" / "breast-cancer.yaml"), "--metrics-port", "70000"])
+    assert exit_info.value.code == 2
+    assert "--metrics-port" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_site_data_that_does_not_fit_fails_the_run_cleanly(tmp_path):
+    data = tmp_path / "site.csv"
+    data.write_text("a,c,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))  # no column b
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bouquet",
+            "run",
+            str(own_data_job(tmp_path, str(data))),
+            "--out",
+            str(out),
+            "--metrics-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training did not complete" in result.stderr
+    assert "no column 'b'" in result.stderr
+    assert processes_mentioning(str(out)) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything_and_the_same_command_resumes(tmp_path):
+    job = yaml.safe_load((ROOT / "examples" / "sleep-quality.yaml").read_text())
+    job["spec"]["rounds"] = 3
+    job["spec"]["strategy"]["fractionEvaluate"] = 0  # train only: quicker rounds
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bouquet", "run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())]
+    log = tmp_path / "first.log"
+    with log.open("w") as sink:
+        first = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list((out / "checkpoints").glob("round-*.safetensors")):
+            assert first.poll() is None, log.read_text()
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(30) == 130, log.read_text()
+    assert "run the same command again to resume" in log.read_text()
+    assert processes_mentioning(str(out)) == []
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "continuing after round" in second.stdout
+    history = yaml.safe_load((out / "history.json").read_text())
+    assert [e["round"] for e in history] == [1, 2, 3]
+    assert processes_mentioning(str(out)) == []
