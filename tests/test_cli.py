@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from bouquet import cli
 from support.processes import processes_mentioning
 from support.prometheus import free_port

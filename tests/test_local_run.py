@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 import yaml
+
 from bouquet_workloads.task import build_model, load_arrays
 from support.processes import processes_mentioning
 from support.prometheus import Prometheus, free_port

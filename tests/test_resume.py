@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from bouquet import flower, jobfile, tls
 from bouquet.local import write_builtin_shares
 from support.processes import processes_mentioning

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import yaml
+
 from bouquet import schema
 from bouquet.schema import InvalidJob, Violation, apply_defaults, load_valid, validate
 

@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 import pytest
+
 from bouquet import flower, tls
 from support.processes import processes_mentioning
 

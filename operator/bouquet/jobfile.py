@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from bouquet_workloads import datasets
 
 from .schema import InvalidJob, Violation, load_valid

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from bouquet_workloads import datasets
 
 SITES = ["a", "b", "c"]

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
+
 from bouquet_workloads.task import (
     DataError,
     Table,
@@ -17,7 +19,6 @@ from bouquet_workloads.task import (
     train,
     write_csv,
 )
-from sklearn.metrics import roc_auc_score
 
 TASK = {
     "model": {"mlp": {"hiddenSizes": [8, 4]}},
