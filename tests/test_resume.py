@@ -31,7 +31,7 @@ JOB = {
         "strategy": {"name": "FedAdam", "fractionEvaluate": 0, "serverLearningRate": 0.05},
         "task": {"labelColumn": "diagnosis", "training": {"learningRate": 0.05}},
         "dataset": {"name": "breast-cancer"},
-        "sites": [{"name": "site-a"}, {"name": "site-b"}],
+        "sites": [{"name": "site-a", "gpus": 1}, {"name": "site-b"}],
     },
 }
 
@@ -134,3 +134,6 @@ def test_killed_server_resumes_from_last_checkpoint(tmp_path):
     # round cut short by the kill appears twice (its replies arrived before the kill).
     assert sorted(set(trained)) == list(range(1, ROUNDS + 1))
     assert processes_mentioning(str(out)) == []
+    # site-a asked for a GPU; this machine has none, and the site says so.
+    assert "asks for 1 GPU(s) but CUDA is not available: training on the CPU" in site_logs[0].read_text()
+    assert "CUDA" not in site_logs[1].read_text()

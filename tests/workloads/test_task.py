@@ -12,6 +12,7 @@ from bouquet_workloads.task import (
     evaluate,
     feature_moments,
     load_arrays,
+    pick_device,
     read_table,
     set_standardization,
     split_rows,
@@ -145,3 +146,17 @@ def test_split_rows_is_seeded_and_disjoint():
     assert not set(kept) & set(held)
     assert np.array_equal(split_rows(100, 0.2, seed=1)[1], held)
     assert not np.array_equal(split_rows(100, 0.2, seed=2)[1], held)
+
+
+def test_a_site_asking_for_a_gpu_without_cuda_trains_on_the_cpu_and_says_so(caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(1).type == "cpu"
+    assert "asks for 1 GPU(s) but CUDA is not available" in caplog.text
+    caplog.clear()
+    assert pick_device(0).type == "cpu"
+    assert caplog.text == ""
+
+
+def test_a_site_asking_for_a_gpu_with_cuda_uses_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device(1).type == "cuda"
