@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import outputs
 
@@ -72,7 +73,8 @@ class JobCollector(Collector):
 
     def _histogram(self, durations: list[float]) -> HistogramMetricFamily:
         family = HistogramMetricFamily("bouquet_round_duration_seconds", "Wall time of each round.", labels=LABELS)
-        buckets = [(str(bound), sum(d <= bound for d in durations)) for bound in DURATION_BUCKETS]
+        # Bounds written as prometheus_client writes them ("5.0"), so that series agree.
+        buckets = [(floatToGoString(bound), sum(d <= bound for d in durations)) for bound in DURATION_BUCKETS]
         buckets.append(("+Inf", len(durations)))
         family.add_metric(self.labels, buckets, sum_value=math.fsum(durations))
         return family
