@@ -86,5 +86,6 @@ def test_the_endpoint_serves_what_the_files_say_at_each_scrape(tmp_path):
         second = samples(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
     finally:
         server.shutdown()
+        server.server_close()
     assert first["bouquet_job_current_round"] == 1 and first["bouquet_job_completed"] == 0
     assert second["bouquet_job_current_round"] == 2 and second["bouquet_job_completed"] == 1

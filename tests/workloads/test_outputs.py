@@ -36,10 +36,15 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-000004.safetensors", "round-000005.safetensors"]
 
 
-def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "damage",
+    [lambda data: data[:50], lambda data: data[:-1], lambda data: b""],
+    ids=["header-cut", "last-byte-missing", "empty"],
+)
+def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, caplog, damage):
     outputs.save_checkpoint(tmp_path, checkpoint(1), keep=5)
     newest = outputs.save_checkpoint(tmp_path, checkpoint(2), keep=5)
-    newest.write_bytes(newest.read_bytes()[:50])
+    newest.write_bytes(damage(newest.read_bytes()))
     assert outputs.latest_checkpoint(tmp_path).round == 1
     assert "skipping checkpoint" in caplog.text
 
@@ -71,3 +76,8 @@ def test_the_final_model_matches_its_sha256_and_loads_strictly(tmp_path):
     fresh = build_model(TASK, num_features=4, seed=1)
     load_arrays(fresh, outputs.load_model_weights(tmp_path))
     assert all(np.array_equal(state_arrays(fresh)[k], v) for k, v in state_arrays(model).items())
+
+
+def test_outputs_are_readable_by_others(tmp_path):
+    outputs.write_json(tmp_path / "model.json", {})
+    assert (tmp_path / "model.json").stat().st_mode & 0o777 == 0o644

@@ -123,12 +123,13 @@ def test_sites_evaluate_when_asked_and_auroc_is_weighted(tmp_path):
     assert entry["evaluatedOn"] == "held-out test set"  # the server's own test set comes first
 
 
-def test_resuming_continues_after_the_last_checkpoint_with_the_strategy_state(tmp_path):
+@pytest.mark.parametrize("strategy", ["FedAdam", "FedAvgM"])
+def test_resuming_continues_after_the_last_checkpoint_with_the_strategy_state(strategy, tmp_path):
     """Two rounds, then two more from the checkpoint, end where four uninterrupted rounds end."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(make_job("FedAdam", rounds=4), straight)
-    train(make_job("FedAdam", rounds=2), resumed)
-    grid = train(make_job("FedAdam", rounds=4), resumed)
+    train(make_job(strategy, rounds=4), straight)
+    train(make_job(strategy, rounds=2), resumed)
+    grid = train(make_job(strategy, rounds=4), resumed)
     assert all(m.metadata.message_type != "query" for m in grid.seen)  # no second feature query
     a = outputs.load_model_weights(straight)
     b = outputs.load_model_weights(resumed)

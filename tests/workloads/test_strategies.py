@@ -1,8 +1,20 @@
-import pytest
-from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp import strategy as flwr_strategy
+import copy
 
-from bouquet_workloads.strategies import AUROC_WEIGHT_KEY, WEIGHT_KEY, aggregate_metrics, make_strategy
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.supercore.task_identity import TaskIdentity
+
+from bouquet_workloads import outputs
+from bouquet_workloads.strategies import (
+    AUROC_WEIGHT_KEY,
+    WEIGHT_KEY,
+    aggregate_metrics,
+    make_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 
 BASE = {"fractionTrain": 1.0, "fractionEvaluate": 1.0, "roundTimeoutSeconds": 600}
 
@@ -58,3 +70,86 @@ def test_metrics_are_example_weighted_and_auroc_skips_sites_without_one():
 def test_no_auroc_when_no_site_has_one():
     result = aggregate_metrics([reply(loss=1.0, auroc=0.0, **{AUROC_WEIGHT_KEY: 0, WEIGHT_KEY: 5})], WEIGHT_KEY)
     assert dict(result) == {"loss": 1.0}
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Flower stamps messages with the identity of the process's task (a ServerApp's: run 1,
+    the server's node 0); this test process plays it."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class TwoSites:
+    """What configure_train needs of Flower's Grid: the connected nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+
+START = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+
+
+def train_round(strategy, round_: int, weights: dict, seed: int) -> dict:
+    """One round as the server runs it: configure_train, then the sites' replies (the
+    weights plus seeded noise, 10 and 30 examples) into aggregate_train. Like real sites,
+    they reply in their model's key order (START's), whatever order they were sent."""
+    record = ArrayRecord({k: Array(v) for k, v in weights.items()})
+    messages = sorted(strategy.configure_train(round_, record, ConfigRecord(), TwoSites()), key=lambda m: m.metadata.dst_node_id)
+    rng = np.random.default_rng(seed)
+    replies = []
+    for message, examples in zip(messages, [10, 30], strict=True):
+        arrays = ArrayRecord({k: Array((weights[k] + rng.normal(size=weights[k].shape)).astype(np.float32)) for k in START})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"loss": 0.5, WEIGHT_KEY: examples})})
+        replies.append(Message(content, reply_to=message))
+    aggregated, _ = strategy.aggregate_train(round_, replies)
+    return {k: v.numpy() for k, v in aggregated.items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize(
+    ("name", "state_keys"),
+    [
+        ("FedAdam", {"m_t.w", "m_t.b", "v_t.w", "v_t.b"}),
+        ("FedAvgM", {"momentum_vector.0", "momentum_vector.1"}),
+    ],
+)
+def test_a_restored_strategy_aggregates_as_if_it_had_never_stopped(name, state_keys):
+    spec = {**BASE, "name": name}
+    running = make_strategy(spec, num_sites=2)
+    weights = train_round(running, 1, START, seed=1)
+    state = copy.deepcopy(strategy_state(running))  # as a checkpoint holds it: no shared arrays
+    assert set(state) == state_keys
+
+    resumed = make_strategy(spec, num_sites=2)
+    restore_strategy_state(resumed, state)
+    expected = train_round(running, 2, weights, seed=2)
+    assert same(train_round(resumed, 2, weights, seed=2), expected)
+    # Without the state the second round would come out otherwise: the state matters.
+    assert not same(train_round(make_strategy(spec, num_sites=2), 2, weights, seed=2), expected)
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "FedAdam",
+        "FedAvgM",
+    ],
+)
+def test_a_strategy_resumed_from_a_checkpoint_aggregates_as_if_it_had_never_stopped(name, tmp_path):
+    """What the server does on resume: the weights and the strategy state both come from the checkpoint."""
+    spec = {**BASE, "name": name}
+    running = make_strategy(spec, num_sites=2)
+    weights = train_round(running, 1, START, seed=1)
+    outputs.save_checkpoint(tmp_path, outputs.Checkpoint(1, weights, strategy_state(running)), keep=1)
+    checkpoint = outputs.latest_checkpoint(tmp_path)
+
+    resumed = make_strategy(spec, num_sites=2)
+    restore_strategy_state(resumed, checkpoint.strategy_state)
+    assert same(train_round(resumed, 2, checkpoint.weights, seed=2), train_round(running, 2, weights, seed=2))

@@ -44,6 +44,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are for others to read (a model, metrics)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -92,6 +93,9 @@ def save_checkpoint(out: Path, checkpoint: Checkpoint, keep: int) -> Path:
         "format": _CHECKPOINT_FORMAT,
         "round": str(checkpoint.round),
         "history": json.dumps(checkpoint.history),
+        # safetensors lists tensors sorted by name; strategies pair arrays by position
+        # (FedAvgM's momentum), so the checkpoint keeps the order they were saved in.
+        "order": json.dumps([*checkpoint.weights, *checkpoint.strategy_state]),
     }
     path = _checkpoint_path(out, checkpoint.round)
     write_atomic(path, safetensors.numpy.save(tensors, metadata=metadata))
@@ -106,10 +110,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         metadata = f.metadata() or {}
         if metadata.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a Bouquet checkpoint")
-        weights, state = {}, {}
-        for key in f.keys():
-            group, _, name = key.partition(".")
-            (weights if group == "model" else state)[name] = f.get_tensor(key)
+        tensors = {key.partition(".")[2]: (key.partition(".")[0], f.get_tensor(key)) for key in f.keys()}
+    weights, state = {}, {}
+    for name in json.loads(metadata["order"]):
+        group, tensor = tensors[name]
+        (weights if group == "model" else state)[name] = tensor
     return Checkpoint(int(metadata["round"]), weights, state, json.loads(metadata["history"]))
 
 

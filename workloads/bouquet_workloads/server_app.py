@@ -65,7 +65,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
         weights, history, first = state_arrays(model), [], 1
     else:
         restore_strategy_state(strategy, checkpoint.strategy_state)
-        weights, history, first = checkpoint.weights, checkpoint.history, checkpoint.round + 1
+        weights, history, first = _in_model_order(checkpoint.weights, model), checkpoint.history, checkpoint.round + 1
         log.info("resuming %s from the checkpoint of round %d", job["metadata"]["name"], checkpoint.round)
     test_data = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test if "dataset" in spec else None
 
@@ -138,6 +138,18 @@ def _round(grid: Grid, strategy, spec: Mapping, weights: dict, round_: int, out:
         "bytesReceived": received,
         "finishedAt": _now(),
     }
+
+
+def _in_model_order(weights: Mapping[str, np.ndarray], model) -> dict[str, np.ndarray]:
+    """The checkpoint's weights in the model's state_dict order (strategies and sites pair
+    arrays by position); a checkpoint of another model is refused."""
+    expected = {k: tuple(v.shape) for k, v in state_arrays(model).items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if found != expected:
+        raise ValueError(
+            f"the checkpoint holds another model's weights ({sorted(found.items())}), not this job's ({sorted(expected.items())})"
+        )
+    return {k: weights[k] for k in expected}
 
 
 def _feature_names(spec: Mapping) -> list[str]:
