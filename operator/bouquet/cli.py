@@ -6,9 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from bouquet_workloads.task import DataError
 
-from . import flower, jobfile, local
+from . import flower, jobfile, local, tls
+from .render import DEFAULT_IMAGE, Settings, server_hostnames
+from .render import render as render_job
 from .schema import InvalidJob
 from .server import RunFailed, serve
 from .site import exec_site
@@ -48,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     site.add_argument("--ca", type=Path, metavar="FILE", help="the job's CA certificate (required unless the job disables TLS)")
     site.add_argument("--runtime-port", type=int, default=9094, help="local port of the site's app runtime (default: %(default)s)")
 
+    share = commands.add_parser("share", help="write one site's share of the built-in dataset (a site pod's init step)")
+    share.add_argument("job", type=Path, metavar="JOB.yaml")
+    share.add_argument("--site", required=True, help="the site's name in the job")
+    share.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write <site>.csv to")
+
+    render = commands.add_parser("render", help="print the Kubernetes objects the operator creates for a job")
+    render.add_argument("job", type=Path, metavar="JOB.yaml")
+    render.add_argument("--image", default=DEFAULT_IMAGE, help="the workloads image (default: %(default)s)")
+    render.add_argument("--namespace", default="default", help="namespace of the job, unless its file names one (default: %(default)s)")
+
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args.jobs)
@@ -60,13 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidJob as error:
         _print_invalid(args.job, error)
         return 1
+    if args.command == "render":
+        job["metadata"].setdefault("namespace", args.namespace)
+        bundle = tls.issue(job["metadata"]["name"], server_hostnames(job)) if job["spec"]["security"]["tls"]["mode"] == "Auto" else None
+        print(yaml.safe_dump_all(render_job(job, Settings(args.image, bundle)), sort_keys=False), end="")
+        return 0
+    if args.command == "share":
+        names = [s["name"] for s in job["spec"]["sites"] if "data" not in s]
+        if args.site not in names:
+            parser.error(
+                f"--site: {args.site!r} is not a site of the job that takes a share of spec.dataset ({', '.join(names) or 'none'})"
+            )
+        local.write_builtin_shares(job, args.out, only=args.site)
+        return 0
     tls_on = job["spec"]["security"]["tls"]["mode"] != "Disabled"
     if args.command == "server":
         if tls_on and args.tls_dir is None:
             parser.error("--tls-dir is required: the job's spec.security.tls.mode is not Disabled")
-        tls = flower.Tls(args.tls_dir / "ca.crt", args.tls_dir / "tls.crt", args.tls_dir / "tls.key") if tls_on else flower.Tls()
+        server_tls = flower.Tls(args.tls_dir / "ca.crt", args.tls_dir / "tls.crt", args.tls_dir / "tls.key") if tls_on else flower.Tls()
         try:
-            serve(job, args.out, tls, args.port, args.host, args.metrics_port)
+            serve(job, args.out, server_tls, args.port, args.host, args.metrics_port)
         except (flower.LaunchError, RunFailed) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

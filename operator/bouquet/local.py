@@ -117,10 +117,11 @@ def _check_same_job(paths: Paths, job: dict) -> None:
         )
 
 
-def write_builtin_shares(job: dict, directory: Path) -> dict[str, Path]:
-    """Writes each data-less site's share of the built-in dataset to a file of its own."""
+def write_builtin_shares(job: dict, directory: Path, only: str | None = None) -> dict[str, Path]:
+    """Writes each data-less site's share of the built-in dataset (or only the named
+    site's) to a file of its own, <site>.csv."""
     spec = job["spec"]
-    takers = [s["name"] for s in spec["sites"] if "data" not in s]
+    takers = [s["name"] for s in spec["sites"] if "data" not in s and only in (None, s["name"])]
     if not takers:
         return {}
     split = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"])

@@ -1,0 +1,138 @@
+"""render(job): every child object of a FederatedJob, as a pure function. Golden files hold
+the full output for the examples; regenerate them after an intended change with
+BOUQUET_UPDATE_GOLDEN=1 and review the diff."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bouquet import cli, jobfile
+from bouquet.render import GPU_TOLERATION, Settings, render
+from bouquet.tls import Bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+SETTINGS = Settings(image="bouquet-workloads:test", tls=Bundle(b"CA PEM", b"CERT PEM", b"KEY PEM"))
+
+
+def example(name: str) -> dict:
+    job = jobfile.load(ROOT / "examples" / f"{name}.yaml")
+    job["metadata"]["namespace"] = "hospitals"
+    return job
+
+
+def by_kind(children: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+@pytest.mark.parametrize("name", ["breast-cancer", "sleep-quality"])
+def test_examples_render_as_their_golden_files(name):
+    rendered = render(example(name), SETTINGS)
+    golden = GOLDEN / f"{name}.yaml"
+    if os.environ.get("BOUQUET_UPDATE_GOLDEN"):
+        golden.write_text(yaml.safe_dump_all(rendered, sort_keys=False))
+    assert rendered == list(yaml.safe_load_all(golden.read_text()))
+
+
+def test_render_is_pure():
+    job = example("breast-cancer")
+    before = copy.deepcopy(job)
+    first = render(job, SETTINGS)
+    first[0]["metadata"]["name"] = "changed"
+    assert render(job, SETTINGS) != first and job == before
+
+
+def test_children_of_a_live_job_are_owned_by_it():
+    job = example("breast-cancer")
+    assert all("ownerReferences" not in c["metadata"] for c in render(job, SETTINGS))
+    job["metadata"]["uid"] = "1234"
+    for child in render(job, SETTINGS):
+        [owner] = child["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "bouquet.dev/v1alpha1",
+            "kind": "FederatedJob",
+            "name": "breast-cancer",
+            "uid": "1234",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard():
+    for child in render(example("breast-cancer"), SETTINGS):
+        if child["kind"] not in ("Deployment", "Job"):
+            continue
+        pod = child["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"] + pod.get("initContainers", []):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_a_gpu_site_gets_gpu_limits_and_the_gpu_toleration():
+    job = example("breast-cancer")
+    job["spec"]["sites"][1]["gpus"] = 2
+    job["spec"]["sites"][1]["nodeSelector"] = {"accelerator": "a100"}
+    children = by_kind(render(job, SETTINGS))
+    gpu_pod = children[("Job", "breast-cancer-hospital-b")]["spec"]["template"]["spec"]
+    assert gpu_pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2}
+    assert gpu_pod["tolerations"] == [GPU_TOLERATION]
+    assert gpu_pod["nodeSelector"] == {"accelerator": "a100"}
+    cpu_pod = children[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]
+    assert "resources" not in cpu_pod["containers"][0] and "tolerations" not in cpu_pod
+
+
+def test_a_site_with_its_own_claim_mounts_it_read_only():
+    job = example("breast-cancer")
+    job["spec"]["task"]["features"] = ["mean_radius"]
+    job["spec"]["sites"][0]["data"] = {"path": "records/2026.parquet", "claimName": "records"}
+    pod = by_kind(render(job, SETTINGS))[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "records", "readOnly": True}} in pod["volumes"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert pod["containers"][0]["command"][-2:] == ["--data", "/data/records/2026.parquet"]
+    assert "initContainers" not in pod
+
+
+def test_tls_modes():
+    job = example("breast-cancer")
+    assert ("Secret", "breast-cancer-tls") in by_kind(render(job, SETTINGS))
+    job["spec"]["security"]["tls"] = {"mode": "Secret", "secretName": "from-cert-manager"}
+    children = by_kind(render(job, SETTINGS))
+    assert not [k for k in children if k[0] == "Secret"]
+    server = children[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "from-cert-manager"}} in server["volumes"]
+    job["spec"]["security"]["tls"] = {"mode": "Disabled"}
+    server = by_kind(render(job, SETTINGS))[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]
+    assert "--tls-dir" not in server["containers"][0]["command"]
+    assert server["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+
+
+def test_an_existing_output_claim_is_used_not_created():
+    job = example("breast-cancer")
+    job["spec"]["output"]["claimName"] = "models"
+    children = by_kind(render(job, SETTINGS))
+    assert not [k for k in children if k[0] == "PersistentVolumeClaim"]
+    server = children[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]
+    assert {"name": "output", "persistentVolumeClaim": {"claimName": "models"}} in server["volumes"]
+
+
+def test_bouquet_render_prints_what_render_returns(capsys):
+    assert (
+        cli.main(["render", str(ROOT / "examples" / "breast-cancer.yaml"), "--image", "bouquet-workloads:test", "--namespace", "hospitals"])
+        == 0
+    )
+    printed = list(yaml.safe_load_all(capsys.readouterr().out))
+    expected = render(example("breast-cancer"), SETTINGS)
+    # The CLI makes a fresh CA for the job; all else is the same.
+    for document in (printed, expected):
+        document[0].pop("data")
+    assert printed == expected
+    assert all(len(c["metadata"]["name"]) <= 63 for c in printed)
