@@ -170,11 +170,13 @@ def test_server_received_weights_and_metrics_only(run):
     weights = safetensors.numpy.load_file(run.out / "model.safetensors")
     expected_arrays = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in weights.items()}
     entries = [json.loads(line) for line in (run.out / "audit.jsonl").read_text().splitlines()]
-    assert {e["phase"] for e in entries} == {"feature-moments", "train"}
+    assert {e["phase"] for e in entries} == {"feature-moments", "train", "run-finished"}
     for entry in entries:
         assert "error" not in entry, entry
         assert entry["configs"] == {"site": ["name"]}
-        if entry["phase"] == "train":
+        if entry["phase"] == "run-finished":  # an acknowledgement: nothing else
+            assert entry["arrays"] == {} and entry["metrics"] == {}
+        elif entry["phase"] == "train":
             assert entry["arrays"] == {"arrays": expected_arrays}
             assert entry["metrics"] == {"metrics": {"loss": "float", "num-examples": "int"}}
         else:  # per-feature aggregates: one count, and one sum and sum of squares per feature

@@ -118,6 +118,9 @@ def test_killed_server_resumes_from_last_checkpoint(tmp_path):
         restarted = start(["server", *server_args], server_log)
         wait_for(lambda: restarted.poll() is not None, 300, "the restarted server to finish", [server_log, *site_logs])
         assert restarted.returncode == 0, server_log.read_text()[-3000:]
+        # Told that the run is over, each site ends by itself with success (a Job completes).
+        wait_for(lambda: all(s.poll() is not None for s in sites), 60, "the sites to end", site_logs)
+        assert [s.returncode for s in sites] == [0, 0]
     finally:
         for process in [server, *sites]:
             if process.poll() is None:

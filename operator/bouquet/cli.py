@@ -15,7 +15,7 @@ from .render import DEFAULT_IMAGE, Settings, server_hostnames
 from .render import render as render_job
 from .schema import InvalidJob
 from .server import RunFailed, serve
-from .site import exec_site
+from .site import run_site
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or (Path(settings["data"]["path"]) if "data" in settings else None)
     if data is None:
         parser.error(f"--data is required: site {args.site!r} takes a share of the built-in dataset, which `bouquet run` writes out")
-    exec_site(job, args.site, args.server, data, args.ca if tls_on else None, args.runtime_port)
-    return 0
+    return run_site(job, args.site, args.server, data, args.ca if tls_on else None, args.runtime_port)
 
 
 def _validate(paths: list[Path]) -> int:

@@ -104,6 +104,12 @@ class Processes:
         self.running[name] = process
         return process
 
+    def start_attached(self, name: str, command: list[str]) -> subprocess.Popen:
+        """Like start, but the process writes to this process's stdout and stderr."""
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        self.running[name] = process
+        return process
+
     def check(self) -> None:
         """Raises if a process ended on its own."""
         for name, process in self.running.items():

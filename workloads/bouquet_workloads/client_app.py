@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +35,9 @@ from .task import (
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)
+
+# Where `bouquet site` wants a file left when the run is over (unset elsewhere).
+DONE_FILE_VARIABLE = "BOUQUET_SITE_DONE_FILE"
 
 app = ClientApp()
 
@@ -98,9 +102,16 @@ def _reply(message: Message, site: Site, metrics: dict, arrays: dict[str, np.nda
 def query(message: Message, context: Context) -> Message:
     site = Site.from_context(context)
     asked = message.content.config_records["config"]["query"]
-    if asked != "feature-moments":
+    if asked == "feature-moments":
+        content = RecordDict({"moments": MetricRecord(feature_moments(site.data[0])), "site": ConfigRecord({"name": site.name})})
+    elif asked == "run-finished":
+        # `bouquet site` watches for this file, then ends the site (its Kubernetes Job completes).
+        done = os.environ.get(DONE_FILE_VARIABLE)
+        if done:
+            Path(done).touch()
+        content = RecordDict({"site": ConfigRecord({"name": site.name})})
+    else:
         raise ValueError(f"unknown query {asked!r}")
-    content = RecordDict({"moments": MetricRecord(feature_moments(site.data[0])), "site": ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=message)
 
 

@@ -29,6 +29,7 @@ from .task import build_model, evaluate, load_arrays, set_standardization, state
 log = logging.getLogger("bouquet.server")
 
 POLL_SECONDS = 0.2
+FINISH_TIMEOUT_SECONDS = 30
 
 app = ServerApp()
 
@@ -103,6 +104,15 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
         },
     )
     _progress(out, job, "Succeeded", round_=rounds)
+    _tell_sites_the_run_is_over(grid, out)
+
+
+def _tell_sites_the_run_is_over(grid: Grid, out: Path) -> None:
+    """Lets every connected site end (its Kubernetes Job then completes). Best effort: the
+    model is written already, and a site that misses this is stopped with the run."""
+    query = RecordDict({"config": ConfigRecord({"query": "run-finished"})})
+    messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
+    _audit(out, 0, "run-finished", _exchange(grid, messages, FINISH_TIMEOUT_SECONDS))
 
 
 def _round(grid: Grid, strategy, spec: Mapping, weights: dict, round_: int, out: Path) -> tuple[dict, dict]:
