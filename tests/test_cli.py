@@ -19,7 +19,7 @@ from support.prometheus import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").glob("**/*.yaml"))
 
 
 def expected(path: Path) -> tuple[str, str]:

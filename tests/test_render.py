@@ -22,7 +22,7 @@ SETTINGS = Settings(image="bouquet-workloads:test", tls=Bundle(b"CA PEM", b"CERT
 
 def example(name: str) -> dict:
     job = jobfile.load(ROOT / "examples" / f"{name}.yaml")
-    job["metadata"]["namespace"] = "hospitals"
+    job["metadata"].setdefault("namespace", "hospitals")
     return job
 
 
@@ -30,10 +30,10 @@ def by_kind(children: list[dict]) -> dict[tuple[str, str], dict]:
     return {(c["kind"], c["metadata"]["name"]): c for c in children}
 
 
-@pytest.mark.parametrize("name", ["breast-cancer", "sleep-quality"])
+@pytest.mark.parametrize("name", ["breast-cancer", "sleep-quality", "multi-cluster/aggregator", "multi-cluster/hospital-a"])
 def test_examples_render_as_their_golden_files(name):
     rendered = render(example(name), SETTINGS)
-    golden = GOLDEN / f"{name}.yaml"
+    golden = GOLDEN / f"{name.replace('/', '-')}.yaml"
     if os.environ.get("BOUQUET_UPDATE_GOLDEN"):
         golden.write_text(yaml.safe_dump_all(rendered, sort_keys=False))
     assert rendered == list(yaml.safe_load_all(golden.read_text()))
@@ -136,3 +136,31 @@ def test_bouquet_render_prints_what_render_returns(capsys):
         document[0].pop("data")
     assert printed == expected
     assert all(len(c["metadata"]["name"]) <= 63 for c in printed)
+
+
+def kinds(children: list[dict]) -> list[str]:
+    return [c["kind"] for c in children]
+
+
+def test_a_server_only_job_has_no_sites_and_admits_sites_from_anywhere():
+    children = render(example("multi-cluster/aggregator"), SETTINGS)
+    assert kinds(children) == ["Secret", "PersistentVolumeClaim", "ConfigMap", "Deployment", "Service", "NetworkPolicy"]
+    flower_rule = by_kind(children)[("NetworkPolicy", "breast-cancer-server")]["spec"]["ingress"][0]
+    assert "from" not in flower_rule and flower_rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
+    assert by_kind(children)[("Service", "breast-cancer-server")]["spec"]["type"] == "LoadBalancer"
+
+
+def test_a_sites_only_job_dials_the_remote_server_with_its_ca():
+    children = render(example("multi-cluster/hospital-a"), SETTINGS)
+    assert kinds(children) == ["ConfigMap", "Job"]
+    pod = children[1]["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--server") + 1] == "federation.example.org:9092"
+    assert {"name": "tls", "secret": {"secretName": "breast-cancer-ca"}} in pod["volumes"]
+
+
+def test_the_servers_certificate_names_what_sites_dial():
+    from bouquet.render import server_hostnames
+
+    names = server_hostnames(example("multi-cluster/aggregator"))
+    assert "breast-cancer-server.aggregator.svc" in names and "federation.example.org" in names

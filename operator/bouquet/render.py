@@ -5,7 +5,8 @@ and `bouquet render JOB.yaml` prints it, so the two cannot disagree. Nothing her
 a cluster; what render needs from outside (images, the job's TLS material) comes in as
 arguments.
 
-For one job named J:
+For one job named J (mode ServerOnly leaves out the site Jobs; mode SitesOnly keeps only
+the ConfigMap and the site Jobs, which dial remoteServer with the CA in its Secret):
     Secret J-tls            the job's CA and server certificate (tls.mode Auto)
     PersistentVolumeClaim   J-output, unless output.claimName names an existing claim
     ConfigMap J-job         the job itself, for the server and the sites to read
@@ -77,6 +78,7 @@ def server_hostnames(job: Mapping) -> list[str]:
         service,
         "localhost",
         "127.0.0.1",
+        *job["spec"]["server"].get("hostnames", []),
     ]
 
 
@@ -87,14 +89,19 @@ def site_job_name(job: Mapping, site: str) -> str:
 def render(job: Mapping, settings: Settings) -> list[dict]:
     """Every child object of the job, in the order they are best created."""
     spec = job["spec"]
+    server_here, sites_here = spec["mode"] != "SitesOnly", spec["mode"] != "ServerOnly"
     children: list[dict] = []
-    if spec["security"]["tls"]["mode"] == "Auto":
+    if server_here and spec["security"]["tls"]["mode"] == "Auto":
         children.append(tls_secret(job, settings))
-    if "claimName" not in spec["output"]:
+    if server_here and "claimName" not in spec["output"]:
         children.append(output_claim(job))
-    children += [job_config(job), server_deployment(job, settings), server_service(job)]
-    children += [site_job(job, site, settings) for site in spec["sites"]]
-    children.append(network_policy(job, settings))
+    children.append(job_config(job))
+    if server_here:
+        children += [server_deployment(job, settings), server_service(job)]
+    if sites_here:
+        children += [site_job(job, site, settings) for site in spec["sites"]]
+    if server_here:
+        children.append(network_policy(job, settings))
     # Callers get plain objects of their own: no part shared with the job, with this module
     # or between two places (a JSON round trip undoes all sharing, as deepcopy would not).
     return json.loads(json.dumps(children))
@@ -169,8 +176,15 @@ def job_config(job: Mapping) -> dict:
 
 
 def _tls_secret_name(job: Mapping) -> str | None:
-    tls = job["spec"]["security"]["tls"]
-    return {"Auto": names(job)["tls"], "Secret": tls.get("secretName"), "Disabled": None}[tls["mode"]]
+    """The Secret the pods mount for TLS: the job's own, or for sites dialling a server in
+    another cluster, the one holding that server's CA."""
+    spec = job["spec"]
+    tls = spec["security"]["tls"]
+    if tls["mode"] == "Disabled":
+        return None
+    if spec["mode"] == "SitesOnly":
+        return spec["remoteServer"]["caSecretName"]
+    return names(job)["tls"] if tls["mode"] == "Auto" else tls["secretName"]
 
 
 def _image(job: Mapping, settings: Settings, part: str) -> str:
@@ -269,7 +283,10 @@ def server_service(job: Mapping) -> dict:
 def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
     spec = job["spec"]
     volumes, mounts = _volumes(job)
-    server = f"{names(job)['server']}.{job['metadata'].get('namespace', 'default')}.svc:{SERVER_PORT}"
+    if spec["mode"] == "SitesOnly":
+        server = spec["remoteServer"]["address"]
+    else:
+        server = f"{names(job)['server']}.{job['metadata'].get('namespace', 'default')}.svc:{SERVER_PORT}"
     command = ["bouquet", "site", JOB_FILE, "--site", site["name"], "--server", server]
     if _tls_secret_name(job):
         command += ["--ca", f"{TLS_DIR}/ca.crt"]
@@ -339,6 +356,10 @@ def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
 def network_policy(job: Mapping, settings: Settings) -> dict:
     name = job["metadata"]["name"]
     scraper = {"namespaceSelector": dict(settings.metrics_from or {})}
+    # Sites in other clusters reach the server from outside: TLS, not the network, keeps
+    # out whoever lacks the job's CA.
+    sites = [{"podSelector": {"matchLabels": {"bouquet.dev/job": name, "app.kubernetes.io/component": "site"}}}]
+    flower_from = {} if job["spec"]["mode"] == "ServerOnly" else {"from": sites}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -347,10 +368,7 @@ def network_policy(job: Mapping, settings: Settings) -> dict:
             "podSelector": {"matchLabels": {"bouquet.dev/job": name, "app.kubernetes.io/component": "server"}},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {
-                    "from": [{"podSelector": {"matchLabels": {"bouquet.dev/job": name, "app.kubernetes.io/component": "site"}}}],
-                    "ports": [{"port": SERVER_PORT, "protocol": "TCP"}],
-                },
+                {**flower_from, "ports": [{"port": SERVER_PORT, "protocol": "TCP"}]},
                 {"from": [scraper], "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]},
             ],
         },
