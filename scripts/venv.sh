@@ -4,6 +4,7 @@
 # $BOUQUET_CACHE (default ~/.cache/bouquet), so every checkout on this machine shares it
 # and a second call returns at once. The project itself is not installed into it: the
 # Makefile puts operator/ and workloads/ on PYTHONPATH, so checkouts never fight over it.
+# Environments of other lock files that no checkout has used for two weeks are removed.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${BOUQUET_CACHE:-$HOME/.cache/bouquet}
@@ -24,4 +25,12 @@ if [[ ! -f $venv/.complete ]]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/requirements.lock" >&2
     touch "$venv/.complete"
 fi
+# Each use marks the environment as used; those of other lock files unused for two weeks
+# (several GB each) are removed.
+touch "$venv/.complete"
+for old in "$cache"/venv-*; do
+    if [[ $old != "$venv" && -f $old/.complete && -n $(find "$old/.complete" -mtime +14) ]]; then
+        rm -rf "$old"
+    fi
+done
 echo "$venv"
