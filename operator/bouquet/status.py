@@ -1,0 +1,135 @@
+"""A FederatedJob's status, as a pure function of what the operator observes.
+
+The operator observes the job's children (the server Deployment, each site's Job and its
+pods) and the training's progress, and this module turns that into the status it writes:
+phase, conditions in the metav1.Condition shape, rounds, per-site states, metrics, the
+model. Being pure, the same observations always give the same status, which is what lets
+the operator reconcile from scratch after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Condition types, as `kubectl wait --for=condition=<type>` names them.
+READY = "Ready"  # the server is up and every site is running
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+UNSCHEDULABLE = "Unschedulable"
+
+
+@dataclass(frozen=True)
+class Site:
+    """What the operator saw of one site's Job."""
+
+    active: int = 0
+    succeeded: bool = False
+    failed: bool = False
+    unschedulable: str = ""  # the scheduler's message for a pod it cannot place
+
+
+@dataclass(frozen=True)
+class Observation:
+    server_ready: bool = False
+    sites: Mapping[str, Site] = field(default_factory=dict)
+    current_round: int = 0  # the last round that finished
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    model: Mapping | None = None  # set once the final model is written
+    failure: str = ""  # why training failed, if it did
+    deadline_exceeded: bool = False
+
+
+def derive(job: Mapping, seen: Observation, now: str) -> dict:
+    """The status to write for the job, given what was observed at time now (RFC 3339)."""
+    spec, previous = job["spec"], job.get("status", {})
+    generation = job["metadata"].get("generation", 0)
+    rounds = spec["rounds"]
+    phase, reason, message = _phase(spec, seen)
+    status: dict = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "currentRound": seen.current_round,
+        "totalRounds": rounds,
+        "round": f"{seen.current_round}/{rounds}",
+        "sitesReady": sum(1 for s in seen.sites.values() if s.active),
+        "sites": [_site_status(name, seen.sites.get(name, Site())) for name in (s["name"] for s in spec["sites"])],
+    }
+    if seen.metrics:
+        status["metrics"] = dict(seen.metrics)
+    if seen.model:
+        status["model"] = dict(seen.model)
+    start = previous.get("startTime") or (now if phase in ("Running", "Succeeded", "Failed") else None)
+    if start:
+        status["startTime"] = start
+    if phase in ("Succeeded", "Failed"):
+        status["completionTime"] = previous.get("completionTime") or now
+    wanted = {
+        READY: (
+            seen.server_ready and all(s.active for s in seen.sites.values()) and phase == "Running",
+            "Running" if phase == "Running" else phase,
+            message,
+        ),
+        SUCCEEDED: (phase == "Succeeded", reason if phase == "Succeeded" else "NotFinished", message if phase == "Succeeded" else ""),
+        FAILED: (phase == "Failed", reason if phase == "Failed" else "NoFailure", message if phase == "Failed" else ""),
+        SUSPENDED: (phase == "Suspended", "Suspended" if phase == "Suspended" else "NotSuspended", ""),
+    }
+    unschedulable = {name: s.unschedulable for name, s in seen.sites.items() if s.unschedulable}
+    wanted[UNSCHEDULABLE] = (
+        bool(unschedulable),
+        "Unschedulable" if unschedulable else "Scheduled",
+        "; ".join(f"site {name}: {text}" for name, text in sorted(unschedulable.items())),
+    )
+    status["conditions"] = [
+        condition(previous.get("conditions", []), kind, is_true, why, text, generation, now)
+        for kind, (is_true, why, text) in wanted.items()
+    ]
+    return status
+
+
+def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
+    """(phase, reason, message)."""
+    if seen.model:
+        return "Succeeded", "TrainingComplete", f"the final model is written after {spec['rounds']} rounds"
+    if seen.deadline_exceeded:
+        return (
+            "Failed",
+            "DeadlineExceeded",
+            f"the job ran longer than runPolicy.activeDeadlineSeconds ({spec['runPolicy'].get('activeDeadlineSeconds')}s)",
+        )
+    if seen.failure:
+        return "Failed", "TrainingFailed", seen.failure
+    failed = sorted(name for name, s in seen.sites.items() if s.failed)
+    if failed:
+        return "Failed", "SiteFailed", f"site {', '.join(failed)} failed more than runPolicy.backoffLimit times"
+    if spec["runPolicy"]["suspend"]:
+        return "Suspended", "Suspended", "runPolicy.suspend is true"
+    if seen.server_ready:
+        return "Running", "Running", f"round {seen.current_round + 1} of {spec['rounds']}" if seen.current_round < spec["rounds"] else ""
+    return "Pending", "Pending", "waiting for the server"
+
+
+def _site_status(name: str, site: Site) -> dict:
+    if site.succeeded:
+        return {"name": name, "state": "Succeeded"}
+    if site.failed:
+        return {"name": name, "state": "Failed", "message": "failed more than runPolicy.backoffLimit times"}
+    if site.unschedulable:
+        return {"name": name, "state": "Pending", "message": site.unschedulable}
+    return {"name": name, "state": "Running" if site.active else "Pending"}
+
+
+def condition(existing: list[Mapping], kind: str, is_true: bool, reason: str, message: str, generation: int, now: str) -> dict:
+    """A metav1.Condition; its lastTransitionTime changes only when its status does."""
+    status = "True" if is_true else "False"
+    before = next((c for c in existing if c.get("type") == kind), None)
+    moved = before is None or before.get("status") != status
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": now if moved else before["lastTransitionTime"],
+    }

@@ -1,0 +1,91 @@
+"""The job's status as a pure function of observations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bouquet import jobfile
+from bouquet.status import Observation, Site, condition, derive
+
+ROOT = Path(__file__).resolve().parents[1]
+T0, T1 = "2026-11-22T10:00:00Z", "2026-11-22T10:05:00Z"
+
+
+@pytest.fixture
+def job():
+    job = jobfile.load(ROOT / "examples" / "breast-cancer.yaml")
+    job["metadata"]["generation"] = 2
+    return job
+
+
+def conditions(status) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+def running(**changes) -> Observation:
+    sites = {name: Site(active=1) for name in ("hospital-a", "hospital-b", "hospital-c")}
+    return Observation(**{"server_ready": True, "sites": sites, "current_round": 3, "metrics": {"accuracy": 0.95}, **changes})
+
+
+def test_a_new_job_is_pending(job):
+    status = derive(job, Observation(), T0)
+    assert status["phase"] == "Pending" and status["round"] == "0/10" and "startTime" not in status
+    assert conditions(status) == {"Ready": "False", "Succeeded": "False", "Failed": "False", "Suspended": "False", "Unschedulable": "False"}
+
+
+def test_a_running_job_reports_rounds_sites_and_metrics(job):
+    status = derive(job, running(), T0)
+    assert status["phase"] == "Running" and status["round"] == "3/10" and status["sitesReady"] == 3
+    assert status["metrics"] == {"accuracy": 0.95} and status["startTime"] == T0
+    assert conditions(status)["Ready"] == "True"
+    assert status["observedGeneration"] == 2
+    assert all(c["observedGeneration"] == 2 for c in status["conditions"])
+
+
+def test_success_sets_the_condition_kubectl_wait_looks_for(job):
+    model = {"claimName": "breast-cancer-output", "path": "model.safetensors", "sha256": "ab" * 32, "sizeBytes": 100}
+    status = derive(job, running(current_round=10, model=model), T1)
+    assert status["phase"] == "Succeeded" and status["model"] == model and status["completionTime"] == T1
+    assert conditions(status)["Succeeded"] == "True" and conditions(status)["Ready"] == "False"
+
+
+def test_transition_times_move_only_when_a_condition_changes(job):
+    first = derive(job, running(), T0)
+    job["status"] = first
+    again = derive(job, running(current_round=4), T1)
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == [T0] * 5
+    job["status"] = again
+    done = derive(job, running(current_round=10, model={"path": "model.safetensors"}), T1)
+    times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
+    assert times["Succeeded"] == T1 and times["Ready"] == T1 and times["Failed"] == T0
+    assert done["startTime"] == T0
+
+
+def test_an_unschedulable_site_is_a_condition_with_the_schedulers_reason(job):
+    sites = {"hospital-a": Site(unschedulable="0/2 nodes are available: 2 Insufficient nvidia.com/gpu."), "hospital-b": Site(active=1)}
+    status = derive(job, Observation(server_ready=True, sites=sites), T0)
+    [unschedulable] = [c for c in status["conditions"] if c["type"] == "Unschedulable"]
+    assert unschedulable["status"] == "True" and "Insufficient nvidia.com/gpu" in unschedulable["message"]
+    assert status["sites"][0] == {
+        "name": "hospital-a",
+        "state": "Pending",
+        "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+    }
+
+
+def test_suspend_deadline_and_failures(job):
+    job["spec"]["runPolicy"]["suspend"] = True
+    assert derive(job, running(), T0)["phase"] == "Suspended"
+    job["spec"]["runPolicy"]["suspend"] = False
+    late = derive(job, running(deadline_exceeded=True), T0)
+    assert late["phase"] == "Failed" and {c["type"]: c["reason"] for c in late["conditions"]}["Failed"] == "DeadlineExceeded"
+    broken = derive(job, running(sites={"hospital-a": Site(failed=True)}), T0)
+    assert broken["phase"] == "Failed" and "hospital-a" in next(c["message"] for c in broken["conditions"] if c["type"] == "Failed")
+
+
+def test_condition_keeps_its_time_when_unchanged():
+    before = [{"type": "Ready", "status": "True", "lastTransitionTime": T0}]
+    assert condition(before, "Ready", True, "Running", "", 1, T1)["lastTransitionTime"] == T0
+    assert condition(before, "Ready", False, "Pending", "", 1, T1)["lastTransitionTime"] == T1
