@@ -84,6 +84,8 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
             )
             processes.start(f"site-{site['name']}", command)
         server.submit()
+        say(f"server up on {server.address} (TLS: {'on' if tls_files.enabled else 'off'}); {len(job['spec']['sites'])} sites started; "
+            "the sites share feature statistics, then round 1 begins")  # fmt: skip
         server.follow(say, started)
     finally:
         processes.stop()
