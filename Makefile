@@ -15,12 +15,15 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint venv debian-packages bench-local
+.PHONY: help run test lint venv debian-packages cluster-build cluster cluster-down bench-local bench-operator
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
 	@echo "make test   run the whole test suite"
+	@echo "make cluster      start a Kubernetes control plane on loopback; prints export KUBECONFIG=..."
+	@echo "make cluster-down stop it and remove its state"
 	@echo "make bench-local  time a local run of $(JOB) and print figures"
+	@echo "make bench-operator  time the operator on the test control plane and print figures"
 
 venv:
 	@scripts/venv.sh >/dev/null
@@ -31,7 +34,18 @@ debian-packages:
 run: venv
 	$(PYTHON) -m bouquet run $(JOB)
 
-test: lint debian-packages
+# The control plane is built once (tens of minutes on two cores) and cached; the tests start
+# and stop a cluster of their own.
+cluster-build:
+	@scripts/cluster/build.sh >/dev/null
+
+cluster:
+	@scripts/cluster/up.sh
+
+cluster-down:
+	@scripts/cluster/down.sh
+
+test: lint debian-packages cluster-build
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -40,3 +54,6 @@ lint: venv
 
 bench-local: venv
 	$(PYTHON) benchmarks/local_run.py $(JOB)
+
+bench-operator: venv cluster-build
+	$(PYTHON) benchmarks/operator.py

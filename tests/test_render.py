@@ -52,6 +52,8 @@ def test_children_of_a_live_job_are_owned_by_it():
     assert all("ownerReferences" not in c["metadata"] for c in render(job, SETTINGS))
     job["metadata"]["uid"] = "1234"
     for child in render(job, SETTINGS):
+        if child["kind"] == "PersistentVolumeClaim":
+            continue  # retained: see test_the_output_claim_outlives_the_job_unless_told
         [owner] = child["metadata"]["ownerReferences"]
         assert owner == {
             "apiVersion": "bouquet.dev/v1alpha1",
@@ -144,7 +146,17 @@ def kinds(children: list[dict]) -> list[str]:
 
 def test_a_server_only_job_has_no_sites_and_admits_sites_from_anywhere():
     children = render(example("multi-cluster/aggregator"), SETTINGS)
-    assert kinds(children) == ["Secret", "PersistentVolumeClaim", "ConfigMap", "Deployment", "Service", "NetworkPolicy"]
+    assert kinds(children) == [
+        "Secret",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "NetworkPolicy",
+    ]
     flower_rule = by_kind(children)[("NetworkPolicy", "breast-cancer-server")]["spec"]["ingress"][0]
     assert "from" not in flower_rule and flower_rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
     assert by_kind(children)[("Service", "breast-cancer-server")]["spec"]["type"] == "LoadBalancer"
@@ -156,7 +168,75 @@ def test_a_sites_only_job_dials_the_remote_server_with_its_ca():
     pod = children[1]["spec"]["template"]["spec"]
     command = pod["containers"][0]["command"]
     assert command[command.index("--server") + 1] == "federation.example.org:9092"
-    assert {"name": "tls", "secret": {"secretName": "breast-cancer-ca"}} in pod["volumes"]
+    assert {"name": "tls", "secret": {"secretName": "breast-cancer-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in pod["volumes"]
+
+
+def test_sites_get_the_ca_certificate_and_never_the_servers_key():
+    children = by_kind(render(example("breast-cancer"), SETTINGS))
+    site_volumes = children[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]["volumes"]
+    server_volumes = children[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tls", "secret": {"secretName": "breast-cancer-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in site_volumes
+    assert {"name": "tls", "secret": {"secretName": "breast-cancer-tls"}} in server_volumes
+
+
+def test_the_output_claim_outlives_the_job_unless_told():
+    job = example("breast-cancer")
+    job["metadata"]["uid"] = "1234"
+    assert "ownerReferences" not in by_kind(render(job, SETTINGS))[("PersistentVolumeClaim", "breast-cancer-output")]["metadata"]
+    job["spec"]["output"]["reclaimPolicy"] = "Delete"
+    [owner] = by_kind(render(job, SETTINGS))[("PersistentVolumeClaim", "breast-cancer-output")]["metadata"]["ownerReferences"]
+    assert owner["uid"] == "1234"
+
+
+def test_the_server_may_patch_only_its_own_jobs_status():
+    children = by_kind(render(example("breast-cancer"), SETTINGS))
+    [rule] = children[("Role", "breast-cancer-server")]["rules"]
+    assert rule == {
+        "apiGroups": ["bouquet.dev"],
+        "resources": ["federatedjobs/status"],
+        "resourceNames": ["breast-cancer"],
+        "verbs": ["get", "patch"],
+    }
+    binding = children[("RoleBinding", "breast-cancer-server")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "breast-cancer-server", "namespace": "hospitals"}]
+    pod = children[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "breast-cancer-server" and "--report-status" in pod["containers"][0]["command"]
+
+
+def server_and_sites(job):
+    children = by_kind(render(job, SETTINGS))
+    replicas = children[("Deployment", "breast-cancer-server")]["spec"]["replicas"]
+    return replicas, [c["spec"]["suspend"] for c in children.values() if c["kind"] == "Job"]
+
+
+def test_suspension_and_the_end_of_a_job_stop_its_pods():
+    job = example("breast-cancer")
+    assert server_and_sites(job) == (1, [False] * 3)
+    job["spec"]["runPolicy"]["suspend"] = True
+    assert server_and_sites(job) == (0, [True] * 3)
+    job["spec"]["runPolicy"]["suspend"] = False
+    job["status"] = {"phase": "Succeeded"}
+    assert server_and_sites(job) == (0, [False] * 3), "the sites end by themselves: their Jobs complete"
+    job["status"] = {"phase": "Failed"}
+    assert server_and_sites(job) == (0, [True] * 3)
+
+
+def test_a_changed_spec_restarts_the_pods_and_suspending_does_not():
+    job = example("breast-cancer")
+
+    def hashes(job):
+        children = render(job, SETTINGS)
+        return {
+            c["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/spec-hash"]
+            for c in children
+            if c["kind"] in ("Job", "Deployment")
+        }
+
+    [first] = hashes(job)
+    job["spec"]["runPolicy"]["suspend"] = True
+    assert hashes(job) == {first}
+    job["spec"]["rounds"] = 11
+    assert hashes(job) != {first}
 
 
 def test_the_servers_certificate_names_what_sites_dial():

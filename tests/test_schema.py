@@ -134,7 +134,7 @@ def test_a_defaulted_object_gets_the_defaults_of_its_fields(job):
     assert spec["task"]["model"] == {"mlp": {"hiddenSizes": [64, 32]}}
     assert spec["task"]["training"]["optimizer"] == "SGD"
     assert spec["security"] == {"tls": {"mode": "Auto"}}
-    assert spec["output"] == {"size": "1Gi", "checkpointsToKeep": 3}
+    assert spec["output"] == {"size": "1Gi", "checkpointsToKeep": 3, "reclaimPolicy": "Retain"}
     assert spec["runPolicy"] == {"suspend": False, "backoffLimit": 3}
     assert spec["server"] == {"serviceType": "ClusterIP"}
 

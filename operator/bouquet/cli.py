@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from pathlib import Path
 
@@ -43,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument(
         "--tls-dir", type=Path, metavar="DIR", help="folder with ca.crt, tls.crt and tls.key (required unless the job disables TLS)"
     )
+    server.add_argument(
+        "--report-status",
+        action="store_true",
+        help="in a pod: report each round to the FederatedJob's status.progress with the pod's service account",
+    )
 
     site = commands.add_parser("site", help="run one site of a job in the foreground (a site pod's entrypoint)")
     site.add_argument("job", type=Path, metavar="JOB.yaml")
@@ -57,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     share.add_argument("--site", required=True, help="the site's name in the job")
     share.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write <site>.csv to")
 
+    operator = commands.add_parser("operator", help="run the FederatedJob operator against the cluster of $KUBECONFIG (or in a pod)")
+    operator.add_argument(
+        "--namespace", action="append", default=[], metavar="NS", help="watch only this namespace (repeatable; default: all namespaces)"
+    )
+    operator.add_argument("--image", default=DEFAULT_IMAGE, help="the workloads image for jobs that name none (default: %(default)s)")
+    operator.add_argument("--port", type=int, default=8080, help="port of /metrics and /healthz; 0 for none (default: %(default)s)")
+    operator.add_argument("--resync-seconds", type=float, default=60.0, metavar="S", help="look at every job at least this often")
+    operator.add_argument("--workers", type=int, default=4, help="jobs reconciled at once (default: %(default)s)")
+    operator.add_argument(
+        "--metrics-namespace-selector",
+        type=json.loads,
+        metavar="JSON",
+        help='labels of the namespace whose pods may scrape job metrics, e.g. \'{"matchLabels": {"name": "monitoring"}}\' (default: any)',
+    )
     render = commands.add_parser("render", help="print the Kubernetes objects the operator creates for a job")
     render.add_argument("job", type=Path, metavar="JOB.yaml")
     render.add_argument("--image", default=DEFAULT_IMAGE, help="the workloads image (default: %(default)s)")
@@ -69,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.metrics_port <= 65535:
             parser.error(f"--metrics-port: {args.metrics_port} is not a port number (1-65535)")
         return _run(args.job, args.out, args.metrics_port)
+    if args.command == "operator":
+        return _operator(args)
     try:
         job = jobfile.load(args.job)
     except InvalidJob as error:
@@ -93,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--tls-dir is required: the job's spec.security.tls.mode is not Disabled")
         server_tls = flower.Tls(args.tls_dir / "ca.crt", args.tls_dir / "tls.crt", args.tls_dir / "tls.key") if tls_on else flower.Tls()
         try:
-            serve(job, args.out, server_tls, args.port, args.host, args.metrics_port)
+            serve(job, args.out, server_tls, args.port, args.host, args.metrics_port, report_status=args.report_status)
         except (flower.LaunchError, RunFailed) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -148,3 +171,21 @@ def _print_invalid(path: Path, error: InvalidJob) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _operator(args) -> int:
+    import kopf
+
+    from . import controller
+
+    controller.configured = controller.Config(
+        image=args.image,
+        metrics_from=args.metrics_namespace_selector,
+        resync_seconds=args.resync_seconds,
+        workers=args.workers,
+        port=args.port,
+    )
+    logging.getLogger().handlers.clear()  # kopf's format only (an imported module may have set one)
+    kopf.configure(verbose=False)
+    kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True)
+    return 0

@@ -8,17 +8,25 @@ arguments.
 For one job named J (mode ServerOnly leaves out the site Jobs; mode SitesOnly keeps only
 the ConfigMap and the site Jobs, which dial remoteServer with the CA in its Secret):
     Secret J-tls            the job's CA and server certificate (tls.mode Auto)
-    PersistentVolumeClaim   J-output, unless output.claimName names an existing claim
+    PersistentVolumeClaim   J-output, unless output.claimName names an existing claim; owned
+                            by the job only with output.reclaimPolicy Delete
+    ServiceAccount, Role and RoleBinding J-server
+                            the server's identity: get and patch the job's own status
     ConfigMap J-job         the job itself, for the server and the sites to read
     Deployment J-server     one replica, Recreate: the SuperLink and the ServerApp
     Service J-server        the port sites dial, and the metrics port
     Job J-<site>            one per site: its SuperNode and ClientApp
     NetworkPolicy J-server  only the job's sites (and the metrics scraper) reach the server
+
+The job's status takes part only where Kubernetes' own controllers need telling: once the
+job has succeeded or failed, or while runPolicy.suspend is true, the server Deployment has
+no replica; while suspended or failed, the site Jobs are suspended too (their pods stop).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +54,21 @@ POD_SECURITY = {
 }
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+# The (apiVersion, kind) of every object render may return.
+CHILD_KINDS = (
+    ("v1", "Secret"),
+    ("v1", "PersistentVolumeClaim"),
+    ("v1", "ConfigMap"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("batch/v1", "Job"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +120,7 @@ def render(job: Mapping, settings: Settings) -> list[dict]:
         children.append(output_claim(job))
     children.append(job_config(job))
     if server_here:
-        children += [server_deployment(job, settings), server_service(job)]
+        children += [*server_identity(job), server_deployment(job, settings), server_service(job)]
     if sites_here:
         children += [site_job(job, site, settings) for site in spec["sites"]]
     if server_here:
@@ -107,13 +130,33 @@ def render(job: Mapping, settings: Settings) -> list[dict]:
     return json.loads(json.dumps(children))
 
 
-def _metadata(job: Mapping, name: str, component: str, extra_labels: Mapping | None = None) -> dict:
+def server_replicas(job: Mapping) -> int:
+    """1 while the server has work to do; 0 once the job has ended or while it is suspended."""
+    ended = job.get("status", {}).get("phase") in ("Succeeded", "Failed")
+    return 0 if ended or job["spec"]["runPolicy"]["suspend"] else 1
+
+
+def sites_suspended(job: Mapping) -> bool:
+    """Whether the site Jobs are suspended: while the job is, and once it has failed (a
+    deadline, a failed site), so that no site pod runs on."""
+    return job["spec"]["runPolicy"]["suspend"] or job.get("status", {}).get("phase") == "Failed"
+
+
+def spec_hash(job: Mapping) -> str:
+    """A digest of what the pods run, set on their templates so that a changed spec
+    restarts them (they read the job from a ConfigMap, which Kubernetes does not watch).
+    runPolicy is left out: suspending a job must not count as changing it."""
+    spec = {k: v for k, v in job["spec"].items() if k != "runPolicy"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _metadata(job: Mapping, name: str, component: str, extra_labels: Mapping | None = None, owned: bool = True) -> dict:
     metadata = {
         "name": name,
         "namespace": job["metadata"].get("namespace", "default"),
         "labels": {**labels(job, component), **(extra_labels or {})},
     }
-    if "uid" in job["metadata"]:  # a live object: the children are its own, and go with it
+    if owned and "uid" in job["metadata"]:  # a live object: the children are its own, and go with it
         metadata["ownerReferences"] = [
             {
                 "apiVersion": API_VERSION,
@@ -155,7 +198,45 @@ def output_claim(job: Mapping) -> dict:
     spec: dict = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": output["size"]}}}
     if "storageClassName" in output:
         spec["storageClassName"] = output["storageClassName"]
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _metadata(job, names(job)["output"], "output"), "spec": spec}
+    # Retained, the claim outlives the job (no owner reference for the garbage collector to
+    # follow), and the model with it.
+    owned = output["reclaimPolicy"] == "Delete"
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(job, names(job)["output"], "output", owned=owned),
+        "spec": spec,
+    }
+
+
+def server_identity(job: Mapping) -> list[dict]:
+    """The server pod's service account, allowed to read and patch its own job's status and
+    nothing else: how round progress reaches the status (see progress.py)."""
+    name = names(job)["server"]
+    role = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(job, name, "server"), "automountServiceAccountToken": False},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(job, name, "server"),
+            "rules": [
+                {
+                    "apiGroups": [API_VERSION.split("/")[0]],
+                    "resources": ["federatedjobs/status"],
+                    "resourceNames": [job["metadata"]["name"]],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(job, name, "server"),
+            "roleRef": role,
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job["metadata"].get("namespace", "default")}],
+        },
+    ]
 
 
 def job_config(job: Mapping) -> dict:
@@ -197,20 +278,24 @@ def _placement(source: Mapping) -> dict:
     return {k: source[k] for k in ("nodeSelector", "tolerations", "affinity") if k in source}
 
 
-def _volumes(job: Mapping) -> tuple[list[dict], list[dict]]:
-    """The job file and TLS volumes every Bouquet pod mounts, and their mounts."""
+def _volumes(job: Mapping, server: bool) -> tuple[list[dict], list[dict]]:
+    """The job file and TLS volumes every Bouquet pod mounts, and their mounts. Sites get
+    only the CA certificate: the server's key stays with the server."""
     volumes = [{"name": "job", "configMap": {"name": names(job)["config"]}}, {"name": "tmp", "emptyDir": {}}]
     mounts = [{"name": "job", "mountPath": "/etc/bouquet/job", "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]
     secret = _tls_secret_name(job)
     if secret:
-        volumes.append({"name": "tls", "secret": {"secretName": secret}})
+        source: dict = {"secretName": secret}
+        if not server:
+            source["items"] = [{"key": "ca.crt", "path": "ca.crt"}]
+        volumes.append({"name": "tls", "secret": source})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     return volumes, mounts
 
 
 def server_deployment(job: Mapping, settings: Settings) -> dict:
     spec = job["spec"]
-    volumes, mounts = _volumes(job)
+    volumes, mounts = _volumes(job, server=True)
     volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": names(job)["output"]}})
     mounts.append({"name": "output", "mountPath": OUTPUT_DIR})
     command = [
@@ -225,6 +310,7 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
         str(SERVER_PORT),
         "--metrics-port",
         str(METRICS_PORT),
+        "--report-status",
     ]
     if _tls_secret_name(job):
         command += ["--tls-dir", TLS_DIR]
@@ -247,16 +333,17 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
         "kind": "Deployment",
         "metadata": _metadata(job, names(job)["server"], "server"),
         "spec": {
-            "replicas": 1,
+            "replicas": server_replicas(job),
             "strategy": {"type": "Recreate"},  # one server at a time: it owns the output volume
             "selector": {"matchLabels": {"bouquet.dev/job": job["metadata"]["name"], "app.kubernetes.io/component": "server"}},
             "template": {
-                "metadata": {"labels": pod_labels},
+                "metadata": {"labels": pod_labels, "annotations": {"bouquet.dev/spec-hash": spec_hash(job)}},
                 "spec": {
+                    "serviceAccountName": names(job)["server"],
                     "containers": [container],
                     "volumes": volumes,
                     "securityContext": POD_SECURITY,
-                    "automountServiceAccountToken": False,
+                    "automountServiceAccountToken": True,  # to report progress to the job's status
                     **_placement(spec["server"]),
                 },
             },
@@ -282,7 +369,7 @@ def server_service(job: Mapping) -> dict:
 
 def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
     spec = job["spec"]
-    volumes, mounts = _volumes(job)
+    volumes, mounts = _volumes(job, server=False)
     if spec["mode"] == "SitesOnly":
         server = spec["remoteServer"]["address"]
     else:
@@ -348,7 +435,11 @@ def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
         "metadata": _metadata(job, site_job_name(job, site["name"]), "site", site_labels),
         "spec": {
             "backoffLimit": spec["runPolicy"]["backoffLimit"],
-            "template": {"metadata": {"labels": {**labels(job, "site"), **site_labels}}, "spec": pod_spec},
+            "suspend": sites_suspended(job),
+            "template": {
+                "metadata": {"labels": {**labels(job, "site"), **site_labels}, "annotations": {"bouquet.dev/spec-hash": spec_hash(job)}},
+                "spec": pod_spec,
+            },
         },
     }
 

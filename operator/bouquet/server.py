@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bouquet_workloads import outputs
 
-from . import flower
+from . import flower, progress
 
 START_SECONDS = 60
 POLL_SECONDS = 1.0
@@ -97,14 +97,25 @@ def clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def serve(job: dict, out: Path, tls: flower.Tls, port: int, host: str, metrics_port: int, say: Callable[[str], None] = print) -> None:
+def serve(
+    job: dict,
+    out: Path,
+    tls: flower.Tls,
+    port: int,
+    host: str,
+    metrics_port: int,
+    say: Callable[[str], None] = print,
+    report_status: bool = False,
+) -> None:
     """`bouquet server`: runs the job's server in the foreground until the run ends,
-    serving the job's metrics meanwhile. Restarted on the same output directory, it
-    continues from the last checkpoint."""
+    serving the job's metrics meanwhile (and, in a pod, reporting each round to the
+    FederatedJob's status). Restarted on the same output directory, it continues from the
+    last checkpoint."""
     from bouquet_workloads import metrics
 
     namespace = job["metadata"].get("namespace", "local")
     metrics_server, _ = metrics.serve(out, namespace, job["metadata"]["name"], metrics_port, host)
+    reporter = progress.Reporter.in_cluster(out, namespace, job["metadata"]["name"]).start() if report_status else None
     processes = flower.Processes(out / "logs")
     started = time.monotonic()
     try:
@@ -116,3 +127,5 @@ def serve(job: dict, out: Path, tls: flower.Tls, port: int, host: str, metrics_p
     finally:
         processes.stop()
         metrics_server.shutdown()
+        if reporter:
+            reporter.stop()

@@ -33,11 +33,12 @@ class Site:
 @dataclass(frozen=True)
 class Observation:
     server_ready: bool = False
+    server_unschedulable: str = ""  # the scheduler's message for a server pod it cannot place
     sites: Mapping[str, Site] = field(default_factory=dict)
     current_round: int = 0  # the last round that finished
     metrics: Mapping[str, float] = field(default_factory=dict)
     model: Mapping | None = None  # set once the final model is written
-    failure: str = ""  # why training failed, if it did
+    failure: str = ""  # why training failed, if it did (the server's report, or its restarts)
     deadline_exceeded: bool = False
 
 
@@ -60,7 +61,9 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
         status["metrics"] = dict(seen.metrics)
     if seen.model:
         status["model"] = dict(seen.model)
-    start = previous.get("startTime") or (now if phase in ("Running", "Succeeded", "Failed") else None)
+    # As for a Kubernetes Job, a suspended job has no start time, and one that resumes
+    # starts again: runPolicy.activeDeadlineSeconds counts from it.
+    start = None if phase == "Suspended" else previous.get("startTime") or (now if phase in ("Running", "Succeeded", "Failed") else None)
     if start:
         status["startTime"] = start
     if phase in ("Succeeded", "Failed"):
@@ -75,12 +78,10 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
         FAILED: (phase == "Failed", reason if phase == "Failed" else "NoFailure", message if phase == "Failed" else ""),
         SUSPENDED: (phase == "Suspended", "Suspended" if phase == "Suspended" else "NotSuspended", ""),
     }
-    unschedulable = {name: s.unschedulable for name, s in seen.sites.items() if s.unschedulable}
-    wanted[UNSCHEDULABLE] = (
-        bool(unschedulable),
-        "Unschedulable" if unschedulable else "Scheduled",
-        "; ".join(f"site {name}: {text}" for name, text in sorted(unschedulable.items())),
-    )
+    unschedulable = [f"site {name}: {s.unschedulable}" for name, s in sorted(seen.sites.items()) if s.unschedulable]
+    if seen.server_unschedulable:
+        unschedulable.insert(0, f"server: {seen.server_unschedulable}")
+    wanted[UNSCHEDULABLE] = (bool(unschedulable), "Unschedulable" if unschedulable else "Scheduled", "; ".join(unschedulable))
     status["conditions"] = [
         condition(previous.get("conditions", []), kind, is_true, why, text, generation, now)
         for kind, (is_true, why, text) in wanted.items()
@@ -92,6 +93,8 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
     """(phase, reason, message)."""
     if seen.model:
         return "Succeeded", "TrainingComplete", f"the final model is written after {spec['rounds']} rounds"
+    if spec["mode"] == "SitesOnly" and seen.sites and all(s.succeeded for s in seen.sites.values()):
+        return "Succeeded", "SitesComplete", "every site finished its part of the run (the model is the remote server's)"
     if seen.deadline_exceeded:
         return (
             "Failed",

@@ -1,0 +1,124 @@
+"""The operator's speed and memory on a real control plane (scripts/cluster), printed.
+
+    python benchmarks/operator.py [--jobs 20] [--live 100]
+
+1. Time from `kubectl apply` of a job to every one of its children created (the Secret,
+   claim, ConfigMap, service account, Role, RoleBinding, Deployment, Service, NetworkPolicy
+   and one Job per site): median and p95 over --jobs jobs applied one after another.
+2. The operator's resident memory with --live jobs live, once every one has its children.
+
+The operator runs as `bouquet operator` in a process of its own; the control plane is
+started for the benchmark and stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "operator"))
+sys.path.insert(0, str(ROOT / "workloads"))
+
+from bouquet import kube  # noqa: E402
+from bouquet.render import CHILD_KINDS, Settings, render  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
+
+
+def kubectl(kubeconfig: str, *args: str, input: str | None = None) -> str:
+    return subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], check=True, capture_output=True, text=True, input=input).stdout
+
+
+def job(name: str) -> dict:
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["metadata"] = {"name": name, "namespace": "bench"}
+    return document
+
+
+def expected_count(document: dict) -> int:
+    from bouquet import tls
+    from bouquet.schema import apply_defaults
+
+    bundle = tls.Bundle(b"", b"", b"")
+    return len(render(apply_defaults(document), Settings("image", bundle)))
+
+
+def children_of(client: kube.Client, name: str) -> int:
+    return sum(len(client.list(v, k, "bench", f"bouquet.dev/job={name}")) for v, k in CHILD_KINDS)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=20, help="jobs timed one after another (default: %(default)s)")
+    parser.add_argument("--live", type=int, default=100, help="jobs live when the memory is read (default: %(default)s)")
+    args = parser.parse_args()
+
+    state = Path(tempfile.mkdtemp(prefix="bouquet-bench-")) / "cluster"
+    up = subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "up.sh"), str(state)], capture_output=True, text=True)
+    if up.returncode:
+        print(up.stderr, file=sys.stderr)
+        return 1
+    kubeconfig = up.stdout.strip().splitlines()[-1].removeprefix("export KUBECONFIG=")
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'workloads'}"}
+    operator = None
+    try:
+        kubectl(kubeconfig, "apply", "--server-side", "-f", str(ROOT / "crds" / "federatedjob.yaml"))
+        kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/federatedjobs.bouquet.dev")
+        kubectl(kubeconfig, "create", "namespace", "bench")
+        os.environ["KUBECONFIG"] = kubeconfig
+        client = kube.Client.from_environment()
+        log = open(state.parent / "operator.log", "w")  # noqa: SIM115 - open for the operator's life
+        operator = subprocess.Popen([sys.executable, "-m", "bouquet", "operator", "--port", "0"], env=env, stdout=log, stderr=log)
+        time.sleep(3)
+        wanted = expected_count(job("j"))
+
+        timings = []
+        for i in range(args.jobs):
+            name = f"timed-{i}"
+            started = time.monotonic()
+            kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(name)))
+            while children_of(client, name) < wanted:
+                time.sleep(0.02)
+            timings.append(time.monotonic() - started)
+        timings.sort()
+        p95 = timings[min(len(timings) - 1, int(round(0.95 * len(timings))) - 1)]
+        print(f"apply -> all {wanted} children created, over {args.jobs} jobs: median {statistics.median(timings):.2f} s, p95 {p95:.2f} s")
+
+        started = time.monotonic()
+        for i in range(args.jobs, args.live):
+            kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(f"live-{i}")))
+        names = [f"timed-{i}" for i in range(args.jobs)] + [f"live-{i}" for i in range(args.jobs, args.live)]
+        pending = set(names)
+        while pending:
+            pending = {n for n in pending if children_of(client, n) < wanted}
+            time.sleep(0.5)
+        print(f"{args.live} jobs live, every child created {time.monotonic() - started:.1f} s after the last apply started")
+        time.sleep(10)  # a few reconciles of each
+        print(f"operator memory (RSS) with {args.live} jobs live: {rss_mib(operator.pid):.0f} MiB")
+    finally:
+        if operator:
+            operator.terminate()
+            operator.wait(30)
+        subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "down.sh"), str(state)], capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

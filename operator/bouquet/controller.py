@@ -1,0 +1,596 @@
+"""The FederatedJob operator, run by kopf: `bouquet operator`, or `kopf run -m bouquet.controller`.
+
+Level-based, in the shape of a controller-runtime controller: kopf's watches only say which
+job to look at (the job itself changed, or a Deployment, Job or Pod labelled with its name
+did), and a work queue hands each job to one worker at a time. A worker reconciles from
+scratch every time:
+
+    read the job  ->  observe its children  ->  status.derive  ->  write the status if it
+    changed  ->  render  ->  server-side apply every child (one field manager, owner
+    references)  ->  events for what changed
+
+so a changed spec, a deleted child and a restarted operator all converge to the same state,
+and nothing is created twice (server-side apply of a named object either creates or
+updates it). Every job is also queued again every resync period, which restores a child
+whose deletion no watch reported (a Secret, a ConfigMap).
+
+Round progress is not observed here: the job's server reports it to status.progress (see
+progress.py), and the operator reads it from the job.
+
+kopf adds nothing to a FederatedJob (no finalizer, no annotation): only event handlers are
+registered, and deletion is left to Kubernetes' garbage collector, which follows the owner
+references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import kopf
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from . import kube, render, status, tls
+from .render import API_VERSION, KIND, Settings, names
+
+GROUP, VERSION = API_VERSION.split("/")
+PLURAL = "federatedjobs"
+FIELD_MANAGER = "bouquet-operator"
+CONTROLLER = "federatedjob"
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+JOB_LABEL = "bouquet.dev/job"
+log = logging.getLogger("bouquet.operator")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The operator's settings; `bouquet operator` sets them from its options, `kopf run`
+    from the environment (BOUQUET_IMAGE, ...)."""
+
+    image: str = render.DEFAULT_IMAGE
+    metrics_from: Mapping | None = None  # namespaceSelector of the metrics scraper
+    resync_seconds: float = 60.0
+    workers: int = 4
+    port: int = 8080  # /metrics and /healthz; 0 for none
+    host: str = "0.0.0.0"
+
+    @classmethod
+    def from_environment(cls) -> Config:
+        env = os.environ
+        selector = env.get("BOUQUET_METRICS_NAMESPACE_SELECTOR")
+        return cls(
+            image=env.get("BOUQUET_IMAGE", cls.image),
+            metrics_from=json.loads(selector) if selector else None,
+            resync_seconds=float(env.get("BOUQUET_RESYNC_SECONDS", cls.resync_seconds)),
+            workers=int(env.get("BOUQUET_WORKERS", cls.workers)),
+            port=int(env.get("BOUQUET_OPERATOR_PORT", cls.port)),
+            host=env.get("BOUQUET_OPERATOR_HOST", cls.host),
+        )
+
+
+configured: Config | None = None  # set by `bouquet operator` before kopf starts
+
+
+# --- what one reconcile does (blocking; runs in a worker thread) ---------------------------
+
+
+@dataclass
+class Outcome:
+    requeue_after: float | None = None  # seconds until the job needs looking at again
+    gone: bool = False  # the job no longer exists
+    phase: str = ""
+
+
+@dataclass
+class Memory:
+    """What the controller remembers of a job between reconciles: only shortcuts, never
+    something a restarted operator would need."""
+
+    applied: str = ""  # digest of the children last applied in full
+    last_error: str = ""
+    attempt: int = 0  # failed reconciles in a row, for the backoff
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def _condition(obj: Mapping, kind: str) -> Mapping | None:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c.get("type") == kind and c.get("status") == "True"), None)
+
+
+def _unschedulable(pods: list[Mapping]) -> str:
+    """The scheduler's message for the first of pods it could not place, else ''."""
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        for c in pod.get("status", {}).get("conditions", []):
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return c.get("message", "Unschedulable")
+    return ""
+
+
+def _restarts(pods: list[Mapping]) -> int:
+    return max((s.get("restartCount", 0) for p in pods for s in p.get("status", {}).get("containerStatuses", [])), default=0)
+
+
+def observe(client: kube.Client, job: Mapping, now: datetime) -> status.Observation:
+    """What the job's children and its server's report say."""
+    spec, namespace, name = job["spec"], job["metadata"]["namespace"], job["metadata"]["name"]
+    previous = job.get("status", {})
+    pods = client.list("v1", "Pod", namespace, f"{JOB_LABEL}={name}")
+    server_pods = [p for p in pods if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "server"]
+    sites: dict[str, status.Site] = {}
+    if spec["mode"] != "ServerOnly":
+        jobs = {
+            j["metadata"]["name"]: j
+            for j in client.list("batch/v1", "Job", namespace, f"{JOB_LABEL}={name},app.kubernetes.io/component=site")
+        }
+        for site in spec["sites"]:
+            found = jobs.get(render.site_job_name(job, site["name"]))
+            if found is None:
+                sites[site["name"]] = status.Site()
+                continue
+            site_pods = [p for p in pods if p["metadata"].get("labels", {}).get("bouquet.dev/site") == site["name"]]
+            sites[site["name"]] = status.Site(
+                active=found.get("status", {}).get("ready", 0) or 0,
+                succeeded=_condition(found, "Complete") is not None,
+                failed=_condition(found, "Failed") is not None,
+                unschedulable=_unschedulable(site_pods),
+            )
+    if spec["mode"] == "SitesOnly":
+        server_ready = True  # the server is another cluster's; the sites say how it goes
+    else:
+        deployment = client.get("apps/v1", "Deployment", namespace, names(job)["server"])
+        server_ready = bool(deployment and deployment.get("status", {}).get("readyReplicas", 0) >= 1)
+    progress = previous.get("progress", {})
+    failure = progress.get("message", "training failed") if progress.get("state") == "Failed" else ""
+    restarts, limit = _restarts(server_pods), spec["runPolicy"]["backoffLimit"]
+    if not failure and restarts > limit:
+        failure = f"the server restarted {restarts} times, more than runPolicy.backoffLimit ({limit})"
+    model = None
+    if progress.get("model"):
+        model = {"claimName": names(job)["output"], **progress["model"]}
+    return status.Observation(
+        server_ready=server_ready,
+        server_unschedulable=_unschedulable(server_pods),
+        sites=sites,
+        current_round=progress.get("round", 0),
+        metrics=progress.get("metrics", {}),
+        model=model,
+        failure=failure,
+        deadline_exceeded=_deadline_passed(job, now),
+    )
+
+
+def _deadline_passed(job: Mapping, now: datetime) -> bool:
+    previous = job.get("status", {})
+    failed = next((c for c in previous.get("conditions", []) if c["type"] == status.FAILED), None)
+    if failed and failed["status"] == "True" and failed["reason"] == "DeadlineExceeded":
+        return True  # a failed job stays failed
+    remaining = _deadline_remaining(job, now)
+    return remaining is not None and remaining <= 0 and previous.get("phase") != "Succeeded"
+
+
+def _deadline_remaining(job: Mapping, now: datetime) -> float | None:
+    deadline = job["spec"]["runPolicy"].get("activeDeadlineSeconds")
+    start = job.get("status", {}).get("startTime")
+    if deadline is None or not start:
+        return None
+    return (_parse(start) + timedelta(seconds=deadline) - now).total_seconds()
+
+
+def _tls_bundle(client: kube.Client, job: Mapping) -> tls.Bundle | None:
+    """The job's TLS material: from its Secret if it has one, else new (issued once; the
+    Secret then keeps it)."""
+    spec = job["spec"]
+    if spec["mode"] == "SitesOnly" or spec["security"]["tls"]["mode"] != "Auto":
+        return None
+    secret = client.get("v1", "Secret", job["metadata"]["namespace"], names(job)["tls"])
+    if secret is not None:
+        owners = {o.get("uid") for o in secret["metadata"].get("ownerReferences", [])}
+        if job["metadata"]["uid"] not in owners:
+            raise Refused(
+                f"Secret {names(job)['tls']} exists and is not this job's: delete it, or name your own with "
+                "spec.security.tls.mode Secret and secretName"
+            )
+        data = {k: kube_b64(v) for k, v in secret.get("data", {}).items()}
+        if all(k in data for k in ("ca.crt", "tls.crt", "tls.key")):
+            return tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
+    return tls.issue(job["metadata"]["name"], render.server_hostnames(job))
+
+
+def kube_b64(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)
+
+
+class Refused(Exception):
+    """The job cannot be reconciled until someone changes something; the message says what."""
+
+
+def _status_body(job: Mapping, new_status: Mapping) -> dict:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": job["metadata"]["name"], "namespace": job["metadata"]["namespace"]},
+        "status": new_status,
+    }
+
+
+def _event(client: kube.Client, job: Mapping, kind: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the job, as `kubectl describe fj` shows them."""
+    meta, stamp = job["metadata"], _rfc3339(_now())
+    try:
+        client.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "uid": meta["uid"],
+                },
+                "type": kind,
+                "reason": reason,
+                "message": message[:1024],
+                "source": {"component": FIELD_MANAGER},
+                "reportingComponent": f"{GROUP}/operator",
+                "reportingInstance": os.environ.get("HOSTNAME", "bouquet-operator"),
+                "firstTimestamp": stamp,
+                "lastTimestamp": stamp,
+                "count": 1,
+            }
+        )
+    except kube.ApiError as error:  # an event lost is not worth failing the reconcile for
+        log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error)
+
+
+def _transition_events(client: kube.Client, job: Mapping, before: Mapping, after: Mapping) -> None:
+    was = {c["type"]: c for c in before.get("conditions", [])}
+    if before.get("phase") != after["phase"]:
+        failed = next(c for c in after["conditions"] if c["type"] == status.FAILED)
+        succeeded = next(c for c in after["conditions"] if c["type"] == status.SUCCEEDED)
+        if after["phase"] == "Failed":
+            _event(client, job, "Warning", failed["reason"], failed["message"])
+        elif after["phase"] == "Succeeded":
+            _event(client, job, "Normal", succeeded["reason"], succeeded["message"])
+        else:
+            _event(client, job, "Normal", after["phase"], f"phase {before.get('phase', 'none')} -> {after['phase']}")
+    for c in after["conditions"]:
+        if c["type"] == status.UNSCHEDULABLE and c["status"] == "True":
+            old = was.get(c["type"], {})
+            if old.get("status") != "True" or old.get("message") != c["message"]:
+                _event(client, job, "Warning", "Unschedulable", c["message"])
+
+
+def _finished_site_jobs(client: kube.Client, job: Mapping) -> set[str]:
+    """Names of the job's site Jobs that have completed or failed: records, left as they are."""
+    found = client.list("batch/v1", "Job", job["metadata"]["namespace"], f"{JOB_LABEL}={job['metadata']['name']}")
+    return {j["metadata"]["name"] for j in found if _condition(j, "Complete") or _condition(j, "Failed")}
+
+
+def _apply_children(client: kube.Client, job: Mapping, children: list[dict]) -> float | None:
+    """Applies every child; returns seconds to requeue after when one had to be replaced."""
+    finished = _finished_site_jobs(client, job)
+    requeue = None
+    for child in children:
+        if child["kind"] == "Job" and child["metadata"]["name"] in finished:
+            continue
+        try:
+            client.apply(child, FIELD_MANAGER)
+        except kube.ApiError as error:
+            immutable = error.status == 422 and "field is immutable" in str(error)
+            if child["kind"] == "Job" and immutable:
+                # A Job's pod template cannot change: the spec did, so the site starts again
+                # from a new Job (training continues from the server's checkpoint).
+                namespace, name = child["metadata"]["namespace"], child["metadata"]["name"]
+                client.delete("batch/v1", "Job", namespace, name)
+                _event(client, job, "Normal", "SiteRestarted", f"Job {name} is replaced: the job's spec changed")
+                requeue = 1.0
+                continue
+            raise Refused(f"cannot apply {child['kind']} {child['metadata']['name']}: {error}") from error
+    return requeue
+
+
+def reconcile(client: kube.Client, config: Config, namespace: str, name: str, memory: Memory, force: bool) -> Outcome:
+    job = client.get(API_VERSION, KIND, namespace, name)
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        return Outcome(gone=True)
+    now = _now()
+    spec, before = job["spec"], job.get("status", {})
+
+    ttl = spec["runPolicy"].get("ttlSecondsAfterFinished")
+    if ttl is not None and before.get("phase") in ("Succeeded", "Failed") and before.get("completionTime"):
+        left = (_parse(before["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds()
+        if left <= 0:
+            _event(client, job, "Normal", "Deleted", f"runPolicy.ttlSecondsAfterFinished ({ttl}s) has passed since the job finished")
+            client.delete(API_VERSION, KIND, namespace, name, uid=job["metadata"]["uid"])
+            return Outcome(gone=True)
+
+    seen = observe(client, job, now)
+    after = status.derive(job, seen, _rfc3339(now))
+    if "progress" in before:
+        after_full = {**after, "progress": before["progress"]}
+    else:
+        after_full = after
+    if after_full != before:
+        client.apply(_status_body(job, after), FIELD_MANAGER, subresource="status")
+        _transition_events(client, job, before, after)
+    job = {**job, "status": after_full}
+
+    children = render.render(job, Settings(config.image, _tls_bundle(client, job), config.metrics_from))
+    digest = json.dumps(children, sort_keys=True)
+    requeue = None
+    if force or digest != memory.applied:
+        requeue = _apply_children(client, job, children)
+        memory.applied = "" if requeue else digest
+
+    # When to look again without being told: the deadline, the time to live, a replaced Job.
+    waits = [w for w in (requeue, _deadline_remaining(job, now) if after["phase"] == "Running" else None) if w is not None]
+    if ttl is not None and after["phase"] in ("Succeeded", "Failed"):
+        waits.append((_parse(after["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds())
+    return Outcome(requeue_after=max(0.5, min(waits)) if waits else None, phase=after["phase"])
+
+
+# --- the work queue and its workers ---------------------------------------------------------
+
+
+class WorkQueue:
+    """Each key at most once in the queue and at most one worker on it; a key added while
+    a worker has it is queued again when the worker is done (client-go's workqueue)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.pending: set = set()
+        self.active: set = set()
+        self.dirty: set = set()
+        self.forced: set = set()
+        self.timers: dict = {}
+
+    def add(self, key: tuple[str, str], force: bool = False) -> None:
+        if force:
+            self.forced.add(key)
+        if key in self.active:
+            self.dirty.add(key)
+        elif key not in self.pending:
+            self.pending.add(key)
+            self.queue.put_nowait(key)
+
+    def add_after(self, key: tuple[str, str], seconds: float, force: bool = False) -> None:
+        timer = self.timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        self.timers[key] = asyncio.get_running_loop().call_later(seconds, self.add, key, force)
+
+    async def get(self) -> tuple[tuple[str, str], bool]:
+        key = await self.queue.get()
+        self.pending.discard(key)
+        self.active.add(key)
+        force = key in self.forced
+        self.forced.discard(key)
+        return key, force
+
+    def done(self, key: tuple[str, str]) -> None:
+        self.active.discard(key)
+        if key in self.dirty:
+            self.dirty.discard(key)
+            self.add(key)
+
+    def forget(self, key: tuple[str, str]) -> None:
+        timer = self.timers.pop(key, None)
+        if timer:
+            timer.cancel()
+
+
+class Metrics:
+    """The operator's metrics, named after controller-runtime's with a bouquet_ prefix."""
+
+    def __init__(self, phases) -> None:
+        self.registry = CollectorRegistry()
+        self.reconciles = Counter(
+            "bouquet_reconcile",
+            "Reconciles by controller and result (success, error, requeue).",
+            ["controller", "result"],
+            registry=self.registry,
+        )
+        self.errors = Counter("bouquet_reconcile_errors", "Reconciles that ended in an error.", ["controller"], registry=self.registry)
+        self.duration = Histogram(
+            "bouquet_reconcile_time_seconds",
+            "How long a reconcile took.",
+            ["controller"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.registry.register(_PhaseCollector(phases))
+        for result in ("success", "error", "requeue"):
+            self.reconciles.labels(CONTROLLER, result)
+        self.errors.labels(CONTROLLER)
+        self.duration.labels(CONTROLLER)
+
+
+class _PhaseCollector:
+    def __init__(self, phases) -> None:
+        self.phases = phases
+
+    def collect(self):
+        family = GaugeMetricFamily("bouquet_federatedjobs", "FederatedJobs the operator watches, by phase.", labels=["phase"])
+        counts = dict.fromkeys(PHASES, 0)
+        for phase in list(self.phases().values()):
+            counts[phase or "Pending"] = counts.get(phase or "Pending", 0) + 1
+        for phase, count in counts.items():
+            family.add_metric([phase], count)
+        yield family
+
+
+@dataclass
+class Controller:
+    config: Config
+    client: kube.Client
+    queue: WorkQueue = field(default_factory=WorkQueue)
+    jobs: dict = field(default_factory=dict)  # (namespace, name) -> phase, from the watch
+    memory: dict = field(default_factory=dict)
+    tasks: list = field(default_factory=list)
+    metrics: Metrics | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.jobs)
+
+    async def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
+        self.tasks.append(asyncio.create_task(self._resync()))
+        if self.config.port:
+            self.tasks.append(asyncio.create_task(self._serve()))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def alive(self) -> bool:
+        return bool(self.tasks) and not any(t.done() for t in self.tasks)
+
+    def job_seen(self, event_type: str | None, body: Mapping) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event_type == "DELETED":
+            self.jobs.pop(key, None)
+            self.memory.pop(key, None)
+            self.queue.forget(key)
+            return
+        self.jobs[key] = body.get("status", {}).get("phase")
+        self.queue.add(key)
+
+    def child_seen(self, event_type: str | None, body: Mapping) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta.get("labels", {}).get(JOB_LABEL))
+        if key in self.jobs:
+            self.queue.add(key, force=event_type == "DELETED")
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            for key in list(self.jobs):
+                self.queue.add(key, force=True)
+
+    async def _worker(self, number: int) -> None:
+        while True:
+            key, force = await self.queue.get()
+            memory = self.memory.setdefault(key, Memory())
+            started = time.monotonic()
+            try:
+                outcome = await asyncio.to_thread(reconcile, self.client, self.config, *key, memory, force)
+            except Exception as error:  # noqa: BLE001 - any failure: report it, and try again
+                self.metrics.errors.labels(CONTROLLER).inc()
+                self.metrics.reconciles.labels(CONTROLLER, "error").inc()
+                text = str(error)
+                memory.attempt += 1
+                delay = min(60.0, 0.5 * 2**memory.attempt)
+                if text != memory.last_error:
+                    memory.last_error = text
+                    level = logging.WARNING if isinstance(error, Refused | kube.ApiError) else logging.ERROR
+                    log.log(level, "reconciling %s/%s failed (again in %.0fs): %s", *key, delay, text, exc_info=level == logging.ERROR)
+                    await asyncio.to_thread(self._error_event, key, text)
+                self.queue.add_after(key, delay, force=True)
+            else:
+                memory.last_error, memory.attempt = "", 0
+                if outcome.gone:
+                    self.jobs.pop(key, None)
+                    self.memory.pop(key, None)
+                    self.queue.forget(key)
+                else:
+                    self.jobs[key] = outcome.phase
+                    if outcome.requeue_after is not None:
+                        self.queue.add_after(key, outcome.requeue_after)
+                result = "requeue" if outcome.requeue_after is not None and not outcome.gone else "success"
+                self.metrics.reconciles.labels(CONTROLLER, result).inc()
+            finally:
+                self.metrics.duration.labels(CONTROLLER).observe(time.monotonic() - started)
+                self.queue.done(key)
+
+    def _error_event(self, key: tuple[str, str], text: str) -> None:
+        try:
+            job = self.client.get(API_VERSION, KIND, *key)
+        except kube.ApiError:
+            return
+        if job:
+            _event(self.client, job, "Warning", "ReconcileFailed", text)
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        async def metrics(_request):
+            return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_request):
+            return web.Response(text="ok") if self.alive() else web.Response(status=500, text="a worker stopped")
+
+        app = web.Application()
+        app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.config.host, self.config.port).start()
+        log.info("metrics on http://%s:%d/metrics, liveness on /healthz", self.config.host, self.config.port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+
+# --- kopf's handlers ------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    settings.posting.enabled = False  # the events are the operator's own, on transitions
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
+    settings.peering.standalone = True
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    config = configured or Config.from_environment()
+    client = await asyncio.to_thread(kube.Client.from_environment, config.workers * 4)
+    memo.controller = Controller(config, client)
+    await memo.controller.start()
+
+
+@kopf.on.login()
+def _login(**kwargs) -> kopf.ConnectionInfo | None:
+    """In a pod, its service account; elsewhere $KUBECONFIG, read now (kopf's default login
+    goes through the Kubernetes client, which reads $KUBECONFIG once, when first imported)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.cleanup()
+async def _cleanup(memo: kopf.Memo, **_) -> None:
+    await memo.controller.stop()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def _job_event(event: Mapping, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    memo.controller.job_seen(event.get("type"), body)
+
+
+for _api_version, _plural in (("apps/v1", "deployments"), ("batch/v1", "jobs"), ("v1", "pods")):
+
+    @kopf.on.event(_api_version, _plural, labels={JOB_LABEL: kopf.PRESENT})
+    def _child_event(event: Mapping, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+        memo.controller.child_seen(event.get("type"), body)

@@ -1,0 +1,383 @@
+"""The operator against a real control plane: the API server, its garbage collector, the
+Deployment, ReplicaSet and Job controllers and the scheduler are Kubernetes' own; only the
+kubelet's reports come from support.kubelet, and the training's progress is reported the
+way the server pod reports it (bouquet.progress.apply, as the server's service account)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from bouquet import kube, progress, tls
+from bouquet.render import CHILD_KINDS, Settings, render
+from support.cluster import ROOT, apply_job, condition, get_job, kubectl
+from support.kubelet import wait_for
+
+EXAMPLES = {
+    "breast-cancer": ROOT / "examples" / "breast-cancer.yaml",
+    "sleep-quality": ROOT / "examples" / "sleep-quality.yaml",
+    "server-only": ROOT / "examples" / "multi-cluster" / "aggregator.yaml",
+    "sites-only": ROOT / "examples" / "multi-cluster" / "hospital-a.yaml",
+}
+
+
+def children(client, namespace: str, name: str) -> dict[tuple[str, str], dict]:
+    """Every object labelled as the job's, by (kind, name)."""
+    found = {}
+    for api_version, kind in CHILD_KINDS:
+        for obj in client.list(api_version, kind, namespace, f"bouquet.dev/job={name}"):
+            found[(kind, obj["metadata"]["name"])] = obj
+    return found
+
+
+def contains(live, wanted, path="") -> list[str]:
+    """Where live differs from wanted, ignoring what the API server added (defaults)."""
+    if isinstance(wanted, dict):
+        if not isinstance(live, dict):
+            return [f"{path}: {live!r} is not a mapping"]
+        return [d for k, v in wanted.items() for d in (contains(live[k], v, f"{path}.{k}") if k in live else [f"{path}.{k}: missing"])]
+    if isinstance(wanted, list):
+        if not isinstance(live, list) or len(live) != len(wanted):
+            return [f"{path}: {live!r} != {wanted!r}"]
+        return [d for i, (a, b) in enumerate(zip(live, wanted, strict=True)) for d in contains(a, b, f"{path}[{i}]")]
+    return [] if str(live) == str(wanted) else [f"{path}: {live!r} != {wanted!r}"]
+
+
+def expected_children(client, job: dict) -> list[dict] | None:
+    """What render gives for the live job, with the TLS material the operator stored."""
+    bundle = None
+    secret = client.get("v1", "Secret", job["metadata"]["namespace"], f"{job['metadata']['name']}-tls")
+    if secret is None and job["spec"]["mode"] != "SitesOnly":
+        return None  # not yet created
+    if secret:
+        data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+        bundle = tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
+    return render(job, Settings("bouquet-workloads:0.1.0", bundle))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=str)
+def test_an_example_gets_every_child_as_rendered_with_owner_references(example, cluster, client, namespace, operator):
+    job = apply_job(cluster, namespace, EXAMPLES[example])
+    name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+    wanted = expected_children(client, job) if job["spec"]["mode"] == "SitesOnly" else None
+
+    def all_there():
+        nonlocal wanted
+        wanted = expected_children(client, get_job(client, namespace, name))
+        if wanted is None:
+            return None
+        live = children(client, namespace, name)
+        return live if {(c["kind"], c["metadata"]["name"]) for c in wanted} <= set(live) else None
+
+    live = wait_for(all_there, what=f"every child of {example}")
+    assert set(live) == {(c["kind"], c["metadata"]["name"]) for c in wanted}, "no child more than render's"
+    for child in wanted:
+        obj = live[(child["kind"], child["metadata"]["name"])]
+        # The status may have moved on since `wanted` was rendered; the spec has not.
+        rendered = {k: v for k, v in child.items() if k not in ("apiVersion", "kind")}  # a list's items lack them
+        assert contains(obj, rendered) == [], (child["kind"], contains(obj, rendered))
+        owners = obj["metadata"].get("ownerReferences", [])
+        if child["kind"] == "PersistentVolumeClaim":
+            assert owners == [], "the output claim is retained (reclaimPolicy Retain): no owner"
+        else:
+            assert [(o["kind"], o["name"], o["uid"], o.get("controller")) for o in owners] == [("FederatedJob", name, uid, True)]
+    kinds = {kind for kind, _ in live}
+    if example == "server-only":
+        assert "Job" not in kinds and live[("Service", f"{name}-server")]["spec"]["type"] == job["spec"]["server"]["serviceType"]
+    if example == "sites-only":
+        assert kinds == {"ConfigMap", "Job"}
+        volume = live[("Job", f"{name}-{job['spec']['sites'][0]['name']}")]["spec"]["template"]["spec"]["volumes"]
+        assert {
+            "name": "tls",
+            "secret": {
+                "secretName": job["spec"]["remoteServer"]["caSecretName"],
+                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                "defaultMode": 420,
+            },
+        } in volume
+
+    table = kubectl(cluster, "get", "fj", "-n", namespace).stdout
+    assert re.split(r"\s+", table.splitlines()[0].strip()) == ["NAME", "PHASE", "ROUND", "SITES", "ACCURACY", "AGE"], table
+    assert re.match(rf"{name}\s+(Pending|Running)\s+0/{job['spec']['rounds']}\s+\d", table.splitlines()[1]), table
+
+
+def start_and_run(cluster, client, namespace, path_or_job) -> dict:
+    """Applies a job and waits until the operator has it Running and Ready: the nodes
+    started its server and every site."""
+    job = apply_job(cluster, namespace, path_or_job)
+    name = job["metadata"]["name"]
+    return wait_for(
+        lambda: (
+            (j := get_job(client, namespace, name))
+            and j.get("status", {}).get("phase") == "Running"
+            and condition(j, "Ready").get("status") == "True"
+            and j
+        ),
+        timeout=60,
+        what=f"{name} to be Running",
+    )
+
+
+def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namespace, operator, kubelet, server_identity):
+    job = start_and_run(cluster, client, namespace, EXAMPLES["breast-cancer"])
+    name, rounds = job["metadata"]["name"], job["spec"]["rounds"]
+    assert condition(job, "Ready")["status"] == "True" and job["status"]["sitesReady"] == 3
+    assert [s["state"] for s in job["status"]["sites"]] == ["Running"] * 3
+    server = server_identity(namespace, name)
+
+    for round_ in range(1, rounds + 1):
+        metrics = {"loss": 0.5 / round_, "accuracy": 0.9 + round_ / 1000}
+        progress.apply(server, namespace, name, {"state": "Running", "round": round_, "metrics": metrics})
+        seen = wait_for(
+            lambda r=round_: (j := get_job(client, namespace, name))["status"].get("currentRound") == r and j, what=f"round {round_}"
+        )
+        assert seen["status"]["round"] == f"{round_}/{rounds}" and seen["status"]["metrics"] == metrics
+        if round_ == 3:
+            row = kubectl(cluster, "get", "fj", name, "-n", namespace, "--no-headers").stdout.split()
+            assert row[1:5] == ["Running", f"3/{rounds}", "3", "0.903"], row
+
+    model = {"path": "/model.safetensors", "sizeBytes": 12345, "sha256": "ab" * 32}
+    progress.apply(server, namespace, name, {"state": "Succeeded", "round": rounds, "metrics": metrics, "model": model})
+    done = kubectl(cluster, "wait", "--for=condition=Succeeded", f"fj/{name}", "-n", namespace, "--timeout=30s", check=False)
+    assert done.returncode == 0, done.stderr
+    job = get_job(client, namespace, name)
+    assert job["status"]["phase"] == "Succeeded" and job["status"]["model"] == {"claimName": f"{name}-output", **model}
+    assert job["status"]["completionTime"] >= job["status"]["startTime"]
+    assert condition(job, "Ready")["status"] == "False" and condition(job, "Failed")["status"] == "False"
+    # After success the server scales to zero; the sites end (their SuperNodes exit 0) and
+    # their Jobs complete; the claim stays.
+    wait_for(
+        lambda: client.get("apps/v1", "Deployment", namespace, f"{name}-server")["spec"]["replicas"] == 0, what="the server at 0 replicas"
+    )
+    wait_for(
+        lambda: not client.list("v1", "Pod", namespace, f"bouquet.dev/job={name},app.kubernetes.io/component=server"), what="no server pod"
+    )
+    assert kubelet.finish(namespace, f"bouquet.dev/job={name},app.kubernetes.io/component=site") == 3
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        wait_for(
+            lambda s=site: condition(client.get("batch/v1", "Job", namespace, f"{name}-{s}"), "Complete").get("status") == "True",
+            what=f"Job {name}-{site} Complete",
+        )
+    job = wait_for(
+        lambda: (j := get_job(client, namespace, name)) and all(s["state"] == "Succeeded" for s in j["status"]["sites"]) and j,
+        what="sites Succeeded",
+    )
+    assert job["status"]["phase"] == "Succeeded"
+    assert client.get("v1", "PersistentVolumeClaim", namespace, f"{name}-output") is not None
+
+    reasons = kubectl(
+        cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}"
+    ).stdout.split()
+    assert {"Pending", "Running", "TrainingComplete"} <= set(reasons), reasons
+    metrics_text = operator.metrics()
+    assert re.search(r'bouquet_reconcile_total\{controller="federatedjob",result="success"\} [1-9]', metrics_text), metrics_text
+    assert 'bouquet_federatedjobs{phase="Succeeded"} 1.0' in metrics_text
+    assert "bouquet_reconcile_time_seconds_bucket" in metrics_text
+
+
+def test_the_servers_role_reaches_only_its_own_jobs_status(cluster, client, namespace, operator, server_identity):
+    first = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    other = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    other["metadata"]["name"] = "another"
+    apply_job(cluster, namespace, other)
+    wait_for(
+        lambda: client.get("rbac.authorization.k8s.io/v1", "RoleBinding", namespace, "breast-cancer-server"),
+        what="the server's RoleBinding",
+    )
+    server = server_identity(namespace, first["metadata"]["name"])
+    progress.apply(server, namespace, "breast-cancer", {"state": "Running", "round": 1})
+    with pytest.raises(ApiException) as refused:
+        progress.apply(server, namespace, "another", {"state": "Running", "round": 1})
+    assert refused.value.status == 403
+    with pytest.raises(ApiException) as refused:
+        from kubernetes import client as k8s
+
+        k8s.CustomObjectsApi(server).patch_namespaced_custom_object(
+            "bouquet.dev", "v1alpha1", namespace, "federatedjobs", "breast-cancer", {"spec": {"rounds": 1}}
+        )
+    assert refused.value.status == 403, "the server may not change its job's spec"
+
+
+def test_deleting_the_job_lets_the_garbage_collector_remove_all_but_the_claim(cluster, client, namespace, operator):
+    job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    wait_for(lambda: len(children(client, namespace, name)) == 12, what="12 children")
+    kubectl(cluster, "delete", "fj", name, "-n", namespace, "--wait=true", "--timeout=30s")
+    left = wait_for(
+        lambda: (c := children(client, namespace, name)) and set(c) == {("PersistentVolumeClaim", f"{name}-output")} and c,
+        timeout=60,
+        what="only the claim left",
+    )
+    assert left
+    time.sleep(3)  # the operator must not bring anything back for a job that is gone
+    assert set(children(client, namespace, name)) == {("PersistentVolumeClaim", f"{name}-output")}
+
+
+def snapshot(client, namespace: str, name: str) -> dict:
+    state = {(k, n): o["metadata"]["resourceVersion"] for (k, n), o in children(client, namespace, name).items()}
+    state[("FederatedJob", name)] = get_job(client, namespace, name)["metadata"]["resourceVersion"]
+    return state
+
+
+def test_restarting_the_operator_mid_job_changes_nothing(cluster, client, namespace, operator, server_identity):
+    job = start_and_run(cluster, client, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    progress.apply(server_identity(namespace, name), namespace, name, {"state": "Running", "round": 4, "metrics": {"accuracy": 0.9}})
+    wait_for(lambda: get_job(client, namespace, name)["status"].get("currentRound") == 4, what="round 4 in the status")
+    time.sleep(5)  # more than two resync periods: the state is settled
+    before = snapshot(client, namespace, name)
+    operator.stop()
+    operator.start()
+    time.sleep(6)  # the restarted operator has reconciled the job, more than once
+    assert snapshot(client, namespace, name) == before
+    assert re.search(r'bouquet_reconcile_total\{controller="federatedjob",result="success"\} [1-9]', operator.metrics())
+
+
+def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace, operator):
+    job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    wait_for(lambda: len(children(client, namespace, name)) == 12, what="12 children")
+    for kind, api_version in (("Deployment", "apps/v1"), ("ConfigMap", "v1"), ("Job", "batch/v1")):
+        child = f"{name}-server" if kind == "Deployment" else f"{name}-job" if kind == "ConfigMap" else f"{name}-hospital-a"
+        uid = client.get(api_version, kind, namespace, child)["metadata"]["uid"]
+        client.delete(api_version, kind, namespace, child)
+        wait_for(
+            lambda a=api_version, k=kind, c=child, u=uid: (o := client.get(a, k, namespace, c)) and o["metadata"]["uid"] != u,
+            what=f"{kind} {child} back",
+        )
+    site_uid = client.get("batch/v1", "Job", namespace, f"{name}-hospital-b")["metadata"]["uid"]
+    kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"rounds":12}}')
+
+    def updated():
+        config = yaml.safe_load(client.get("v1", "ConfigMap", namespace, f"{name}-job")["data"]["job.yaml"])
+        return config["spec"]["rounds"] == 12 and get_job(client, namespace, name)["status"].get("totalRounds") == 12
+
+    wait_for(updated, what="the new spec in the ConfigMap and the status")
+    # A Job's pod template cannot change: the site's Job is replaced by one with the new spec.
+    wait_for(
+        lambda: (j := client.get("batch/v1", "Job", namespace, f"{name}-hospital-b")) and j["metadata"]["uid"] != site_uid,
+        timeout=30,
+        what="the site's Job replaced",
+    )
+    live = children(client, namespace, name)
+    assert len(live) == 12 and sum(1 for k, _ in live if k == "Job") == 3
+
+
+def gpu_job() -> dict:
+    job = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    job["metadata"]["name"] = "gpus"
+    job["spec"]["sites"] = [{"name": "one-gpu", "gpus": 1}, {"name": "no-gpu"}, {"name": "four-gpus", "gpus": 4}]
+    return job
+
+
+def test_a_gpu_site_lands_on_the_gpu_node_and_too_many_gpus_is_unschedulable(cluster, client, namespace, operator):
+    apply_job(cluster, namespace, gpu_job())
+
+    def pod_of(site):
+        pods = client.list("v1", "Pod", namespace, f"bouquet.dev/job=gpus,bouquet.dev/site={site}")
+        return pods[0] if pods else None
+
+    placed = wait_for(lambda: (p := pod_of("one-gpu")) and p["spec"].get("nodeName") and p, what="the one-GPU site's pod placed")
+    assert placed["spec"]["nodeName"] == "gpu-node"
+    assert placed["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    job = wait_for(
+        lambda: (j := get_job(client, namespace, "gpus")) and condition(j, "Unschedulable").get("status") == "True" and j,
+        what="Unschedulable",
+    )
+    message = condition(job, "Unschedulable")["message"]
+    assert "site four-gpus:" in message and "Insufficient nvidia.com/gpu" in message, message
+    assert "one-gpu" not in message and "no-gpu" not in message
+    assert next(s for s in job["status"]["sites"] if s["name"] == "four-gpus")["state"] == "Pending"
+    reasons = kubectl(
+        cluster, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=gpus", "-o", "jsonpath={.items[*].reason}"
+    ).stdout
+    assert "Unschedulable" in reasons
+
+
+def test_suspend_stops_every_pod_and_resume_starts_them_again(cluster, client, namespace, operator, server_identity):
+    job = start_and_run(cluster, client, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    progress.apply(server_identity(namespace, name), namespace, name, {"state": "Running", "round": 2})
+    kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    job = wait_for(lambda: (j := get_job(client, namespace, name))["status"]["phase"] == "Suspended" and j, what="Suspended")
+    assert condition(job, "Suspended")["status"] == "True" and "startTime" not in job["status"]
+    wait_for(lambda: not client.list("v1", "Pod", namespace, f"bouquet.dev/job={name}"), what="every pod of the job gone")
+    assert client.get("apps/v1", "Deployment", namespace, f"{name}-server")["spec"]["replicas"] == 0
+    assert all(j["spec"]["suspend"] for j in client.list("batch/v1", "Job", namespace, f"bouquet.dev/job={name}"))
+    assert client.get("v1", "PersistentVolumeClaim", namespace, f"{name}-output"), "the checkpoints stay"
+
+    kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    job = wait_for(lambda: (j := get_job(client, namespace, name))["status"]["phase"] == "Running" and j, timeout=60, what="Running again")
+    assert job["status"]["currentRound"] == 2, "the progress so far is kept"
+    assert condition(job, "Suspended")["status"] == "False"
+    assert len(client.list("v1", "Pod", namespace, f"bouquet.dev/job={name}")) == 4
+
+
+def test_the_deadline_fails_the_job_and_stops_its_pods(cluster, client, namespace, operator):
+    job = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    job["metadata"]["name"] = "deadline"
+    job["spec"]["runPolicy"] = {"activeDeadlineSeconds": 4}
+    start_and_run(cluster, client, namespace, job)
+    job = wait_for(lambda: (j := get_job(client, namespace, "deadline"))["status"]["phase"] == "Failed" and j, timeout=30, what="Failed")
+    failed = condition(job, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds (4s)" in failed["message"]
+    wait_for(lambda: not client.list("v1", "Pod", namespace, "bouquet.dev/job=deadline"), what="every pod of the job gone")
+    time.sleep(3)
+    assert get_job(client, namespace, "deadline")["status"]["phase"] == "Failed", "a failed job stays failed"
+    events = kubectl(
+        cluster, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=deadline", "-o", "jsonpath={.items[*].reason}"
+    ).stdout
+    assert "DeadlineExceeded" in events
+
+
+def test_a_site_failing_past_the_backoff_limit_fails_the_job(cluster, client, namespace, operator, kubelet):
+    job = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    job["metadata"]["name"] = "backoff"
+    job["spec"]["runPolicy"] = {"backoffLimit": 0}
+    start_and_run(cluster, client, namespace, job)
+    assert kubelet.finish(namespace, "bouquet.dev/job=backoff,bouquet.dev/site=hospital-b", phase="Failed", exit_code=1) == 1
+    job = wait_for(lambda: (j := get_job(client, namespace, "backoff"))["status"]["phase"] == "Failed" and j, timeout=30, what="Failed")
+    assert condition(job, "Failed")["reason"] == "SiteFailed" and "hospital-b" in condition(job, "Failed")["message"]
+    assert next(s for s in job["status"]["sites"] if s["name"] == "hospital-b")["state"] == "Failed"
+
+
+def test_a_finished_job_is_deleted_after_its_time_to_live(cluster, client, namespace, operator, server_identity):
+    job = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    job["metadata"]["name"] = "ttl"
+    job["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 3}
+    start_and_run(cluster, client, namespace, job)
+    model = {"path": "/model.safetensors", "sizeBytes": 1, "sha256": "00" * 32}
+    progress.apply(server_identity(namespace, "ttl"), namespace, "ttl", {"state": "Succeeded", "round": 10, "model": model})
+    wait_for(lambda: get_job(client, namespace, "ttl")["status"]["phase"] == "Succeeded", what="Succeeded")
+    wait_for(lambda: get_job(client, namespace, "ttl") is None, timeout=30, what="the job deleted")
+    assert client.get("v1", "PersistentVolumeClaim", namespace, "ttl-output"), "the retained claim outlives the job"
+
+
+INVALID = sorted((Path(__file__).parents[1] / "invalid").glob("*.yaml"))
+# The same rule in the API server's other wording: a create's strict decoding says this of an
+# unknown field, server-side apply (and `bouquet validate`) says "field not declared in schema".
+SAME_RULE = {"field not declared in schema": "strict decoding error: unknown field"}
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_the_api_server_itself_rejects_each_invalid_job_naming_the_field(path, client, namespace):
+    first = path.read_text().splitlines()[0]
+    field, _, message = first.removeprefix("# expect: ").partition(" ")
+    document = yaml.safe_load(path.read_text())
+    document.setdefault("metadata", {})["namespace"] = namespace
+    url = f"/apis/bouquet.dev/v1alpha1/namespaces/{namespace}/federatedjobs"
+    with pytest.raises(kube.ApiError) as refused:
+        client.request("POST", url, body=document, query={"dryRun": "All", "fieldValidation": "Strict"})
+    text = refused.value.body.get("message", "")
+    assert refused.value.status in (400, 422), text
+    if field != "<root>":
+        assert field in text, text
+    assert message in text or SAME_RULE.get(message, message) in text, text
+    assert client.list("bouquet.dev/v1alpha1", "FederatedJob", namespace, "") == []
