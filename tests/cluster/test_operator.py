@@ -381,3 +381,38 @@ def test_the_api_server_itself_rejects_each_invalid_job_naming_the_field(path, c
         assert field in text, text
     assert message in text or SAME_RULE.get(message, message) in text, text
     assert client.list("bouquet.dev/v1alpha1", "FederatedJob", namespace, "") == []
+
+
+def test_the_servers_reporter_turns_its_committed_files_into_the_status(cluster, client, namespace, operator, server_identity, tmp_path):
+    """bouquet server --report-status: progress.Reporter reads the files the ServerApp
+    commits and applies them, as the server's service account."""
+    import numpy as np
+
+    from bouquet_workloads import outputs
+
+    job = start_and_run(cluster, client, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    reporter = progress.Reporter(tmp_path, namespace, name, server_identity(namespace, name))
+    reporter.report_now()  # nothing committed yet: nothing reported
+    assert "progress" not in get_job(client, namespace, name)["status"]
+
+    history = [{"round": r, "durationSeconds": 1.5, "sites": ["hospital-a"], "loss": 0.3 / r, "accuracy": 0.9} for r in (1, 2)]
+    outputs.write_json(tmp_path / outputs.HISTORY, history)
+    outputs.write_json(tmp_path / outputs.PROGRESS, {"state": "Running", "round": 3, "rounds": 10})
+    reporter.start()
+    seen = wait_for(lambda: (j := get_job(client, namespace, name))["status"].get("currentRound") == 2 and j, what="round 2 reported")
+    assert seen["status"]["progress"]["metrics"] == {"loss": 0.15, "accuracy": 0.9}
+
+    meta = outputs.save_model(tmp_path, {"w": np.ones(3, dtype=np.float32)}, {"job": name})
+    outputs.write_json(tmp_path / outputs.PROGRESS, {"state": "Succeeded", "round": 2, "rounds": 10})
+    reporter.stop()
+    done = wait_for(lambda: (j := get_job(client, namespace, name))["status"]["phase"] == "Succeeded" and j, what="Succeeded")
+    assert done["status"]["model"] == {
+        "claimName": f"{name}-output",
+        "path": "/model.safetensors",
+        "sizeBytes": meta["sizeBytes"],
+        "sha256": meta["sha256"],
+    }
+    managers = {m["manager"]: m for m in done["metadata"]["managedFields"] if m.get("subresource") == "status"}
+    assert set(managers["bouquet-server"]["fieldsV1"]["f:status"]) == {"f:progress"}, "the server owns status.progress alone"
+    assert "f:progress" not in managers["bouquet-operator"]["fieldsV1"]["f:status"]
