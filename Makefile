@@ -15,7 +15,7 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint venv debian-packages cluster-build cluster cluster-down bench-local bench-operator
+.PHONY: help run test lint venv debian-packages cluster-build helm-build cluster cluster-down bench-local bench-operator
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
@@ -39,13 +39,16 @@ run: venv
 cluster-build:
 	@scripts/cluster/build.sh >/dev/null
 
+helm-build:
+	@scripts/helm.sh >/dev/null
+
 cluster:
 	@scripts/cluster/up.sh
 
 cluster-down:
 	@scripts/cluster/down.sh
 
-test: lint debian-packages cluster-build
+test: lint debian-packages cluster-build helm-build
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -11,15 +11,13 @@ import subprocess
 import uuid
 
 import pytest
-from kopf.testing import KopfRunner
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from bouquet import kube
-from support.cluster import ROOT, kubectl
+from support.cluster import ROOT, Operator, kubectl
 from support.kubelet import Kubelet, wait_for
 from support.processes import processes_mentioning
-from support.prometheus import free_port
 
 SCRIPTS = ROOT / "scripts" / "cluster"
 NODES = {"cpu-node": {}, "gpu-node": {"nvidia.com/gpu": "2"}}
@@ -93,49 +91,6 @@ def namespace(client, cluster):
     client.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     yield name
     kubectl(cluster, "delete", "namespace", name, "--wait=false", check=False)
-
-
-class Operator:
-    """The operator under KopfRunner; restartable, as a pod restart would."""
-
-    def __init__(self, resync_seconds: float = 2.0) -> None:
-        self.port = free_port()
-        self.env = {
-            "BOUQUET_RESYNC_SECONDS": str(resync_seconds),
-            "BOUQUET_OPERATOR_PORT": str(self.port),
-            "BOUQUET_OPERATOR_HOST": "127.0.0.1",
-        }
-        self.runner: KopfRunner | None = None
-
-    def start(self) -> Operator:
-        os.environ.update(self.env)
-        self.runner = KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "bouquet.controller"], timeout=60)
-        self.runner.__enter__()
-        wait_for(self.healthy, timeout=30, what="the operator's /healthz")
-        return self
-
-    def healthy(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    def stop(self) -> None:
-        if self.runner is not None:
-            self.runner.__exit__(None, None, None)
-            runner, self.runner = self.runner, None
-            assert runner.exception is None, runner.output
-            for key in self.env:
-                os.environ.pop(key, None)
 
 
 @pytest.fixture

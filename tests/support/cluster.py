@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import yaml
+from kopf.testing import KopfRunner
 
 from bouquet import kube
+from support.kubelet import wait_for
+from support.prometheus import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,3 +39,49 @@ def get_job(client: kube.Client, namespace: str, name: str) -> dict | None:
 
 def condition(job: dict | None, kind: str) -> dict:
     return next((c for c in (job or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+class Operator:
+    """The operator under KopfRunner; restartable, as a pod restart would."""
+
+    def __init__(self, resync_seconds: float = 2.0, kubeconfig: str | None = None) -> None:
+        self.port = free_port()
+        self.env = {
+            "BOUQUET_RESYNC_SECONDS": str(resync_seconds),
+            "BOUQUET_OPERATOR_PORT": str(self.port),
+            "BOUQUET_OPERATOR_HOST": "127.0.0.1",
+        }
+        if kubeconfig:  # another identity than the tests' own
+            self.env["KUBECONFIG"] = kubeconfig
+        self.runner: KopfRunner | None = None
+        self.previous: dict[str, str | None] = {}
+
+    def start(self) -> Operator:
+        self.previous = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        self.runner = KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "bouquet.controller"], timeout=60)
+        self.runner.__enter__()
+        wait_for(self.healthy, timeout=30, what="the operator's /healthz")
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.__exit__(None, None, None)
+            runner, self.runner = self.runner, None
+            for key, value in self.previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            assert runner.exception is None, runner.output

@@ -1,0 +1,160 @@
+"""The Helm chart (charts/bouquet), rendered by a real helm for each values combination that
+matters. Its RBAC is exercised by a real operator in tests/cluster/test_chart_rbac.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "bouquet"
+
+
+def template(helm: str, *values: str, check: bool = True) -> list[dict] | subprocess.CompletedProcess:
+    args = [helm, "template", "bouquet", str(CHART), "--namespace", "bouquet-system"]
+    for value in values:
+        args += ["--set-json" if value.split("=", 1)[1][:1] in "[{" else "--set", value]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if not check:
+        return result
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def by_kind(documents: list[dict]) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for d in documents:
+        found.setdefault(d["kind"], []).append(d)
+    return found
+
+
+def test_helm_lint_is_clean(helm):
+    result = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_the_default_install_watches_every_namespace(helm):
+    kinds = by_kind(template(helm))
+    assert sorted(kinds) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    [crd] = kinds["CustomResourceDefinition"]
+    assert crd == yaml.safe_load((ROOT / "crds" / "federatedjob.yaml").read_text()), "the chart's CRD is crds/federatedjob.yaml"
+    [binding] = kinds["ClusterRoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bouquet", "namespace": "bouquet-system"}]
+    [deployment] = kinds["Deployment"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["bouquet", "operator"]
+    assert "--image=bouquet-workloads:0.1.0" in container["command"]
+    assert not any(a.startswith("--namespace") for a in container["command"])
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_pods_meet_the_restricted_pod_security_standard(helm):
+    [deployment] = by_kind(template(helm))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in pod["containers"]:
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+
+
+def test_listed_namespaces_get_a_role_each_and_no_cluster_role(helm):
+    kinds = by_kind(template(helm, 'watchNamespaces=["hospital-a","hospital-b"]'))
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    assert sorted(r["metadata"]["namespace"] for r in kinds["Role"]) == ["hospital-a", "hospital-b"]
+    assert sorted(b["metadata"]["namespace"] for b in kinds["RoleBinding"]) == ["hospital-a", "hospital-b"]
+    command = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert [a for a in command if a.startswith("--namespace")] == ["--namespace=hospital-a", "--namespace=hospital-b"]
+
+
+def test_the_crd_can_be_left_to_someone_else(helm):
+    assert "CustomResourceDefinition" not in by_kind(template(helm, "crds.enabled=false"))
+
+
+def test_a_service_monitor_when_asked(helm):
+    assert "ServiceMonitor" not in by_kind(template(helm))
+    [monitor] = by_kind(template(helm, "metrics.serviceMonitor.enabled=true", 'metrics.serviceMonitor.labels={"release":"prom"}'))[
+        "ServiceMonitor"
+    ]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "interval": "30s"}]
+
+
+def test_the_scrapers_namespace_reaches_every_jobs_network_policy(helm):
+    [deployment] = by_kind(template(helm, 'metrics.scraperNamespaceLabels={"name":"monitoring"}'))["Deployment"]
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert '--metrics-namespace-selector={"matchLabels":{"name":"monitoring"}}' in command
+
+
+def test_dashboards_are_config_maps_for_grafanas_sidecar(helm):
+    maps = by_kind(template(helm))["ConfigMap"]
+    assert sorted(m["metadata"]["name"] for m in maps) == ["bouquet-dashboard-operator", "bouquet-dashboard-training"]
+    for m in maps:
+        assert m["metadata"]["labels"]["grafana_dashboard"] == "1"
+        [(key, text)] = m["data"].items()
+        assert json.loads(text)["uid"] == f"bouquet-{key.removesuffix('.json')}"
+    assert "ConfigMap" not in by_kind(template(helm, "dashboards.enabled=false"))
+
+
+@pytest.mark.parametrize(
+    "value, field",
+    [
+        ("operator.workers=0", "workers"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("nonsense=1", "nonsense"),
+        ('watchNamespaces=["Bad_Name"]', "watchNamespaces"),
+    ],
+)
+def test_the_values_schema_rejects_bad_values_naming_them(helm, value, field):
+    result = template(helm, value, check=False)
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
+
+
+def dashboard_metrics() -> set[str]:
+    names = set()
+    for path in (CHART / "files" / "dashboards").glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                names |= set(re.findall(r"\bbouquet_[a-z_]+", target["expr"]))
+    return names
+
+
+def test_every_metric_a_dashboard_queries_is_one_bouquet_exports(tmp_path):
+    """The metric names (queries returning data from a real run is issue 4's end-to-end test)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bouquet import controller
+    from bouquet_workloads import metrics, outputs
+
+    outputs.write_json(
+        tmp_path / outputs.HISTORY,
+        [{"round": 1, "durationSeconds": 1.0, "sites": ["a"], "loss": 0.1, "accuracy": 0.9, "auroc": 0.9, "train": {"loss": 0.2}}],
+    )
+    outputs.write_json(tmp_path / outputs.PROGRESS, {"state": "Running", "round": 1, "rounds": 2})
+    registry = CollectorRegistry()
+    registry.register(metrics.JobCollector(tmp_path, "ns", "job"))
+    exported = generate_latest(registry).decode() + generate_latest(controller.Metrics(lambda: {}).registry).decode()
+    series = {
+        re.sub(r"_(bucket|count|sum)$", "", line.split("{")[0].split()[0]) for line in exported.splitlines() if line.startswith("bouquet_")
+    }
+    series |= {line.split("{")[0].split()[0] for line in exported.splitlines() if line.startswith("bouquet_")}
+    assert dashboard_metrics() - series == set()
