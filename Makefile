@@ -59,4 +59,4 @@ bench-local: venv
 	$(PYTHON) benchmarks/local_run.py $(JOB)
 
 bench-operator: venv cluster-build
-	$(PYTHON) benchmarks/operator.py
+	$(PYTHON) benchmarks/operator_load.py

@@ -168,3 +168,11 @@ def test_ctrl_c_stops_everything_and_the_same_command_resumes(tmp_path):
     history = yaml.safe_load((out / "history.json").read_text())
     assert [e["round"] for e in history] == [1, 2, 3]
     assert processes_mentioning(str(out)) == []
+
+
+def test_the_operator_validate_and_render_do_not_load_torch_or_flower():
+    """Kept out so the operator's memory is that of a small controller (make bench-operator)."""
+    probe = "import sys, bouquet.cli, bouquet.controller; print(sorted(m for m in ('torch', 'flwr') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from bouquet_workloads.task import DataError
-
-from . import flower, jobfile, local, tls
-from .render import DEFAULT_IMAGE, Settings, server_hostnames
+from . import jobfile, tls
+from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, server_hostnames
 from .render import render as render_job
 from .schema import InvalidJob
-from .server import RunFailed, serve
-from .site import run_site
+
+# What trains (torch, Flower) is imported by the commands that train, not by validate,
+# render or the operator: the operator's memory stays that of a small controller.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job", type=Path, metavar="JOB.yaml")
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/<job name>/); a run there resumes")
     run.add_argument(
-        "--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)"
+        "--metrics-port", type=int, default=METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)"
     )
 
     server = commands.add_parser("server", help="run a job's server in the foreground (the server pod's entrypoint)")
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 in a pod)")
     server.add_argument("--port", type=int, default=9092, help="port the sites dial (default: %(default)s)")
     server.add_argument(
-        "--metrics-port", type=int, default=local.DEFAULT_METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)"
+        "--metrics-port", type=int, default=METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)"
     )
     server.add_argument(
         "--tls-dir", type=Path, metavar="DIR", help="folder with ca.crt, tls.crt and tls.key (required unless the job disables TLS)"
@@ -108,10 +107,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 f"--site: {args.site!r} is not a site of the job that takes a share of spec.dataset ({', '.join(names) or 'none'})"
             )
+        from . import local
+
         local.write_builtin_shares(job, args.out, only=args.site)
         return 0
     tls_on = job["spec"]["security"]["tls"]["mode"] != "Disabled"
+    from . import flower
+
     if args.command == "server":
+        from .server import RunFailed, serve
+
         if tls_on and args.tls_dir is None:
             parser.error("--tls-dir is required: the job's spec.security.tls.mode is not Disabled")
         server_tls = flower.Tls(args.tls_dir / "ca.crt", args.tls_dir / "tls.crt", args.tls_dir / "tls.key") if tls_on else flower.Tls()
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or (Path(settings["data"]["path"]) if "data" in settings else None)
     if data is None:
         parser.error(f"--data is required: site {args.site!r} takes a share of the built-in dataset, which `bouquet run` writes out")
+    from .site import run_site
+
     return run_site(job, args.site, args.server, data, args.ca if tls_on else None, args.runtime_port)
 
 
@@ -149,6 +156,11 @@ def _validate(paths: list[Path]) -> int:
 
 
 def _run(job: Path, out: Path | None, metrics_port: int) -> int:
+    from bouquet_workloads.task import DataError
+
+    from . import flower, local
+    from .server import RunFailed
+
     try:
         local.run(job, out, metrics_port)
         return 0

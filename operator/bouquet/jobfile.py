@@ -8,8 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from bouquet_workloads import datasets
-
 from .schema import InvalidJob, Violation, load_valid
 
 
@@ -34,6 +32,8 @@ def load(path: Path) -> dict:
 def check_local(job: dict, job_path: Path) -> dict[str, Path]:
     """Checks what a run on this machine needs; returns each site's data file (absolute)
     for the sites that have their own. Raises InvalidJob naming the fields at fault."""
+    from bouquet_workloads import datasets  # torch, which validate and render do without
+
     spec = job["spec"]
     violations: list[Violation] = []
     files: dict[str, Path] = {}

@@ -1,6 +1,6 @@
 """The operator's speed and memory on a real control plane (scripts/cluster), printed.
 
-    python benchmarks/operator.py [--jobs 20] [--live 100]
+    python benchmarks/operator_load.py [--jobs 20] [--live 100]
 
 1. Time from `kubectl apply` of a job to every one of its children created (the Secret,
    claim, ConfigMap, service account, Role, RoleBinding, Deployment, Service, NetworkPolicy
