@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="train a job on this machine: one server and one process per site")
     run.add_argument("job", type=Path, metavar="JOB.yaml")
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/<job name>/); a run there resumes")
-    run.add_argument(
-        "--metrics-port", type=int, default=METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)"
-    )
+    run.add_argument("--metrics-port", type=int, default=METRICS_PORT, metavar="N", help="Prometheus metrics port (default: %(default)s)")
 
     server = commands.add_parser("server", help="run a job's server in the foreground (the server pod's entrypoint)")
     server.add_argument("job", type=Path, metavar="JOB.yaml")
