@@ -416,3 +416,11 @@ def test_the_servers_reporter_turns_its_committed_files_into_the_status(cluster,
     managers = {m["manager"]: m for m in done["metadata"]["managedFields"] if m.get("subresource") == "status"}
     assert set(managers["bouquet-server"]["fieldsV1"]["f:status"]) == {"f:progress"}, "the server owns status.progress alone"
     assert "f:progress" not in managers["bouquet-operator"]["fieldsV1"]["f:status"]
+
+
+def test_kubectl_explain_reads_the_crds_descriptions(cluster):
+    sites = kubectl(cluster, "explain", "federatedjob.spec.sites").stdout
+    assert "The sites that train, each on its own data." in sites
+    assert "GPUs the site trains on (nvidia.com/gpu)." in sites
+    status = kubectl(cluster, "explain", "federatedjob.status.progress").stdout
+    assert "The training's progress as the job's server reports it." in status
