@@ -15,13 +15,14 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint venv debian-packages cluster-build helm-build cluster cluster-down bench-local bench-operator
+.PHONY: help run test lint venv debian-packages images cluster-build helm-build cluster cluster-down bench-local bench-operator
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
 	@echo "make test   run the whole test suite"
 	@echo "make cluster      start a Kubernetes control plane on loopback; prints export KUBECONFIG=..."
 	@echo "make cluster-down stop it and remove its state"
+	@echo "make images       build the workloads and operator images"
 	@echo "make bench-local  time a local run of $(JOB) and print figures"
 	@echo "make bench-operator  time the operator on the test control plane and print figures"
 
@@ -54,6 +55,10 @@ test: lint debian-packages cluster-build helm-build
 lint: venv
 	$(VENV)/bin/ruff check operator workloads tests benchmarks
 	$(VENV)/bin/ruff format --check operator workloads tests benchmarks
+
+# The workloads and operator images (Debian's dockerd, a debootstrapped base; no registry).
+images: venv
+	@scripts/images.sh
 
 bench-local: venv
 	$(PYTHON) benchmarks/local_run.py $(JOB)
