@@ -23,7 +23,7 @@ say() { echo "$*" >&2; }
 
 "$root/scripts/debian-packages.sh" debootstrap:debootstrap dockerd:docker.io
 
-# One build at a time on this machine.
+# One build at a time on this machine. (The daemon started below must not inherit the lock.)
 exec 9>"$cache/.images.lock"
 flock 9
 
@@ -34,7 +34,7 @@ if ! docker info >/dev/null 2>&1; then
     # No bridge and no iptables rules: builds run with --network none, and nothing is left
     # behind in the host's network configuration.
     setsid dockerd --bridge=none --iptables=false --ip6tables=false --pidfile /run/bouquet-dockerd.pid \
-        </dev/null >"$docker_log" 2>&1 &
+        </dev/null >"$docker_log" 2>&1 9>&- &
     for _ in {1..150}; do
         docker info >/dev/null 2>&1 && break
         sleep 0.2
