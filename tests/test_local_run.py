@@ -18,6 +18,7 @@ import safetensors.numpy
 import yaml
 
 from bouquet_workloads.task import build_model, load_arrays
+from support.dashboards import empty_panels
 from support.processes import processes_mentioning
 from support.prometheus import Prometheus, free_port
 
@@ -40,6 +41,7 @@ class Run:
     final_round: float | None
     final_accuracy: float | None
     round_histogram_count: float | None
+    empty_dashboard_panels: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def run(tmp_path_factory) -> Run:
         "BOUQUET_TEST_WATCH": str(out),
     }
     log = work / "bouquet-run.log"
-    mid_run_round, mid_run_history_rounds = None, 0
+    mid_run_round, mid_run_history_rounds, empty = None, 0, ["not asked"]
     try:
         with log.open("w") as sink:
             process = subprocess.Popen(
@@ -72,6 +74,7 @@ def run(tmp_path_factory) -> Run:
                 if not mid_run_history_rounds and len(history) >= 3:
                     mid_run_round = _first_value(prometheus, 'bouquet_job_current_round{job_name="breast-cancer"} >= 3')
                     mid_run_history_rounds = len(_read_json(out / "history.json"))
+                    empty = empty_panels(prometheus, "training")
                 time.sleep(0.5)
             if process.poll() is None:
                 process.kill()
@@ -84,7 +87,16 @@ def run(tmp_path_factory) -> Run:
         prometheus.stop()
     opens = [tuple(line.split("\t", 1)) for line in opens_log.read_text().splitlines()] if opens_log.exists() else []
     return Run(
-        process.returncode, log.read_text(), out, opens, mid_run_round, mid_run_history_rounds, final_round, final_accuracy, histogram_count
+        process.returncode,
+        log.read_text(),
+        out,
+        opens,
+        mid_run_round,
+        mid_run_history_rounds,
+        final_round,
+        final_accuracy,
+        histogram_count,
+        empty,
     )
 
 
@@ -153,6 +165,10 @@ def test_prometheus_reads_round_progress_and_final_metrics(run):
     assert run.final_round == 10
     assert run.final_accuracy == pytest.approx(model["metrics"]["accuracy"])
     assert run.round_histogram_count == 10
+
+
+def test_every_training_dashboard_panel_returns_data_mid_run(run):
+    assert run.empty_dashboard_panels == []
 
 
 def test_each_site_process_reads_only_its_own_data(run):

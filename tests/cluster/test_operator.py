@@ -17,7 +17,9 @@ from kubernetes.client.exceptions import ApiException
 from bouquet import kube, progress, tls
 from bouquet.render import CHILD_KINDS, Settings, render
 from support.cluster import ROOT, apply_job, condition, get_job, kubectl
+from support.dashboards import empty_panels
 from support.kubelet import wait_for
+from support.prometheus import Prometheus
 
 EXAMPLES = {
     "breast-cancer": ROOT / "examples" / "breast-cancer.yaml",
@@ -124,7 +126,8 @@ def start_and_run(cluster, client, namespace, path_or_job) -> dict:
     )
 
 
-def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namespace, operator, kubelet, server_identity):
+def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namespace, operator, kubelet, server_identity, tmp_path):
+    prometheus = Prometheus(tmp_path / "prometheus", [f"127.0.0.1:{operator.port}"])
     job = start_and_run(cluster, client, namespace, EXAMPLES["breast-cancer"])
     name, rounds = job["metadata"]["name"], job["spec"]["rounds"]
     assert condition(job, "Ready")["status"] == "True" and job["status"]["sitesReady"] == 3
@@ -179,6 +182,11 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
     assert re.search(r'bouquet_reconcile_total\{controller="federatedjob",result="success"\} [1-9]', metrics_text), metrics_text
     assert 'bouquet_federatedjobs{phase="Succeeded"} 1.0' in metrics_text
     assert "bouquet_reconcile_time_seconds_bucket" in metrics_text
+    try:
+        assert empty_panels(prometheus, "operator") == [], "every panel of the operator's dashboard has data"
+        assert prometheus.value('bouquet_federatedjobs{phase="Succeeded"}') >= 1
+    finally:
+        prometheus.stop()
 
 
 def test_the_servers_role_reaches_only_its_own_jobs_status(cluster, client, namespace, operator, server_identity):
