@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "workloads")]
 
 from bouquet.flower import descendants  # noqa: E402
-from bouquet.local import DEFAULT_METRICS_PORT  # noqa: E402
+from bouquet.render import METRICS_PORT  # noqa: E402
 
 
 def rss_bytes(pids: set[int]) -> int:
@@ -41,7 +41,7 @@ def main() -> None:
         out = Path(tmp) / "out"
         started = time.monotonic()
         process = subprocess.Popen(
-            [sys.executable, "-m", "bouquet", "run", str(job), "--out", str(out), "--metrics-port", str(DEFAULT_METRICS_PORT)],
+            [sys.executable, "-m", "bouquet", "run", str(job), "--out", str(out), "--metrics-port", str(METRICS_PORT)],
             stdout=subprocess.DEVNULL,
         )
         peak = 0

@@ -25,6 +25,7 @@ references.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -129,20 +130,30 @@ def _restarts(pods: list[Mapping]) -> int:
     return max((s.get("restartCount", 0) for p in pods for s in p.get("status", {}).get("containerStatuses", [])), default=0)
 
 
-def observe(client: kube.Client, job: Mapping, now: datetime) -> status.Observation:
-    """What the job's children and its server's report say."""
+def _site_jobs(client: kube.Client, job: Mapping) -> dict[str, dict]:
+    """The job's site Jobs by name (none in mode ServerOnly, which has no sites here)."""
+    if job["spec"]["mode"] == "ServerOnly":
+        return {}
+    selector = f"{JOB_LABEL}={job['metadata']['name']},app.kubernetes.io/component=site"
+    return {j["metadata"]["name"]: j for j in client.list("batch/v1", "Job", job["metadata"]["namespace"], selector)}
+
+
+def _finished(site_job: Mapping) -> bool:
+    """A site Job that has completed or failed: a record, left as it is."""
+    return _condition(site_job, "Complete") is not None or _condition(site_job, "Failed") is not None
+
+
+def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], now: datetime) -> status.Observation:
+    """What the job's children (its site Jobs as listed by _site_jobs) and its server's
+    report say."""
     spec, namespace, name = job["spec"], job["metadata"]["namespace"], job["metadata"]["name"]
     previous = job.get("status", {})
     pods = client.list("v1", "Pod", namespace, f"{JOB_LABEL}={name}")
     server_pods = [p for p in pods if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "server"]
     sites: dict[str, status.Site] = {}
     if spec["mode"] != "ServerOnly":
-        jobs = {
-            j["metadata"]["name"]: j
-            for j in client.list("batch/v1", "Job", namespace, f"{JOB_LABEL}={name},app.kubernetes.io/component=site")
-        }
         for site in spec["sites"]:
-            found = jobs.get(render.site_job_name(job, site["name"]))
+            found = site_jobs.get(render.site_job_name(job, site["name"]))
             if found is None:
                 sites[site["name"]] = status.Site()
                 continue
@@ -195,6 +206,14 @@ def _deadline_remaining(job: Mapping, now: datetime) -> float | None:
     return (_parse(start) + timedelta(seconds=deadline) - now).total_seconds()
 
 
+def _ttl_remaining(ttl: int | None, job_status: Mapping, now: datetime) -> float | None:
+    """Seconds until runPolicy.ttlSecondsAfterFinished deletes a finished job; None for a job
+    not finished, or without a time to live."""
+    if ttl is None or job_status.get("phase") not in ("Succeeded", "Failed") or not job_status.get("completionTime"):
+        return None
+    return (_parse(job_status["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds()
+
+
 def _tls_bundle(client: kube.Client, job: Mapping) -> tls.Bundle | None:
     """The job's TLS material: from its Secret if it has one, else new (issued once; the
     Secret then keeps it)."""
@@ -209,16 +228,10 @@ def _tls_bundle(client: kube.Client, job: Mapping) -> tls.Bundle | None:
                 f"Secret {names(job)['tls']} exists and is not this job's: delete it, or name your own with "
                 "spec.security.tls.mode Secret and secretName"
             )
-        data = {k: kube_b64(v) for k, v in secret.get("data", {}).items()}
+        data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
         if all(k in data for k in ("ca.crt", "tls.crt", "tls.key")):
             return tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
     return tls.issue(job["metadata"]["name"], render.server_hostnames(job))
-
-
-def kube_b64(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
 
 
 class Refused(Exception):
@@ -283,15 +296,10 @@ def _transition_events(client: kube.Client, job: Mapping, before: Mapping, after
                 _event(client, job, "Warning", "Unschedulable", c["message"])
 
 
-def _finished_site_jobs(client: kube.Client, job: Mapping) -> set[str]:
-    """Names of the job's site Jobs that have completed or failed: records, left as they are."""
-    found = client.list("batch/v1", "Job", job["metadata"]["namespace"], f"{JOB_LABEL}={job['metadata']['name']}")
-    return {j["metadata"]["name"] for j in found if _condition(j, "Complete") or _condition(j, "Failed")}
-
-
-def _apply_children(client: kube.Client, job: Mapping, children: list[dict]) -> float | None:
-    """Applies every child; returns seconds to requeue after when one had to be replaced."""
-    finished = _finished_site_jobs(client, job)
+def _apply_children(client: kube.Client, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict]) -> float | None:
+    """Applies every child but finished site Jobs; returns seconds to requeue after when one
+    had to be replaced."""
+    finished = {name for name, site_job in site_jobs.items() if _finished(site_job)}
     requeue = None
     for child in children:
         if child["kind"] == "Job" and child["metadata"]["name"] in finished:
@@ -320,19 +328,16 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
     spec, before = job["spec"], job.get("status", {})
 
     ttl = spec["runPolicy"].get("ttlSecondsAfterFinished")
-    if ttl is not None and before.get("phase") in ("Succeeded", "Failed") and before.get("completionTime"):
-        left = (_parse(before["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds()
-        if left <= 0:
-            _event(client, job, "Normal", "Deleted", f"runPolicy.ttlSecondsAfterFinished ({ttl}s) has passed since the job finished")
-            client.delete(API_VERSION, KIND, namespace, name, uid=job["metadata"]["uid"])
-            return Outcome(gone=True)
+    left = _ttl_remaining(ttl, before, now)
+    if left is not None and left <= 0:
+        _event(client, job, "Normal", "Deleted", f"runPolicy.ttlSecondsAfterFinished ({ttl}s) has passed since the job finished")
+        client.delete(API_VERSION, KIND, namespace, name, uid=job["metadata"]["uid"])
+        return Outcome(gone=True)
 
-    seen = observe(client, job, now)
+    site_jobs = _site_jobs(client, job)
+    seen = observe(client, job, site_jobs, now)
     after = status.derive(job, seen, _rfc3339(now))
-    if "progress" in before:
-        after_full = {**after, "progress": before["progress"]}
-    else:
-        after_full = after
+    after_full = {**after, "progress": before["progress"]} if "progress" in before else after  # progress is the server's
     if after_full != before:
         client.apply(_status_body(job, after), FIELD_MANAGER, subresource="status")
         _transition_events(client, job, before, after)
@@ -342,13 +347,12 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
     digest = json.dumps(children, sort_keys=True)
     requeue = None
     if force or digest != memory.applied:
-        requeue = _apply_children(client, job, children)
+        requeue = _apply_children(client, job, children, site_jobs)
         memory.applied = "" if requeue else digest
 
     # When to look again without being told: the deadline, the time to live, a replaced Job.
-    waits = [w for w in (requeue, _deadline_remaining(job, now) if after["phase"] == "Running" else None) if w is not None]
-    if ttl is not None and after["phase"] in ("Succeeded", "Failed"):
-        waits.append((_parse(after["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds())
+    deadline = _deadline_remaining(job, now) if after["phase"] == "Running" else None
+    waits = [w for w in (requeue, deadline, _ttl_remaining(ttl, after, now)) if w is not None]
     return Outcome(requeue_after=max(0.5, min(waits)) if waits else None, phase=after["phase"])
 
 
@@ -472,12 +476,15 @@ class Controller:
     def job_seen(self, event_type: str | None, body: Mapping) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
-            self.jobs.pop(key, None)
-            self.memory.pop(key, None)
-            self.queue.forget(key)
+            self._forget(key)
             return
         self.jobs[key] = body.get("status", {}).get("phase")
         self.queue.add(key)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self.jobs.pop(key, None)
+        self.memory.pop(key, None)
+        self.queue.forget(key)
 
     def child_seen(self, event_type: str | None, body: Mapping) -> None:
         meta = body["metadata"]
@@ -513,9 +520,7 @@ class Controller:
             else:
                 memory.last_error, memory.attempt = "", 0
                 if outcome.gone:
-                    self.jobs.pop(key, None)
-                    self.memory.pop(key, None)
-                    self.queue.forget(key)
+                    self._forget(key)
                 else:
                     self.jobs[key] = outcome.phase
                     if outcome.requeue_after is not None:

@@ -21,7 +21,6 @@ from . import flower, jobfile, tls
 from .schema import InvalidJob, Violation
 from .server import Server, clock
 
-DEFAULT_METRICS_PORT = 9400
 BASELINE = "baseline.json"
 REPORT = "report.png"
 
