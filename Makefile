@@ -15,13 +15,15 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint venv debian-packages images cluster-build helm-build cluster cluster-down bench-local bench-operator
+.PHONY: help run test e2e e2e-kind lint venv debian-packages images cluster-build helm-build cluster cluster-down bench-local bench-operator
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
 	@echo "make test   run the whole test suite"
-	@echo "make cluster      start a Kubernetes control plane on loopback; prints export KUBECONFIG=..."
-	@echo "make cluster-down stop it and remove its state"
+	@echo "make cluster      make this host a single-node Kubernetes cluster with Bouquet installed; prints export KUBECONFIG=..."
+	@echo "make cluster-down stop it and remove everything it left on the host"
+	@echo "make e2e          the end-to-end tests on the cluster of \$$KUBECONFIG (unset: this host's own)"
+	@echo "make e2e-kind     the end-to-end tests on a kind cluster (hosts with Docker and registry access)"
 	@echo "make images       build the workloads and operator images"
 	@echo "make bench-local  time a local run of $(JOB) and print figures"
 	@echo "make bench-operator  time the operator on the test control plane and print figures"
@@ -43,14 +45,27 @@ cluster-build:
 helm-build:
 	@scripts/helm.sh >/dev/null
 
-cluster:
-	@scripts/cluster/up.sh
+# The single-node cluster (root: containerd, kubelet, iptables) with Bouquet's chart installed.
+cluster: cluster-build helm-build
+	@scripts/cluster/up.sh --node
+	@scripts/cluster/install.sh
 
 cluster-down:
 	@scripts/cluster/down.sh
 
+# Every test, the end-to-end ones on a single-node cluster of this host's own.
 test: lint debian-packages cluster-build helm-build
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	env -u BOUQUET_E2E_KUBECONFIG $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The end-to-end tests on the cluster $$KUBECONFIG names, which must hold Bouquet's images;
+# with KUBECONFIG unset, on a single-node cluster of this host's own, as in `make test`.
+e2e: venv debian-packages cluster-build helm-build
+	BOUQUET_E2E_KUBECONFIG="$${KUBECONFIG:-}" $(PYTHON) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The same tests on kind (kind-config.yaml): for hosts with Docker and registry access.
+e2e-kind: venv debian-packages helm-build
+	@scripts/kind.sh
+	BOUQUET_E2E_KUBECONFIG="$$(scripts/kind.sh --kubeconfig)" $(PYTHON) -m pytest tests/e2e $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check operator workloads tests benchmarks

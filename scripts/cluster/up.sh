@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Starts a Kubernetes control plane on loopback for tests: etcd, kube-apiserver,
-# kube-controller-manager and kube-scheduler (built by build.sh), with their own CA,
-# certificates and kubeconfigs, on free ports. No kubelet runs: Pods are created, scheduled
-# nowhere and stay Pending, but every API and controller behaves as in a real cluster.
+# Starts a Kubernetes cluster for tests: etcd, kube-apiserver, kube-controller-manager and
+# kube-scheduler (built by build.sh), with their own CA, certificates and kubeconfigs, on
+# free ports on loopback. Without --node no kubelet runs: Pods are created, scheduled nowhere
+# and stay Pending, but every API and controller behaves as in a real cluster. With --node
+# the host becomes the cluster's one node (node.sh: containerd, kubelet, kube-proxy, CoreDNS,
+# storage and Bouquet's images; root only), and the API server listens on the host's
+# address too, where Pods reach it through the `kubernetes` Service.
 #
-# Usage: scripts/cluster/up.sh [STATE_DIR]
+# Usage: scripts/cluster/up.sh [--node] [STATE_DIR]
 #   STATE_DIR defaults to $BOUQUET_CLUSTER_DIR, else /tmp/bouquet-cluster. It receives pki/,
 #   logs/<component>.log, pids/<component>.pid, etcd/ and kubeconfig (cluster-admin).
 #   The last line on stdout is `export KUBECONFIG=STATE_DIR/kubeconfig`; all else goes to
@@ -15,7 +18,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=common.sh
 source "$here/common.sh"
+# shellcheck source=node.sh
+source "$here/node.sh"
 
+with_node=
+if [[ ${1:-} == --node ]]; then
+    with_node=1
+    shift
+fi
 state=$(state_dir "${1:-}")
 export_line="export KUBECONFIG=$state/kubeconfig"
 pki=$state/pki
@@ -41,7 +51,10 @@ running() {
 healthy() {
     local name
     [[ -f $state/$MARKER && -f $state/kubeconfig ]] || return 1
+    # A cluster with a node is what either call asks for; one without is not what --node asks.
+    [[ -z $with_node || -d $state/node ]] || return 1
     for name in "${COMPONENTS[@]}"; do
+        [[ -d $state/node ]] || [[ " $NODE_COMPONENTS " != *" $name "* ]] || continue
         running "$name" || return 1
     done
     [[ $(admin_curl "$(api_url)/readyz" 2>/dev/null) == ok ]]
@@ -55,6 +68,10 @@ fi
 
 bin=$("$here/build.sh")
 started=$SECONDS
+# The host's own address (that of its default route), which Pods can reach.
+host_ip=$(ip -4 -o route get 1.0.0.0 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
+[[ -n $host_ip ]] || host_ip=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); print $4; exit }')
+[[ -n $host_ip || -z $with_node ]] || die "found no IPv4 address on this host for the node"
 
 if [[ -e $state ]]; then
     if [[ -f $state/$MARKER ]]; then
@@ -79,17 +96,7 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# Five ports that nothing uses, below the kernel's ephemeral range (32768 and up) so that no
-# outgoing connection takes one between this check and the bind. Not the defaults (2379,
-# 6443, 10257, 10259): a second cluster, or a real one, may hold those.
-taken=" $(ss -Htan | awk '{ sub(/.*:/, "", $4); printf "%s ", $4 }') "
-ports=()
-while ((${#ports[@]} < 5)); do
-    port=$((20000 + RANDOM % 12000))
-    [[ $taken == *" $port "* ]] && continue
-    taken+="$port "
-    ports+=("$port")
-done
+mapfile -t ports < <(free_ports 5)
 etcd_port=${ports[0]} etcd_peer_port=${ports[1]} api_port=${ports[2]}
 controller_manager_port=${ports[3]} scheduler_port=${ports[4]}
 
@@ -128,7 +135,7 @@ issue etcd-server etcd-ca /CN=etcd serverAuth,clientAuth "$loopback"
 issue apiserver-etcd-client etcd-ca /CN=kube-apiserver-etcd-client clientAuth
 new_ca ca bouquet-cluster-ca
 issue apiserver ca /CN=kube-apiserver serverAuth \
-    "$loopback,IP:$SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    "$loopback${host_ip:+,IP:$host_ip},IP:$SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 # What the API server shows a kubelet (logs, exec, port-forward) once one joins.
 issue apiserver-kubelet-client ca "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
 issue admin ca "/O=system:masters/CN=bouquet-admin" clientAuth
@@ -172,14 +179,14 @@ EOF
 write_kubeconfig "$pki/kube-controller-manager.kubeconfig" kube-controller-manager
 write_kubeconfig "$pki/kube-scheduler.kubeconfig" kube-scheduler
 
-# start NAME ARGS...: runs a component in a session of its own (a Ctrl-C or a closed terminal
+# start NAME PROGRAM ARGS...: runs a component in a session of its own (a Ctrl-C or a closed terminal
 # of whoever called up.sh does not reach it), logging to logs/NAME.log. The shell writes its
 # own id to the pid file and then becomes the component, so the id is the component's.
 start() {
     local name=$1 i
     shift
     # shellcheck disable=SC2016 # expanded by that shell
-    setsid bash -c 'echo $$ >"$0" && exec "$@"' "$state/pids/$name.pid" "$bin/$name" "$@" \
+    setsid bash -c 'echo $$ >"$0" && exec "$@"' "$state/pids/$name.pid" "$@" \
         </dev/null >"$state/logs/$name.log" 2>&1 9>&- &
     # Until the exec, the process is a shell that cluster_pids does not count.
     for i in {1..50}; do
@@ -211,7 +218,7 @@ wait_until() {
 # --unsafe-no-fsync: the database is thrown away with the cluster, so waiting for the disk
 # on every write only slows the tests down. The peer port is unused by a single member but
 # must not be etcd's default either.
-start etcd --name bouquet --data-dir "$state/etcd" --unsafe-no-fsync \
+start etcd "$bin/etcd" --name bouquet --data-dir "$state/etcd" --unsafe-no-fsync \
     --listen-client-urls "https://127.0.0.1:$etcd_port" \
     --advertise-client-urls "https://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" \
@@ -225,11 +232,14 @@ etcd_healthy() {
 }
 wait_until etcd 30 etcd_healthy
 
-# The admission plugins are the release's defaults. No --advertise-address: the API server
-# then advertises the host's address for the `kubernetes` Service, because Endpoints may not
-# hold a loopback address.
-start kube-apiserver \
-    --bind-address 127.0.0.1 --secure-port "$api_port" \
+# The admission plugins are the release's defaults. The API server advertises the host's
+# address for the `kubernetes` Service (Endpoints may not hold a loopback address), and
+# listens there too when Pods are to reach it.
+start kube-apiserver "$bin/kube-apiserver" \
+    --bind-address "$([[ -n $with_node ]] && echo 0.0.0.0 || echo 127.0.0.1)" --secure-port "$api_port" \
+    ${host_ip:+--advertise-address "$host_ip"} \
+    --kubelet-preferred-address-types InternalIP,Hostname \
+    --kubelet-certificate-authority "$pki/ca.crt" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
     --client-ca-file "$pki/ca.crt" \
     --etcd-servers "https://127.0.0.1:$etcd_port" --etcd-cafile "$pki/etcd-ca.crt" \
@@ -261,7 +271,7 @@ wait_until kube-apiserver 120 api_ready
 # does nothing unless --allocate-node-cidrs is set, and the cloud controllers nothing
 # without --cloud-provider. Leader election is off: there is one of each, and a restart
 # must not wait out a lease.
-start kube-controller-manager \
+start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$pki/kube-controller-manager.kubeconfig" \
     --authentication-kubeconfig "$pki/kube-controller-manager.kubeconfig" \
     --authorization-kubeconfig "$pki/kube-controller-manager.kubeconfig" \
@@ -274,7 +284,7 @@ start kube-controller-manager \
     --root-ca-file "$pki/ca.crt" \
     --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
     --service-cluster-ip-range "$SERVICE_CIDR"
-start kube-scheduler \
+start kube-scheduler "$bin/kube-scheduler" \
     --kubeconfig "$pki/kube-scheduler.kubeconfig" \
     --authentication-kubeconfig "$pki/kube-scheduler.kubeconfig" \
     --authorization-kubeconfig "$pki/kube-scheduler.kubeconfig" \
@@ -284,6 +294,8 @@ start kube-scheduler \
 component_healthy() { [[ $(curl -sf --max-time 2 --cacert "$pki/ca.crt" "https://127.0.0.1:$1/healthz") == ok ]]; }
 wait_until kube-controller-manager 60 component_healthy "$controller_manager_port"
 wait_until kube-scheduler 60 component_healthy "$scheduler_port"
+
+[[ -z $with_node ]] || start_node
 
 finished=1
 echo "The cluster in $state is up after $((SECONDS - started)) s: API server https://127.0.0.1:$api_port, logs in $state/logs" >&2

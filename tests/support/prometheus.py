@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, targets: list[str]) -> None:
+    def __init__(self, workdir: Path, targets: list[str] | None = None, scrape_configs: list[dict] | None = None) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             raise RuntimeError("prometheus is not installed: `make test` installs Debian's prometheus package")
@@ -31,7 +31,7 @@ class Prometheus:
             json.dumps(
                 {
                     "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "scrape_configs": [{"job_name": "bouquet", "static_configs": [{"targets": targets}]}],
+                    "scrape_configs": scrape_configs or [{"job_name": "bouquet", "static_configs": [{"targets": targets or []}]}],
                 }
             )
         )

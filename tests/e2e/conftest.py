@@ -1,0 +1,155 @@
+"""End to end on a real cluster: real Pods from Bouquet's images train on a kubelet with
+containerd, the operator installed with the Helm chart, Debian's Prometheus scraping them.
+
+The cluster is the one BOUQUET_E2E_KUBECONFIG names (`make e2e` passes $KUBECONFIG, `make
+e2e-kind` a kind cluster's), or else a single-node cluster of this host's own, brought up
+with `scripts/cluster/up.sh --node` (root only) and taken down at the end, when the host
+must hold no process, mount, network interface or iptables rule of it. Its images must be
+there: the local node loads them itself; `make e2e-kind` loads them into kind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from support.cluster import ROOT, kubectl
+from support.e2e import RELEASE, RELEASE_NAMESPACE, host_state, leftovers
+from support.prometheus import Prometheus
+
+SCRIPTS = ROOT / "scripts" / "cluster"
+GPU_LABEL = "bouquet.dev/gpu"
+
+
+def report(config, line: str) -> None:
+    """A line on the terminal, whatever pytest captures."""
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(line)
+
+
+class LocalNode:
+    """The single-node cluster of scripts/cluster/up.sh --node in a state folder."""
+
+    def __init__(self, state: Path, config) -> None:
+        self.state, self.config = state, config
+        self.kubeconfig = str(state / "kubeconfig")
+
+    def up(self, what: str) -> float:
+        started = time.monotonic()
+        up = subprocess.run(["bash", str(SCRIPTS / "up.sh"), "--node", str(self.state)], capture_output=True, text=True)
+        seconds = time.monotonic() - started
+        if up.returncode != 0:
+            pytest.fail(
+                f"the single-node cluster did not come up (scripts/cluster/up.sh --node, exit {up.returncode}):\n{up.stderr[-5000:]}",
+                pytrace=False,
+            )
+        built = [line for line in up.stderr.splitlines() if line.startswith(("Building", "Loading", "Compiling", "Making", "Collecting"))]
+        kind = "cold: " + "; ".join(built) if built else "warm: nothing built or loaded"
+        report(self.config, f"\nsingle-node cluster bring-up ({what}, {kind}): {seconds:.0f} s")
+        return seconds
+
+    def down(self) -> None:
+        down = subprocess.run(["bash", str(SCRIPTS / "down.sh"), str(self.state)], capture_output=True, text=True)
+        assert down.returncode == 0, f"scripts/cluster/down.sh failed:\n{down.stderr}"
+        assert not self.state.exists(), "down.sh removes the cluster's state"
+
+
+@pytest.fixture(scope="session")
+def local_node(request, tmp_path_factory):
+    """The host's own single-node cluster, or None when the tests run on a given cluster."""
+    if os.environ.get("BOUQUET_E2E_KUBECONFIG"):
+        yield None
+        return
+    if os.geteuid() != 0:
+        pytest.fail(
+            "the end-to-end tests bring up a node of this host (containerd, kubelet, iptables) and need root; "
+            "or point BOUQUET_E2E_KUBECONFIG at a cluster that has Bouquet's images",
+            pytrace=False,
+        )
+    before = host_state()
+    node = LocalNode(tmp_path_factory.mktemp("node") / "cluster", request.config)
+    node.up("first")
+    node.before = before
+    yield node
+    if node.state.exists():
+        node.down()
+        left = leftovers(before, node.state)
+        assert not left, f"the node left these behind on the host: {json.dumps(left, indent=1)}"
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(local_node) -> str:
+    """The kubeconfig of the cluster under test."""
+    return local_node.kubeconfig if local_node else os.environ["BOUQUET_E2E_KUBECONFIG"]
+
+
+@pytest.fixture(scope="session")
+def gpu_node(e2e_cluster) -> str:
+    """The node labelled bouquet.dev/gpu, with nvidia.com/gpu in its capacity (added here
+    when no device plugin put it there: there is no accelerator in these tests)."""
+    nodes = json.loads(kubectl(e2e_cluster, "get", "nodes", "-l", f"{GPU_LABEL}=true", "-o", "json").stdout)["items"]
+    assert nodes, f"the cluster has no node labelled {GPU_LABEL}=true (kind-config.yaml and scripts/cluster/node.sh label one)"
+    node = nodes[0]
+    if "nvidia.com/gpu" not in node["status"].get("capacity", {}):
+        patch = json.dumps({"status": {"capacity": {"nvidia.com/gpu": "2"}}})
+        kubectl(e2e_cluster, "patch", "node", node["metadata"]["name"], "--subresource", "status", "--type", "merge", "-p", patch)
+    return node["metadata"]["name"]
+
+
+@pytest.fixture(scope="session")
+def release(e2e_cluster, helm):
+    """The chart installed as a user would: `helm install` into bouquet-system."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([helm, "--kubeconfig", e2e_cluster, *args], capture_output=True, text=True, timeout=600)
+
+    installed = run(
+        "upgrade", "--install", RELEASE, str(ROOT / "charts" / "bouquet"),
+        "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m",
+        "--set", "operator.resyncSeconds=10",
+    )  # fmt: skip
+    if installed.returncode:
+        pods = kubectl(e2e_cluster, "get", "pods", "-n", RELEASE_NAMESPACE, "-o", "wide", check=False).stdout
+        logs = kubectl(e2e_cluster, "logs", "-n", RELEASE_NAMESPACE, "deployment/bouquet", "--tail=50", check=False)
+        pytest.fail(f"helm install failed:\n{installed.stderr}\n{pods}\n{logs.stdout}{logs.stderr}", pytrace=False)
+    yield run
+    if run("status", RELEASE, "--namespace", RELEASE_NAMESPACE).returncode == 0:
+        run("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+
+
+@pytest.fixture
+def namespace(e2e_cluster):
+    """A namespace of the test's own, deleted afterwards (its retained claims with it)."""
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    kubectl(e2e_cluster, "create", "namespace", name)
+    yield name
+    kubectl(e2e_cluster, "delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def prometheus(e2e_cluster, tmp_path_factory):
+    """Debian's Prometheus on this host, finding every Pod port named `metrics` through the
+    API server (Kubernetes service discovery) and scraping it at the Pod's address."""
+    server = Prometheus(
+        tmp_path_factory.mktemp("prometheus"),
+        scrape_configs=[
+            {
+                "job_name": "bouquet-pods",
+                "honor_labels": True,
+                "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": e2e_cluster}],
+                "relabel_configs": [
+                    {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics", "action": "keep"},
+                    {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }
+        ],
+    )
+    yield server
+    server.stop()

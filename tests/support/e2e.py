@@ -1,0 +1,111 @@
+"""Helpers of the end-to-end tests (tests/e2e): what a node leaves on the host, reading a
+claim through a Pod, a job's status, and what to show when a job fails."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+from support.cluster import ROOT, kubectl
+from support.kubelet import wait_for
+from support.processes import processes_mentioning
+
+RELEASE, RELEASE_NAMESPACE = "bouquet", "bouquet-system"
+COUNTERS = re.compile(r" \[\d+:\d+\]$")
+
+
+def host_state() -> dict[str, set[str]]:
+    """What a node leaves on the host: network interfaces, mount points, iptables rules."""
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    rules: set[str] = set()
+    for command in ("iptables-save", "ip6tables-save"):
+        saved = subprocess.run([command], capture_output=True, text=True)
+        # Rules and chains, without the packet counters and the comments that carry a date.
+        rules |= {f"{command}: {COUNTERS.sub('', line)}" for line in saved.stdout.splitlines() if line[:1] in ("-", ":")}
+    return {
+        "kubepods cgroups": {str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")},
+        "interfaces": {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()},
+        "mounts": {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()},
+        "iptables rules": rules,
+    }
+
+
+def leftovers(before: dict[str, set[str]], state: Path) -> dict[str, list[str]]:
+    """What the host holds now that it did not before the node came up."""
+    after = host_state()
+    found = {kind: sorted(after[kind] - before[kind]) for kind in before}
+    found["processes"] = processes_mentioning(str(state))
+    return {kind: items for kind, items in found.items() if items}
+
+
+def read_claim(kubeconfig: str, namespace: str, claim: str, paths: list[str]) -> dict[str, bytes]:
+    """The files at paths (relative to the claim's root) of a PersistentVolumeClaim, read
+    through a Pod that mounts it read-only."""
+    pod = f"read-{uuid.uuid4().hex[:6]}"
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod, "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "read",
+                    "image": _workloads_image(),
+                    "command": ["sleep", "600"],
+                    "volumeMounts": [{"name": "claim", "mountPath": "/claim", "readOnly": True}],
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
+            "volumes": [{"name": "claim", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}],
+        },
+    }
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(manifest))
+    try:
+        kubectl(kubeconfig, "wait", "-n", namespace, f"pod/{pod}", "--for=condition=Ready", "--timeout=180s")
+        files = {}
+        for path in paths:
+            read = subprocess.run(
+                ["kubectl", "--kubeconfig", kubeconfig, "exec", "-n", namespace, pod, "--", "cat", f"/claim/{path}"],
+                capture_output=True,
+                timeout=120,
+            )
+            assert read.returncode == 0, f"cannot read {path} from claim {claim}: {read.stderr.decode()}"
+            files[path] = read.stdout
+        return files
+    finally:
+        kubectl(kubeconfig, "delete", "pod", "-n", namespace, pod, "--wait=false", check=False)
+
+
+def _workloads_image() -> str:
+    version = re.search(r'^version = "(.*)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    return f"bouquet-workloads:{version}"
+
+
+def job_status(kubeconfig: str, namespace: str, name: str) -> dict:
+    found = kubectl(kubeconfig, "get", "federatedjob", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(found.stdout).get("status", {}) if found.returncode == 0 else {}
+
+
+def wait_for_round(kubeconfig: str, namespace: str, name: str, round_: int, timeout: float = 600) -> None:
+    wait_for(
+        lambda: job_status(kubeconfig, namespace, name).get("progress", {}).get("round", 0) >= round_,
+        timeout=timeout,
+        interval=2,
+        what=f"job {namespace}/{name} to finish round {round_}",
+    )
+
+
+def diagnose(kubeconfig: str, namespace: str) -> str:
+    """What a failed test should show: the namespace's objects, events and pod logs."""
+    parts = [kubectl(kubeconfig, "get", "federatedjobs,pods,jobs,pvc", "-n", namespace, "-o", "wide", check=False).stdout]
+    parts.append(kubectl(kubeconfig, "get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).stdout[-3000:])
+    pods = kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "name", check=False).stdout.split()
+    for pod in pods:
+        logs = kubectl(kubeconfig, "logs", "-n", namespace, pod, "--all-containers", "--tail=30", check=False)
+        parts.append(f"--- {pod}\n{logs.stdout[-2500:]}{logs.stderr[-500:]}")
+    return "\n".join(parts)
