@@ -72,9 +72,9 @@ flock 9
 docker_log=$cache/dockerd.log
 if ! docker info >/dev/null 2>&1; then
     say "Starting dockerd (log: $docker_log)"
-    # No bridge and no iptables rules: builds run with --network none, and nothing is left
-    # behind in the host's network configuration.
-    setsid dockerd --bridge=none --iptables=false --ip6tables=false --pidfile /run/bouquet-dockerd.pid \
+    # No bridge, no iptables rules, ip_forward left alone: builds run with --network none, and
+    # nothing is left behind in the host's network configuration.
+    setsid dockerd --bridge=none --iptables=false --ip6tables=false --ip-forward=false --pidfile /run/bouquet-dockerd.pid \
         </dev/null >"$docker_log" 2>&1 9>&- &
     dockerd_pid=$!
     # Stopped again when this script ends, however it ends.
@@ -126,9 +126,12 @@ cp "$root/operator/requirements.txt" "$context/operator/"
 
 for image in "${images[@]}"; do
     name=bouquet-$image:$version
-    say "Building $name"
-    docker build --network none --build-arg "BASE=$base" -f "$root/$image/Dockerfile" -t "$name" "$context" >&2
-    echo "$key $(docker image inspect -f '{{.Id}}' "$name")" >"$cache/images/$image"
+    # Built from these sources already (only loading was missing)?
+    if [[ $(stamp "$image") != "$key $(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null)" ]]; then
+        say "Building $name"
+        docker build --network none --build-arg "BASE=$base" -f "$root/$image/Dockerfile" -t "$name" "$context" >&2
+        echo "$key $(docker image inspect -f '{{.Id}}' "$name")" >"$cache/images/$image"
+    fi
     if [[ -n $containerd ]] && ! loaded "$image"; then
         say "Loading $name into containerd"
         docker save "$name" | ctr_ images import - >&2

@@ -86,6 +86,10 @@ start_node() {
     write_kubeconfig "$pki/kube-proxy.kubeconfig" kube-proxy
     write_kubeconfig "$pki/coredns.kubeconfig" coredns
 
+    # Keys and kubeconfigs above are for root only; what the node's components write (image
+    # layers, Pod folders) must be as readable as the images and the kubelet mean it to be.
+    umask 022
+
     # --- containerd ---
     local socket=$node/containerd/containerd.sock
     cat >"$node/containerd/config.toml" <<EOF

@@ -15,6 +15,7 @@ from support.processes import processes_mentioning
 
 RELEASE, RELEASE_NAMESPACE = "bouquet", "bouquet-system"
 COUNTERS = re.compile(r" \[\d+:\d+\]$")
+BUILT_IN_CHAINS = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
 
 
 def host_state() -> dict[str, set[str]]:
@@ -23,8 +24,13 @@ def host_state() -> dict[str, set[str]]:
     rules: set[str] = set()
     for command in ("iptables-save", "ip6tables-save"):
         saved = subprocess.run([command], capture_output=True, text=True)
-        # Rules and chains, without the packet counters and the comments that carry a date.
-        rules |= {f"{command}: {COUNTERS.sub('', line)}" for line in saved.stdout.splitlines() if line[:1] in ("-", ":")}
+        # Rules and chains of their own, without packet counters. (An empty table with the
+        # built-in chains, which iptables makes on first use, holds no rule.)
+        rules |= {
+            f"{command}: {COUNTERS.sub('', line)}"
+            for line in saved.stdout.splitlines()
+            if line.startswith("-") or (line.startswith(":") and line.split()[0][1:] not in BUILT_IN_CHAINS)
+        }
     return {
         "kubepods cgroups": {str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")},
         "interfaces": {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()},
