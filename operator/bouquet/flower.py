@@ -299,3 +299,10 @@ def ensure_port_free(port: int, what: str) -> None:
             s.bind(("127.0.0.1", port))
         except OSError:
             raise LaunchError(f"port {port} is already in use ({what}); choose another") from None
+
+
+def raise_interrupt(signum, frame) -> None:
+    """A SIGTERM handler that stops a foreground command as Ctrl-C does. In a container the
+    command is the first process, for which SIGTERM has no default action: without a
+    handler a pod being deleted would wait out its grace period and be killed."""
+    raise KeyboardInterrupt

@@ -66,7 +66,7 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
     processes = flower.Processes(paths.logs, flower.process_env([job_path.parent.resolve()]))
     metrics_server, _ = metrics.serve(paths.out, "local", name, metrics_port)
     started = time.monotonic()
-    stop_on_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm = signal.signal(signal.SIGTERM, flower.raise_interrupt)
     try:
         say(f"job {name}: {len(job['spec']['sites'])} sites, {job['spec']['rounds']} rounds of {job['spec']['strategy']['name']}; "
             f"output in {paths.out}, metrics on http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip
@@ -98,10 +98,6 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
     report.plot(paths.out / REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
     say(f"done in {clock(time.monotonic() - started)}: {paths.out / outputs.MODEL} (sha256 {model['sha256'][:16]}...)")
     return model
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _check_same_job(paths: Paths, job: dict) -> None:

@@ -32,7 +32,7 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
         processes = flower.Processes(Path(state) / "logs", env)
         # The SuperNode writes to this process's own output, where a pod's log is read.
         supernode = processes.start_attached("supernode", command)
-        stop = signal.signal(signal.SIGTERM, _raise_interrupt)
+        stop = signal.signal(signal.SIGTERM, flower.raise_interrupt)
         try:
             while not done.exists():
                 code = supernode.poll()
@@ -46,7 +46,3 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
         finally:
             processes.stop()
             signal.signal(signal.SIGTERM, stop)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -132,24 +133,49 @@ def namespace(e2e_cluster):
     kubectl(e2e_cluster, "delete", "namespace", name, "--wait=false", check=False)
 
 
+class PodTargets(threading.Thread):
+    """Prometheus' Kubernetes discovery, which Debian's build of Prometheus leaves out: every
+    2 s, the address of each Running Pod's port named `metrics`, written to a file that
+    Prometheus' file discovery watches."""
+
+    def __init__(self, kubeconfig: str, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.kubeconfig, self.path = kubeconfig, path
+        self.stopped = threading.Event()
+        self.refresh()
+
+    def refresh(self) -> None:
+        listed = kubectl(self.kubeconfig, "get", "pods", "--all-namespaces", "-o", "json", check=False)
+        if listed.returncode:
+            return  # the cluster is away (taken down and up again): keep the last targets
+        targets = [
+            {"targets": [f"{pod['status']['podIP']}:{port['containerPort']}"], "labels": {"pod": pod["metadata"]["name"]}}
+            for pod in json.loads(listed.stdout)["items"]
+            if pod["status"].get("phase") == "Running" and pod["status"].get("podIP")
+            for container in pod["spec"]["containers"]
+            for port in container.get("ports", [])
+            if port.get("name") == "metrics"
+        ]
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(targets))
+        partial.replace(self.path)
+
+    def run(self) -> None:
+        while not self.stopped.wait(2):
+            self.refresh()
+
+
 @pytest.fixture(scope="session")
 def prometheus(e2e_cluster, tmp_path_factory):
-    """Debian's Prometheus on this host, finding every Pod port named `metrics` through the
-    API server (Kubernetes service discovery) and scraping it at the Pod's address."""
+    """Debian's Prometheus on this host, scraping every Pod port named `metrics` (the job
+    servers' and the operator's) at the Pod's address, as a Prometheus in the cluster would."""
+    workdir = tmp_path_factory.mktemp("prometheus")
+    targets = PodTargets(e2e_cluster, workdir / "pods.json")
+    targets.start()
     server = Prometheus(
-        tmp_path_factory.mktemp("prometheus"),
-        scrape_configs=[
-            {
-                "job_name": "bouquet-pods",
-                "honor_labels": True,
-                "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": e2e_cluster}],
-                "relabel_configs": [
-                    {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics", "action": "keep"},
-                    {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
-                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                ],
-            }
-        ],
+        workdir,
+        scrape_configs=[{"job_name": "bouquet-pods", "honor_labels": True, "file_sd_configs": [{"files": [str(targets.path)]}]}],
     )
     yield server
+    targets.stopped.set()
     server.stop()

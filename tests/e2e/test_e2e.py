@@ -38,7 +38,15 @@ FINISH_TIMEOUT = 900
 def wait_succeeded(kubeconfig: str, namespace: str, name: str) -> None:
     """`kubectl wait --for=condition=Succeeded`, as a user would; the namespace's state on failure."""
     waited = kubectl(
-        kubeconfig, "wait", "-n", namespace, f"fj/{name}", "--for=condition=Succeeded", f"--timeout={FINISH_TIMEOUT}s", check=False
+        kubeconfig,
+        "wait",
+        "-n",
+        namespace,
+        f"fj/{name}",
+        "--for=condition=Succeeded",
+        f"--timeout={FINISH_TIMEOUT}s",
+        check=False,
+        timeout=FINISH_TIMEOUT + 30,
     )
     assert waited.returncode == 0, f"job {namespace}/{name} did not succeed: {waited.stderr}\n{diagnose(kubeconfig, namespace)}"
 
