@@ -28,10 +28,10 @@ GPU_LABEL = "bouquet.dev/gpu"
 
 
 def report(config, line: str) -> None:
-    """A line on the terminal, whatever pytest captures."""
-    terminal = config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None:
-        terminal.write_line(line)
+    """A line on the terminal, past pytest's capture of the test's output."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(line, flush=True)
 
 
 class LocalNode:
