@@ -302,7 +302,7 @@ def ensure_port_free(port: int, what: str) -> None:
 
 
 def raise_interrupt(signum, frame) -> None:
-    """A SIGTERM handler that stops a foreground command as Ctrl-C does. In a container the
-    command is the first process, for which SIGTERM has no default action: without a
-    handler a pod being deleted would wait out its grace period and be killed."""
+    """A SIGTERM handler that stops a foreground command (a site, a local run) as Ctrl-C
+    does. In a container the command is the first process, for which SIGTERM has no
+    default action."""
     raise KeyboardInterrupt

@@ -8,7 +8,6 @@ the newest checkpoint and carries on from the round after it.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,7 +118,6 @@ def serve(
     reporter = progress.Reporter.in_cluster(out, namespace, job["metadata"]["name"]).start() if report_status else None
     processes = flower.Processes(out / "logs")
     started = time.monotonic()
-    stop_on_sigterm = signal.signal(signal.SIGTERM, flower.raise_interrupt)
     try:
         server = Server(job, out, tls, processes, port, host)
         server.start()
@@ -131,4 +129,3 @@ def serve(
         metrics_server.shutdown()
         if reporter:
             reporter.stop()
-        signal.signal(signal.SIGTERM, stop_on_sigterm)
