@@ -123,6 +123,12 @@ clean_host() {
     while IFS= read -r i; do
         [[ -n $i ]] && { umount "$i" 2>/dev/null || umount -l "$i"; }
     done <<<"$mounts"
+    # Network namespaces of Pods whose sandboxes were not torn down through CRI (containerd
+    # gone first, a teardown that failed): those CNI made while this node ran are its own.
+    # Deleting one removes its end of the veth pair too.
+    for i in /run/netns/cni-*; do
+        [[ -e $i && $i -nt $node/bin ]] && ip netns delete "${i##*/}" 2>/dev/null
+    done
     ip link delete bq0 2>/dev/null || true
     "$bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
     for command in iptables ip6tables; do
