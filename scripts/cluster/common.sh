@@ -85,7 +85,7 @@ remove_pods() {
     local state=$1 socket=$1/node/containerd/containerd.sock
     [[ -n $(cluster_pids "$state" containerd) && -S $socket ]] || return 0
     CONTAINER_RUNTIME_ENDPOINT=unix://$socket IMAGE_SERVICE_ENDPOINT=unix://$socket \
-        timeout 180 "$(<"$state/node/bin")/crictl" rmp --all --force >/dev/null 2>&1 ||
+        timeout 180 "$(<"$state/node/bin")/crictl" --timeout 120s rmp --all --force >/dev/null 2>&1 ||
         echo "crictl could not remove every Pod of the node; stopping what is left by force" >&2
 }
 
