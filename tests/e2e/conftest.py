@@ -50,7 +50,11 @@ class LocalNode:
                 f"the single-node cluster did not come up (scripts/cluster/up.sh --node, exit {up.returncode}):\n{up.stderr[-5000:]}",
                 pytrace=False,
             )
-        built = [line for line in up.stderr.splitlines() if line.startswith(("Building", "Loading bouquet-", "Compiling", "Making", "Collecting"))]
+        built = [
+            line
+            for line in up.stderr.splitlines()
+            if line.startswith(("Building", "Loading bouquet-", "Compiling", "Making", "Collecting"))
+        ]
         kind = "cold: " + "; ".join(built) if built else "warm: nothing built or loaded"
         report(self.config, f"\nsingle-node cluster bring-up ({what}, {kind}): {seconds:.0f} s")
         return seconds
