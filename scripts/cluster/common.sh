@@ -8,6 +8,8 @@ COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler container
 # A file every state folder of ours holds, so that neither script clears a folder it did not
 # make (`down.sh /` must not remove anything).
 MARKER=.bouquet-cluster
+# containerd's root folder on a node: in the cache, so that images loaded once stay loaded.
+CONTAINERD_ROOT=${BOUQUET_CACHE:-$HOME/.cache/bouquet}/containerd
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 
@@ -96,7 +98,7 @@ remove_pods() {
 # (KUBE-* and CNI-*: the node is the only one on this host, see node.sh), and ip_forward as
 # it was before. Each step is safe to repeat.
 clean_host() {
-    local state=$1 node=$1/node bin pids pid cgroup i mounts table command chain rule
+    local state=$1 node=$1/node bin pids pid cgroup i mounts table command chain chains rule
     bin=$(<"$node/bin")
     # The shims name containerd's socket, which is in the state folder.
     for i in TERM KILL; do
@@ -117,7 +119,7 @@ clean_host() {
         done
     done
     # Deepest first; a mount that is still busy is detached lazily.
-    mounts=$(awk -v a="$state/" -v b="${containerd_root:-${BOUQUET_CACHE:-$HOME/.cache/bouquet}/containerd}/" \
+    mounts=$(awk -v a="$state/" -v b="$CONTAINERD_ROOT/" \
         'index($5, a) == 1 || index($5, b) == 1 || $5 == substr(a, 1, length(a) - 1) { print length($5), $5 }' /proc/self/mountinfo |
         sort -rn | cut -d' ' -f2-)
     while IFS= read -r i; do
@@ -139,12 +141,10 @@ clean_host() {
                 while IFS= read -r rule; do
                     eval "$command -t $table -D ${rule#-A }" 2>/dev/null || true
                 done
-            for chain in $("$command" -t "$table" -S 2>/dev/null | sed -n 's/^-N \(\(KUBE\|CNI\)-[^ ]*\)$/\1/p'); do
-                "$command" -t "$table" -F "$chain" 2>/dev/null || true
-            done
-            for chain in $("$command" -t "$table" -S 2>/dev/null | sed -n 's/^-N \(\(KUBE\|CNI\)-[^ ]*\)$/\1/p'); do
-                "$command" -t "$table" -X "$chain" 2>/dev/null || true
-            done
+            # Emptied first, all of them: a chain may be deleted only once nothing jumps to it.
+            chains=$("$command" -t "$table" -S 2>/dev/null | sed -n 's/^-N \(\(KUBE\|CNI\)-[^ ]*\)$/\1/p')
+            for chain in $chains; do "$command" -t "$table" -F "$chain" 2>/dev/null || true; done
+            for chain in $chains; do "$command" -t "$table" -X "$chain" 2>/dev/null || true; done
         done
     done
     [[ -f $node/ip_forward.before ]] && cat "$node/ip_forward.before" >/proc/sys/net/ipv4/ip_forward

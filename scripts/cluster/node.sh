@@ -65,8 +65,7 @@ start_node() {
     mkdir -p "$node"/{containerd,cni,cni-ipam,kubelet,pod-logs,volumes}
     # down.sh needs crictl and kube-proxy to clean up, and must not build them first.
     echo "$bin" >"$node/bin"
-    containerd_root=${BOUQUET_CACHE:-$HOME/.cache/bouquet}/containerd
-    mkdir -p "$containerd_root"
+    mkdir -p "$CONTAINERD_ROOT"
 
     # Pods reach Services and each other through the host's routing.
     cat /proc/sys/net/ipv4/ip_forward >"$node/ip_forward.before"
@@ -94,7 +93,7 @@ start_node() {
     local socket=$node/containerd/containerd.sock
     cat >"$node/containerd/config.toml" <<EOF
 version = 2
-root = "$containerd_root"
+root = "$CONTAINERD_ROOT"
 state = "$node/containerd/state"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.tracing"]
 [grpc]
