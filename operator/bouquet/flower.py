@@ -82,7 +82,14 @@ def write_app(directory: Path, job: Mapping) -> Path:
 
 def run_config(job: Mapping, out: Path) -> dict[str, str]:
     """What the ServerApp and ClientApps receive as their run config."""
-    return {"job": json.dumps(job, separators=(",", ":")), "output-dir": str(out), **job["spec"].get("app", {}).get("config", {})}
+    return {"job": json.dumps(job, separators=(",", ":")), "output-dir": _absolute(out), **job["spec"].get("app", {}).get("config", {})}
+
+
+def _absolute(path: Path) -> str:
+    """A path as Flower is handed it: absolute, whatever the user typed. Flower refuses some
+    relative paths (a connection's root-certificates) and resolves others against the working
+    directory of whichever process reads them."""
+    return str(Path(path).resolve())
 
 
 @dataclass
@@ -154,8 +161,9 @@ def process_env(extra_paths: list[Path] = ()) -> dict[str, str]:
 
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    roots = [str(p) for p in extra_paths] + [str(Path(bouquet_workloads.__file__).parent.parent)]
-    env["PYTHONPATH"] = os.pathsep.join(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    roots = [*extra_paths, Path(bouquet_workloads.__file__).parent.parent]
+    inherited = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(_absolute(p) for p in [*roots, *inherited]))
     return env
 
 
@@ -204,19 +212,19 @@ def superlink_command(port: int, state_db: Path, tls: Tls, host: str = "127.0.0.
         _flower_command("flower-superlink"),
         "--host", host,
         "--port", str(port),
-        "--database", str(state_db),
+        "--database", _absolute(state_db),
         "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if tls.enabled:
-        command += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        command += ["--ssl-ca-certfile", _absolute(tls.ca), "--ssl-certfile", _absolute(tls.cert), "--ssl-keyfile", _absolute(tls.key)]
     else:
         command.append("--insecure")
     return command
 
 
 def supernode_command(server: str, site: str, data: Path, data_format: str | None, runtime_port: int, ca: Path | None) -> list[str]:
-    node_config = f'site="{site}" data-path="{data}"'
+    node_config = f'site="{site}" data-path="{_absolute(data)}"'
     if data_format:
         node_config += f' data-format="{data_format}"'
     command = [
@@ -226,7 +234,7 @@ def supernode_command(server: str, site: str, data: Path, data_format: str | Non
         "--node-config", node_config,
         "--isolation", "subprocess",
     ]  # fmt: skip
-    command += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    command += ["--root-certificates", _absolute(ca)] if ca else ["--insecure"]
     return command
 
 
@@ -251,14 +259,14 @@ def submit(app_dir: Path, port: int, tls: Tls, config: Mapping[str, str], flwr_h
     """Submits the run to the SuperLink and returns its run id."""
     connection: dict[str, object] = {"address": f"localhost:{port}"}
     if tls.enabled:
-        connection["root-certificates"] = str(tls.ca)
+        connection["root-certificates"] = _absolute(tls.ca)
     else:
         connection["insecure"] = True
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "job", "job": connection}}))
     config_file = flwr_home / "run-config.toml"
     config_file.write_text(tomli_w.dumps(dict(config)))
-    reply = _flwr(["run", str(app_dir), "job", "--run-config", str(config_file), "--format", "json"], flwr_home, env)
+    reply = _flwr(["run", _absolute(app_dir), "job", "--run-config", _absolute(config_file), "--format", "json"], flwr_home, env)
     return int(reply["run-id"])
 
 
@@ -273,7 +281,7 @@ def _flwr(args: list[str], flwr_home: Path, env: Mapping[str, str]) -> dict:
         [_flower_command("flwr"), *args],
         capture_output=True,
         text=True,
-        env={**env, "FLWR_HOME": str(flwr_home)},
+        env={**env, "FLWR_HOME": _absolute(flwr_home)},
         timeout=120,
     )
     try:
