@@ -3,6 +3,8 @@ option, a non-zero exit, and nothing started or written."""
 
 from __future__ import annotations
 
+import csv
+import json
 import signal
 import socket
 import subprocess
@@ -13,13 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bouquet import cli
+from bouquet import cli, jobfile, kubeyaml
+from bouquet.local import write_builtin_shares
+from bouquet_workloads import datasets
 from support.processes import processes_mentioning
 from support.prometheus import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
-EXAMPLES = sorted((ROOT / "examples").glob("**/*.yaml"))
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("**/*.yaml") if "kind: FederatedJob" in p.read_text())
 
 
 def expected(path: Path) -> tuple[str, str]:
@@ -84,7 +88,7 @@ def own_data_job(tmp_path: Path, data_path: str) -> Path:
         },
     }
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
+    path.write_text(kubeyaml.dump(job))
     return path
 
 
@@ -114,30 +118,81 @@ def test_bad_port_number_is_a_usage_error(capsys):
     assert "--metrics-port" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_site_data_that_does_not_fit_fails_the_run_cleanly(tmp_path):
-    data = tmp_path / "site.csv"
-    data.write_text("a,c,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))  # no column b
+def own_data_sites(tmp_path: Path, rounds: int = 2) -> tuple[Path, dict[str, Path]]:
+    """examples/breast-cancer.yaml with each site's share of the data as a file of its own:
+    the job file and the files."""
+    example = jobfile.load(ROOT / "examples" / "breast-cancer.yaml")
+    files = write_builtin_shares(example, tmp_path / "data")
+    features, label = datasets.describe("breast-cancer")
+    job = {
+        "apiVersion": "bouquet.dev/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "own-data"},
+        "spec": {
+            "rounds": rounds,
+            "strategy": {"name": "FedAvg", "fractionEvaluate": 0},
+            "task": {"features": features, "labelColumn": label, "training": {"learningRate": 0.05}},
+            "sites": [{"name": name, "data": {"path": f"data/{path.name}"}} for name, path in files.items()],
+        },
+    }
+    (tmp_path / "job.yaml").write_text(kubeyaml.dump(job))
+    return tmp_path / "job.yaml", files
+
+
+def set_cell(path: Path, row: int, column: str, value: str | None) -> None:
+    """Puts value in one cell of a CSV file (row counted from 1 after the header), or
+    drops the column with value None."""
+    rows = list(csv.reader(path.read_text().splitlines()))
+    at = rows[0].index(column)
+    for i, cells in enumerate(rows):
+        if value is None:
+            del cells[at]
+        elif i == row:
+            cells[at] = value
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+BAD_DATA = {
+    "missing-label-column": ("diagnosis", None, "no column 'diagnosis' (the file has: mean_radius, "),
+    "non-numeric-value": ("mean_texture", "abc", "column 'mean_texture', row 5: 'abc' is not a number"),
+    "empty-cell": ("worst_area", "", "column 'worst_area', row 5: the cell is empty: impute missing values or drop their rows"),
+    "unknown-label": ("diagnosis", "2", "column 'diagnosis', row 5: '2' is not a class of the task: labels are integers from 0 to 1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_a_sites_bad_data_stops_the_run_before_anything_starts(case, tmp_path, capsys):
+    job_file, files = own_data_sites(tmp_path)
+    column, value, message = BAD_DATA[case]
+    set_cell(files["hospital-b"], 5, column, value)
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bouquet",
-            "run",
-            str(own_data_job(tmp_path, str(data))),
-            "--out",
-            str(out),
-            "--metrics-port",
-            str(free_port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    assert cli.main(["run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        "error: the run cannot start: 2 of 3 sites have data they can train on, "
+        "and strategy.minSitesToStart is 3 (the default: every site):"
     )
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "training did not complete" in result.stderr
-    assert "no column 'b'" in result.stderr
+    assert lines[-1].startswith(f"  site hospital-b: {files['hospital-b']}: {message}"), lines  # the cause, last
+    assert not out.exists()  # no model, no checkpoint: a rerun starts from round 1
+    assert processes_mentioning(str(out)) == []
+
+
+@pytest.mark.slow
+def test_after_the_data_is_fixed_every_site_trains_from_round_1(tmp_path):
+    job_file, files = own_data_sites(tmp_path)
+    good = files["hospital-b"].read_text()
+    set_cell(files["hospital-b"], 5, "mean_texture", "abc")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bouquet", "run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "'abc' is not a number" in refused.stderr.splitlines()[-1]
+    files["hospital-b"].write_text(good)
+    fixed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "then round 1 begins" in fixed.stdout and "continuing after" not in fixed.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [(e["round"], e["sites"]) for e in history] == [(r, ["hospital-a", "hospital-b", "hospital-c"]) for r in (1, 2)]
     assert processes_mentioning(str(out)) == []
 
 
@@ -147,7 +202,7 @@ def test_ctrl_c_stops_everything_and_the_same_command_resumes(tmp_path):
     job["spec"]["rounds"] = 3
     job["spec"]["strategy"]["fractionEvaluate"] = 0  # train only: quicker rounds
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(job))
+    job_file.write_text(kubeyaml.dump(job))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "bouquet", "run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())]
     log = tmp_path / "first.log"

@@ -186,7 +186,7 @@ def test_server_received_weights_and_metrics_only(run):
     weights = safetensors.numpy.load_file(run.out / "model.safetensors")
     expected_arrays = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in weights.items()}
     entries = [json.loads(line) for line in (run.out / "audit.jsonl").read_text().splitlines()]
-    assert {e["phase"] for e in entries} == {"feature-moments", "train", "run-finished"}
+    assert {e["phase"] for e in entries} == {"data-check", "train", "run-finished"}
     for entry in entries:
         assert "error" not in entry, entry
         assert entry["configs"] == {"site": ["name"]}

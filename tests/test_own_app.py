@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from bouquet import kubeyaml
 from support.processes import processes_mentioning
 from support.prometheus import free_port
 
@@ -34,7 +34,7 @@ def test_own_app_runs_with_its_config_and_each_sites_data(tmp_path):
             "sites": [{"name": "a", "data": {"path": "a.csv"}}, {"name": "b", "data": {"path": "b.csv"}}],
         },
     }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    (tmp_path / "job.yaml").write_text(kubeyaml.dump(job))
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "bouquet", "run", str(tmp_path / "job.yaml"), "--out", str(out), "--metrics-port", str(free_port())],

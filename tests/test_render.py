@@ -4,6 +4,7 @@ BOUQUET_UPDATE_GOLDEN=1 and review the diff."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bouquet import cli, jobfile
+from bouquet import cli, jobfile, kubeyaml
 from bouquet.render import GPU_TOLERATION, Settings, render
 from bouquet.tls import Bundle
 
@@ -131,13 +132,31 @@ def test_bouquet_render_prints_what_render_returns(capsys):
         cli.main(["render", str(ROOT / "examples" / "breast-cancer.yaml"), "--image", "bouquet-workloads:test", "--namespace", "hospitals"])
         == 0
     )
-    printed = list(yaml.safe_load_all(capsys.readouterr().out))
+    output = capsys.readouterr().out
+    printed = list(kubeyaml.load_all(output))
     expected = render(example("breast-cancer"), SETTINGS)
-    # The CLI makes a fresh CA for the job; all else is the same.
+    # The Secret holds placeholders (the operator makes the keys); all else is the same.
     for document in (printed, expected):
         document[0].pop("data")
     assert printed == expected
     assert all(len(c["metadata"]["name"]) <= 63 for c in printed)
+    assert output.startswith("# The Secret breast-cancer-tls holds placeholders: the operator makes the job's CA and the server's key")
+
+
+@pytest.mark.parametrize("name", ["breast-cancer", "sleep-quality", "multi-cluster/aggregator", "multi-cluster/hospital-a", "own-data"])
+def test_bouquet_render_prints_no_private_key(name, capsys):
+    """What render prints ends up in Git: no key, in PEM or base64 (a Secret's data)."""
+    assert cli.main(["render", str(ROOT / "examples" / f"{name}.yaml")]) == 0
+    output = capsys.readouterr().out
+    decoded = [
+        base64.b64decode(value).decode(errors="replace")
+        for document in kubeyaml.load_all(output)
+        if document["kind"] == "Secret"
+        for value in document.get("data", {}).values()
+    ]
+    for text in [output, *decoded]:
+        assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text
+    assert all(text == "placeholder: the operator makes this in the cluster" for text in decoded)
 
 
 def kinds(children: list[dict]) -> list[str]:

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from bouquet import flower, jobfile, tls
+from bouquet import flower, jobfile, kubeyaml, tls
 from bouquet.local import write_builtin_shares
 from support.processes import processes_mentioning
 from support.prometheus import free_port
@@ -68,7 +67,7 @@ def kill_tree(process: subprocess.Popen) -> None:
 
 def test_killed_server_resumes_from_last_checkpoint(tmp_path):
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(JOB))
+    job_file.write_text(kubeyaml.dump(JOB))
     job = jobfile.load(job_file)
     out = tmp_path / "out"
     data = write_builtin_shares(job, tmp_path / "data")

@@ -12,7 +12,7 @@ import re
 import pytest
 import yaml
 
-from bouquet import schema
+from bouquet import kubeyaml, schema
 from bouquet.schema import InvalidJob, Violation, apply_defaults, load_valid, validate
 
 BREAST_CANCER = """
@@ -66,7 +66,7 @@ spec:
 """
 
 RULES_NOT_CHECKED = (
-    "Invalid value: null: some validation rules were not checked because the object was "
+    "<root>: Invalid value: null: some validation rules were not checked because the object was "
     "invalid; correct the existing errors to complete validation"
 )
 
@@ -110,9 +110,10 @@ def test_a_yaml_1_1_boolean_where_a_string_belongs_is_refused():
 
 def test_defaults_fill_absent_fields_and_leave_given_ones(job):
     job["spec"]["task"]["training"]["optimizer"] = "Adam"
+    del job["spec"]["task"]["classes"]
     spec = apply_defaults(job)["spec"]
     assert spec["seed"] == 0
-    assert spec["task"]["classes"] == 2
+    assert "classes" not in spec["task"]  # 2 unless classNames are given: class_names() decides
     assert spec["task"]["training"] == {
         "localEpochs": 2,
         "batchSize": 32,
@@ -326,11 +327,11 @@ def test_a_rule_that_fails(job):
     assert validate(job) == [Violation("spec.strategy.proximalMu", 'Invalid value: "object": the FedProx strategy needs proximalMu')]
 
 
-def test_a_rule_on_the_root_has_an_empty_path(job):
+def test_a_rule_on_the_root_names_the_field_it_checks(job):
     job["metadata"]["name"] = "Breast-Cancer"
     violation = validate(job)[-1]
-    assert violation.path == ""
-    assert str(violation).startswith('Invalid value: "object": metadata.name must be a DNS label')
+    assert violation.path == "metadata.name"
+    assert str(violation).startswith('metadata.name: Invalid value: "object": a job\'s name must be a DNS label')
 
 
 def test_a_rule_with_a_field_path_names_that_field(job):
@@ -399,7 +400,7 @@ def test_the_name_is_a_dns_subdomain_and_more(job):
         'metadata.name: Invalid value: "Breast-Cancer": a lowercase RFC 1123 subdomain must consist of lower '
         "case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character "
         "(e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
-        'Invalid value: "object": metadata.name must be a DNS label of at most 52 characters that starts with '
+        'metadata.name: Invalid value: "object": a job\'s name must be a DNS label of at most 52 characters that starts with '
         "a letter (it names the job's server Service)",
     ]
 
@@ -409,7 +410,7 @@ def test_a_generated_name_is_checked_as_the_server_generates_it(job):
     job["metadata"]["generateName"] = "breast-cancer-"
     assert validate(job) == []
     job["metadata"]["generateName"] = "b" * 50
-    assert [v.path for v in validate(job)] == ["", "spec.sites"]
+    assert [v.path for v in validate(job)] == ["metadata.name", "spec.sites"]
 
 
 def test_the_namespace_is_a_dns_label(job):
@@ -429,7 +430,8 @@ def test_status_is_not_checked(job):
 
 def test_violation_str():
     assert str(Violation("spec.sites", "Required value")) == "spec.sites: Required value"
-    assert str(Violation("", 'Invalid value: "object": bad')) == 'Invalid value: "object": bad'
+    # Every line has a path: the whole object's is written <root> (the server writes <nil>).
+    assert str(Violation("", 'Invalid value: "object": bad')) == '<root>: Invalid value: "object": bad'
 
 
 def test_load_valid_raises_with_every_violation(job):
@@ -463,5 +465,5 @@ def test_invalid_document(path):
     expected = re.fullmatch(r"# expect: (\S+) (.+)", text.splitlines()[0])
     assert expected, f"{path.name}: no '# expect: <path> <message>' first line"
     want_path = "" if expected[1] == "<root>" else expected[1]
-    violations = validate(yaml.safe_load(text))
+    violations = validate(kubeyaml.load_all(text)[0])
     assert any(v.path == want_path and expected[2] in v.message for v in violations), violations

@@ -44,6 +44,15 @@ def test_a_running_job_reports_rounds_sites_and_metrics(job):
     assert all(c["observedGeneration"] == 2 for c in status["conditions"])
 
 
+def test_the_columns_and_the_ready_condition_agree(job):
+    status = derive(job, running(round_sites=2, metrics={"accuracy": 0.9736841917037964, "loss": 0.04944}), T0)
+    assert status["metrics"] == {"accuracy": 0.9737, "loss": 0.0494}  # as kubectl get fj shows it
+    assert status["roundSites"] == 2  # SITES: the sites that took part in the last round
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == "3 of 10 rounds done" and status["round"] == "3/10"
+    assert "roundSites" not in derive(job, Observation(), T0)  # before round 1 nobody has taken part
+
+
 def test_success_sets_the_condition_kubectl_wait_looks_for(job):
     model = {"claimName": "breast-cancer-output", "path": "model.safetensors", "sha256": "ab" * 32, "sizeBytes": 100}
     status = derive(job, running(current_round=10, model=model), T1)

@@ -8,10 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
-from . import jobfile, tls
-from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, server_hostnames
+from . import jobfile, kubeyaml, tls
+from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, names
 from .render import render as render_job
 from .schema import InvalidJob
 
@@ -58,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
 
     share = commands.add_parser("share", help="write one site's share of the built-in dataset (a site pod's init step)")
     share.add_argument("job", type=Path, metavar="JOB.yaml")
-    share.add_argument("--site", required=True, help="the site's name in the job")
-    share.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write <site>.csv to")
+    which = share.add_mutually_exclusive_group(required=True)
+    which.add_argument("--site", help="the site whose share to write, as <site>.csv")
+    which.add_argument("--held-out", action="store_true", help="write the test split that no site trains on, as held-out.csv")
+    share.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the file to")
+
+    predict = commands.add_parser("predict", help="predict the class of each row of a data file with a job's final model")
+    predict.add_argument("job", type=Path, metavar="JOB.yaml")
+    predict.add_argument("data", type=Path, metavar="DATA.csv", help="rows with the job's feature columns (CSV or Parquet)")
+    predict.add_argument("--model", type=Path, required=True, metavar="DIR", help="the run's output folder (model.safetensors, model.json)")
 
     operator = commands.add_parser("operator", help="run the FederatedJob operator against the cluster of $KUBECONFIG (or in a pod)")
     operator.add_argument(
@@ -96,42 +101,50 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "render":
         job["metadata"].setdefault("namespace", args.namespace)
-        bundle = tls.issue(job["metadata"]["name"], server_hostnames(job)) if job["spec"]["security"]["tls"]["mode"] == "Auto" else None
-        print(yaml.safe_dump_all(render_job(job, Settings(args.image, bundle)), sort_keys=False), end="")
+        auto_tls = job["spec"]["security"]["tls"]["mode"] == "Auto"
+        children = render_job(job, Settings(args.image, tls.placeholder() if auto_tls else None))
+        if auto_tls and job["spec"]["mode"] != "SitesOnly":
+            print(
+                f"# The Secret {names(job)['tls']} holds placeholders: the operator makes the job's CA and the server's key in the cluster."
+            )
+        print(kubeyaml.dump_all(children), end="")
         return 0
+    if args.command == "predict":
+        return _predict(job, args.model, args.data)
     if args.command == "share":
-        names = [s["name"] for s in job["spec"]["sites"] if "data" not in s]
-        if args.site not in names:
+        takers = [s["name"] for s in job["spec"]["sites"] if "data" not in s]
+        if args.held_out and "dataset" not in job["spec"]:
+            parser.error("--held-out: the job has no spec.dataset to hold a test split out of")
+        if args.site is not None and args.site not in takers:
             parser.error(
-                f"--site: {args.site!r} is not a site of the job that takes a share of spec.dataset ({', '.join(names) or 'none'})"
+                f"--site: {args.site!r} is not a site of the job that takes a share of spec.dataset ({', '.join(takers) or 'none'})"
             )
         from . import local
 
-        local.write_builtin_shares(job, args.out, only=args.site)
+        local.write_builtin_shares(job, args.out, [args.site] if args.site else [], held_out=args.held_out)
         return 0
     tls_on = job["spec"]["security"]["tls"]["mode"] != "Disabled"
     from . import flower
 
     if args.command == "server":
-        from .server import RunFailed, serve
+        from .server import serve
 
         if tls_on and args.tls_dir is None:
             parser.error("--tls-dir is required: the job's spec.security.tls.mode is not Disabled")
         server_tls = flower.Tls(args.tls_dir / "ca.crt", args.tls_dir / "tls.crt", args.tls_dir / "tls.key") if tls_on else flower.Tls()
         try:
             serve(job, args.out, server_tls, args.port, args.host, args.metrics_port, report_status=args.report_status)
-        except (flower.LaunchError, RunFailed) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        except flower.LaunchError as error:
+            return _failed(error)
         except KeyboardInterrupt:
             return 130
         return 0
-    names = [s["name"] for s in job["spec"]["sites"]]
-    if args.site not in names:
-        parser.error(f"--site: {args.site!r} is not a site of the job ({', '.join(names)})")
+    site_names = [s["name"] for s in job["spec"]["sites"]]
+    if args.site not in site_names:
+        parser.error(f"--site: {args.site!r} is not a site of the job ({', '.join(site_names)})")
     if tls_on and args.ca is None:
         parser.error("--ca is required: the job's spec.security.tls.mode is not Disabled")
-    settings = job["spec"]["sites"][names.index(args.site)]
+    settings = job["spec"]["sites"][site_names.index(args.site)]
     data = args.data or (Path(settings["data"]["path"]) if "data" in settings else None)
     if data is None:
         parser.error(f"--data is required: site {args.site!r} takes a share of the built-in dataset, which `bouquet run` writes out")
@@ -154,10 +167,7 @@ def _validate(paths: list[Path]) -> int:
 
 
 def _run(job: Path, out: Path | None, metrics_port: int) -> int:
-    from bouquet_workloads.task import DataError
-
     from . import flower, local
-    from .server import RunFailed
 
     try:
         local.run(job, out, metrics_port)
@@ -165,12 +175,51 @@ def _run(job: Path, out: Path | None, metrics_port: int) -> int:
     except InvalidJob as error:
         _print_invalid(job, error)
         return 1
-    except (flower.LaunchError, RunFailed, DataError) as error:
+    except local.CannotStart as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except flower.LaunchError as error:
+        return _failed(error)
     except KeyboardInterrupt:
         print("stopped: every process of the run was stopped; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _predict(job: dict, folder: Path, data: Path) -> int:
+    """Writes one CSV line per row to standard output (row, predicted class, each class's
+    probability); with a label column, the accuracy on standard error."""
+    import csv
+
+    from bouquet_workloads import predict
+    from bouquet_workloads.tables import DataError
+
+    try:
+        model = predict.load(folder)
+        if model.info["job"] != job["metadata"]["name"]:
+            raise predict.ModelError(f"{folder} holds the model of job {model.info['job']!r}, not {job['metadata']['name']!r}")
+        table = model.read(data)
+    except (predict.ModelError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    probabilities = model.probabilities(table.features)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["row", "prediction", *(f"p_{name}" for name in model.classes)])
+    for row, p in enumerate(probabilities, start=1):
+        writer.writerow([row, model.classes[int(p.argmax())], *(f"{v:.6f}" for v in p)])
+    if (table.labels >= 0).all():
+        scores = model.score(table)
+        trained = model.info["metrics"].get("accuracy")
+        reference = f" (model.json: {trained:.4f} on the {model.info['evaluatedOn']})" if trained is not None else ""
+        print(f"accuracy {scores['accuracy']:.4f} on {len(table)} rows{reference}", file=sys.stderr)
+    return 0
+
+
+def _failed(error) -> int:
+    """A run that failed: the end of the log that tells more first, the cause on the last line."""
+    if error.log:
+        print(f"{error.log}\n", file=sys.stderr)
+    print(f"error: {error}", file=sys.stderr)
+    return 1
 
 
 def _print_invalid(path: Path, error: InvalidJob) -> None:

@@ -182,6 +182,7 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
         server_unschedulable=_unschedulable(server_pods),
         sites=sites,
         current_round=progress.get("round", 0),
+        round_sites=progress.get("sites"),
         metrics=progress.get("metrics", {}),
         model=model,
         failure=failure,
@@ -288,7 +289,8 @@ def _transition_events(client: kube.Client, job: Mapping, before: Mapping, after
         elif after["phase"] == "Succeeded":
             _event(client, job, "Normal", succeeded["reason"], succeeded["message"])
         else:
-            _event(client, job, "Normal", after["phase"], f"phase {before.get('phase', 'none')} -> {after['phase']}")
+            moved = f"phase {before['phase']} -> {after['phase']}" if before.get("phase") else f"phase {after['phase']}"
+            _event(client, job, "Normal", after["phase"], moved)
     for c in after["conditions"]:
         if c["type"] == status.UNSCHEDULABLE and c["status"] == "True":
             old = was.get(c["type"], {})

@@ -28,7 +28,12 @@ CLIENT_APP = "bouquet_workloads.client_app:app"
 
 
 class LaunchError(RuntimeError):
-    """A Flower process could not be started or stopped working."""
+    """A Flower process could not be started or stopped working. `log` holds the end of its
+    log, which is shown before the error itself."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
 
 
 def _flower_command(name: str) -> str:
@@ -122,7 +127,7 @@ class Processes:
         for name, process in self.running.items():
             code = process.poll()
             if code is not None:
-                raise LaunchError(f"{name} exited with code {code}; its log: {self.log_dir / (name + '.log')}\n{self.tail(name)}")
+                raise LaunchError(f"{name} exited with code {code} (its log: {self.log_dir / (name + '.log')})", self.tail(name))
 
     def tail(self, name: str, lines: int = 15) -> str:
         try:

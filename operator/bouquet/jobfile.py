@@ -1,4 +1,5 @@
-"""Reading a FederatedJob file: YAML, then the CRD's rules and defaults (schema.py), then,
+"""Reading a FederatedJob file: YAML as kubectl reads it (kubeyaml.py), then the CRD's rules
+and defaults (schema.py), then,
 for a local run, the checks that need this machine (the sites' data files exist, the
 built-in dataset's columns match the task)."""
 
@@ -8,13 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from . import kubeyaml
 from .schema import InvalidJob, Violation, load_valid
 
 
 def read(path: Path) -> dict:
     """Parses a job file holding exactly one YAML document."""
     try:
-        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        documents = [d for d in kubeyaml.load_all(path.read_text()) if d is not None]
     except FileNotFoundError:
         raise InvalidJob([Violation("", f"{path}: no such file")]) from None
     except yaml.YAMLError as error:

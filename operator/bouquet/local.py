@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from bouquet_workloads import baseline, datasets, metrics, outputs, report
-from bouquet_workloads.task import write_csv
+from bouquet_workloads.roster import min_sites_to_start, resume_problem, rule
+from bouquet_workloads.tables import DataError, read_task_table, write_csv
 
 from . import flower, jobfile, tls
 from .schema import InvalidJob, Violation
 from .server import Server, clock
 
 BASELINE = "baseline.json"
-REPORT = "report.png"
+HELD_OUT = "held-out.csv"
 
 
 @dataclass
@@ -48,20 +49,31 @@ class Paths:
         return self.out / "job.json"
 
 
+class CannotStart(RuntimeError):
+    """The run would not give the model the job asks for: nothing was started or written."""
+
+
 def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str], None] = print) -> dict:
     """Trains the job to completion and returns its model.json ({} for a job's own app,
-    whose outputs are its own business). Raises InvalidJob for a bad
-    job (before anything starts), flower.LaunchError, RunFailed or DataError otherwise."""
+    whose outputs are its own business). Raises InvalidJob for a bad job and CannotStart for
+    a site's bad data or a run that may not resume (both before anything starts);
+    flower.LaunchError or RunFailed otherwise."""
     job = jobfile.load(job_path)
     site_files = jobfile.check_local(job, job_path)
     name = job["metadata"]["name"]
     paths = Paths(out or Path("runs") / name)
     _check_same_job(paths, job)
+    history = outputs.read_json(paths.out / outputs.HISTORY, []) or []
+    if "task" in job["spec"]:
+        _check_resumable(job, history, paths)
+        refused = _check_site_data(job, site_files, say)
+    else:
+        refused = set()
     flower.ensure_port_free(metrics_port, "--metrics-port")
 
     paths.out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(paths.job, job)
-    site_files.update(write_builtin_shares(job, paths.data))
+    site_files.update(write_builtin_shares(job, paths.data, held_out=True))
     tls_files = _make_tls(job, paths.tls)
     processes = flower.Processes(paths.logs, flower.process_env([job_path.parent.resolve()]))
     metrics_server, _ = metrics.serve(paths.out, "local", name, metrics_port)
@@ -84,7 +96,7 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
             processes.start(f"site-{site['name']}", command)
         server.submit()
         say(f"server up on {server.address} (TLS: {'on' if tls_files.enabled else 'off'}); {len(job['spec']['sites'])} sites started; "
-            "the sites share feature statistics, then round 1 begins")  # fmt: skip
+            f"each checks its data, then round {len(history) + 1} begins")  # fmt: skip
         server.follow(say, started)
     finally:
         processes.stop()
@@ -94,8 +106,9 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         say(f"done in {clock(time.monotonic() - started)}: the job's own app finished; its output is in {paths.out}")
         return {}
     model = outputs.read_json(paths.out / outputs.MODEL_INFO)
-    reference = _compare_with_baseline(job, paths, site_files, model, say)
-    report.plot(paths.out / REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
+    trained = {site: path for site, path in site_files.items() if site not in refused}
+    reference = _compare_with_baseline(job, paths, trained, model, say)
+    report.plot(paths.out / outputs.REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
     say(f"done in {clock(time.monotonic() - started)}: {paths.out / outputs.MODEL} (sha256 {model['sha256'][:16]}...)")
     return model
 
@@ -114,19 +127,55 @@ def _check_same_job(paths: Paths, job: dict) -> None:
         )
 
 
-def write_builtin_shares(job: dict, directory: Path, only: str | None = None) -> dict[str, Path]:
-    """Writes each data-less site's share of the built-in dataset (or only the named
-    site's) to a file of its own, <site>.csv."""
+def _check_resumable(job: dict, history: list[dict], paths: Paths) -> None:
+    problem = resume_problem(job["spec"], history)
+    if problem:
+        raise CannotStart(
+            f"{paths.out} cannot be continued: {problem.replace('an empty output folder', f'another --out (or remove {paths.out})')}"
+        )
+
+
+def _check_site_data(job: dict, site_files: dict[str, Path], say: Callable[[str], None]) -> set[str]:
+    """Checks each site's own data file as the site will, before anything starts (the
+    built-in dataset's shares are Bouquet's own). Raises CannotStart, naming each site, the
+    column, the row and the value at fault, unless strategy.minSitesToStart lets the run
+    start without those sites; returns the sites it starts without."""
     spec = job["spec"]
-    takers = [s["name"] for s in spec["sites"] if "data" not in s and only in (None, s["name"])]
-    if not takers:
+    problems = {}
+    for site in spec["sites"]:
+        if "data" in site:
+            try:
+                read_task_table(site_files[site["name"]], spec["task"], site["data"].get("format"))
+            except DataError as error:
+                problems[site["name"]] = f"site {site['name']}: {error}"
+    if not problems:
+        return set()
+    needed = min_sites_to_start(spec)
+    passed = len(spec["sites"]) - len(problems)
+    if passed < needed:
+        summary = f"the run cannot start: {passed} of {len(spec['sites'])} sites have data they can train on, and {rule(spec, 'minSitesToStart', needed)}:"
+        raise CannotStart("\n  ".join([summary, *problems.values()]))
+    for problem in problems.values():
+        say(f"warning: {problem}; the run goes ahead without this site ({rule(spec, 'minSitesToStart', needed)})")
+    return set(problems)
+
+
+def write_builtin_shares(job: dict, directory: Path, sites: Collection[str] | None = None, held_out: bool = False) -> dict[str, Path]:
+    """Writes each data-less site's share of the built-in dataset (or those of the sites
+    named) to a file of its own, <site>.csv, and with held_out the test split that no site
+    trains on to held-out.csv. Labels are written as task.classNames when the job names them."""
+    spec = job["spec"]
+    takers = [s["name"] for s in spec["sites"] if "data" not in s and (sites is None or s["name"] in sites)]
+    if not takers and not (held_out and "dataset" in spec):
         return {}
     split = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"])
-    directory.mkdir(parents=True, exist_ok=True)
+    names = spec["task"].get("classNames") if "task" in spec else None
     files = {}
     for site in takers:
         files[site] = directory / f"{site}.csv"
-        write_csv(files[site], split.sites[site], split.features, split.label)
+        write_csv(files[site], split.sites[site], split.features, split.label, names)
+    if held_out:
+        write_csv(directory / HELD_OUT, split.test, split.features, split.label, names)
     return files
 
 

@@ -44,6 +44,7 @@ def read(out: Path) -> dict:
     if history:
         last = history[-1]
         progress["round"] = last["round"]
+        progress["sites"] = len(last["sites"])
         progress["metrics"] = {
             k: float(v) for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_METRICS
         }

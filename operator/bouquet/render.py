@@ -31,8 +31,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import yaml
-
+from . import kubeyaml
 from .tls import Bundle
 
 API_VERSION = "bouquet.dev/v1alpha1"
@@ -252,7 +251,7 @@ def job_config(job: Mapping) -> dict:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, names(job)["config"], "config"),
-        "data": {"job.yaml": yaml.safe_dump(document, sort_keys=False)},
+        "data": {"job.yaml": kubeyaml.dump(document)},
     }
 
 

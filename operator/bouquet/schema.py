@@ -13,7 +13,7 @@ refuse the same objects. For a create, the server:
    enum, string or list too long): then it says so instead.
 
 Messages are the server's, word for word as Kubernetes 1.34 puts them, except that a violation
-of the whole object has an empty path where the server prints "<nil>". (1.35 and later leave
+of the whole object is printed at the path "<root>" where the server prints "<nil>". (1.35 and later leave
 "object" out of a failed rule's message; 1.31 and earlier say "may not be longer than" for
 "may not be more than ... bytes".)
 """
@@ -45,7 +45,8 @@ class Violation:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        # The server prints a violation of the whole object at the path "<nil>".
+        return f"{self.path or '<root>'}: {self.message}"
 
 
 class InvalidJob(Exception):

@@ -20,8 +20,8 @@ START_SECONDS = 60
 POLL_SECONDS = 1.0
 
 
-class RunFailed(RuntimeError):
-    """Training did not complete."""
+class RunFailed(flower.LaunchError):
+    """Training did not complete: why, and the end of the server's log."""
 
 
 class Server:
@@ -76,10 +76,8 @@ class Server:
         # The built-in task also reports its own end; a job's own app is done when Flower says so.
         builtin_done = "app" in self.job["spec"] or progress.get("state") == "Succeeded"
         if status != "finished:completed" or not builtin_done:
-            reason = progress.get("message") or status
-            raise RunFailed(
-                f"training did not complete ({reason}); server log: {self.processes.log_dir / 'server.log'}\n{self.processes.tail('server')}"
-            )
+            reason = progress.get("message") or f"Flower reports the run {status}"
+            raise RunFailed(f"{reason} (the server's log: {self.processes.log_dir / 'server.log'})", self.processes.tail("server"))
 
 
 def round_line(entry: dict, rounds: int, timed: list[dict], started: float) -> str:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# Digits of the metrics in status.metrics (the Accuracy column).
+METRIC_DECIMALS = 4
+
 # Condition types, as `kubectl wait --for=condition=<type>` names them.
 READY = "Ready"  # the server is up and every site is running
 SUCCEEDED = "Succeeded"
@@ -36,6 +39,7 @@ class Observation:
     server_unschedulable: str = ""  # the scheduler's message for a server pod it cannot place
     sites: Mapping[str, Site] = field(default_factory=dict)
     current_round: int = 0  # the last round that finished
+    round_sites: int | None = None  # how many sites took part in it (None before round 1)
     metrics: Mapping[str, float] = field(default_factory=dict)
     model: Mapping | None = None  # set once the final model is written
     failure: str = ""  # why training failed, if it did (the server's report, or its restarts)
@@ -57,8 +61,11 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
         "sitesReady": sum(1 for s in seen.sites.values() if s.active),
         "sites": [_site_status(name, seen.sites.get(name, Site())) for name in (s["name"] for s in spec["sites"])],
     }
+    if seen.round_sites is not None:
+        status["roundSites"] = seen.round_sites
     if seen.metrics:
-        status["metrics"] = dict(seen.metrics)
+        # As `kubectl get fj` shows them; status.progress.metrics keeps every digit.
+        status["metrics"] = {k: round(v, METRIC_DECIMALS) for k, v in seen.metrics.items()}
     if seen.model:
         status["model"] = dict(seen.model)
     # As for a Kubernetes Job, a suspended job has no start time, and one that resumes
@@ -109,7 +116,7 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
     if spec["runPolicy"]["suspend"]:
         return "Suspended", "Suspended", "runPolicy.suspend is true"
     if seen.server_ready:
-        return "Running", "Running", f"round {seen.current_round + 1} of {spec['rounds']}" if seen.current_round < spec["rounds"] else ""
+        return "Running", "Running", f"{seen.current_round} of {spec['rounds']} rounds done"
     return "Pending", "Pending", "waiting for the server"
 
 

@@ -42,6 +42,13 @@ class Bundle:
         return paths
 
 
+def placeholder() -> Bundle:
+    """What `bouquet render` shows in place of a job's TLS material: the operator makes the
+    CA and the server's key in the cluster, and no command prints a private key."""
+    text = b"placeholder: the operator makes this in the cluster"
+    return Bundle(text, text, text)
+
+
 def issue(job_name: str, hostnames: list[str]) -> Bundle:
     """A fresh CA for the job and a server certificate for hostnames (DNS names or IPs)."""
     now = datetime.datetime.now(datetime.UTC)

@@ -43,7 +43,7 @@ go_version=$(go env GOVERSION)
 
 cache=${BOUQUET_CACHE:-$HOME/.cache/bouquet}/kubernetes-$KUBERNETES_VERSION
 bin=$cache/bin
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy etcd coredns crictl pause)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd coredns crictl pause)
 mkdir -p "$bin" "$cache/src-kubernetes" "$cache/src-etcd"
 
 # One build at a time per cache folder: two test runs that start together share one build.
@@ -115,6 +115,7 @@ tool (
 	k8s.io/kubernetes/cmd/kube-scheduler
 	k8s.io/kubernetes/cmd/kubelet
 	k8s.io/kubernetes/cmd/kube-proxy
+	k8s.io/kubernetes/cmd/kubectl
 )
 
 replace (
@@ -144,13 +145,16 @@ for package in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     [[ -n $commit ]] && ldflags+=" -X $package.gitCommit=$commit"
 done
 
-echo "Compiling kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy" >&2
+# kubectl of the same release: the tests and `make cluster` use it, not whatever kubectl the
+# host has (a kubectl more than one minor version away from the API server is unsupported).
+echo "Compiling kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl" >&2
 (cd "$cache/src-kubernetes" && go build -ldflags "$ldflags" -o "$bin/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler \
     k8s.io/kubernetes/cmd/kubelet \
-    k8s.io/kubernetes/cmd/kube-proxy) >&2 || die "building Kubernetes $KUBERNETES_VERSION failed"
+    k8s.io/kubernetes/cmd/kube-proxy \
+    k8s.io/kubernetes/cmd/kubectl) >&2 || die "building Kubernetes $KUBERNETES_VERSION failed"
 
 echo "Compiling etcd" >&2
 (cd "$cache/src-etcd" && go build -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3) >&2 ||

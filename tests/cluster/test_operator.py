@@ -135,18 +135,21 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
     server = server_identity(namespace, name)
 
     for round_ in range(1, rounds + 1):
-        metrics = {"loss": 0.5 / round_, "accuracy": 0.9 + round_ / 1000}
-        progress.apply(server, namespace, name, {"state": "Running", "round": round_, "metrics": metrics})
+        metrics = {"loss": 0.5 / round_, "accuracy": 0.9 + round_ / 200 + 0.0006841917037964}
+        progress.apply(server, namespace, name, {"state": "Running", "round": round_, "sites": 3, "metrics": metrics})
         seen = wait_for(
             lambda r=round_: (j := get_job(client, namespace, name))["status"].get("currentRound") == r and j, what=f"round {round_}"
         )
-        assert seen["status"]["round"] == f"{round_}/{rounds}" and seen["status"]["metrics"] == metrics
+        assert seen["status"]["round"] == f"{round_}/{rounds}" and seen["status"]["progress"]["metrics"] == metrics
+        assert seen["status"]["metrics"] == {k: round(v, 4) for k, v in metrics.items()}
+        # The Ready condition and the ROUND column say the same thing.
+        assert condition(seen, "Ready")["message"] == f"{round_} of {rounds} rounds done"
         if round_ == 3:
             row = kubectl(cluster, "get", "fj", name, "-n", namespace, "--no-headers").stdout.split()
-            assert row[1:5] == ["Running", f"3/{rounds}", "3", "0.903"], row
+            assert row[1:5] == ["Running", f"3/{rounds}", "3", "0.9157"], row
 
     model = {"path": "/model.safetensors", "sizeBytes": 12345, "sha256": "ab" * 32}
-    progress.apply(server, namespace, name, {"state": "Succeeded", "round": rounds, "metrics": metrics, "model": model})
+    progress.apply(server, namespace, name, {"state": "Succeeded", "round": rounds, "sites": 3, "metrics": metrics, "model": model})
     done = kubectl(cluster, "wait", "--for=condition=Succeeded", f"fj/{name}", "-n", namespace, "--timeout=30s", check=False)
     assert done.returncode == 0, done.stderr
     job = get_job(client, namespace, name)
@@ -178,6 +181,13 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
         cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}"
     ).stdout.split()
     assert {"Pending", "Running", "TrainingComplete"} <= set(reasons), reasons
+    messages = kubectl(
+        cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "jsonpath={.items[*].message}"
+    ).stdout
+    assert "phase Pending" in messages and "none" not in messages, messages
+    # Once done, SITES still says how many sites took part in the last round.
+    row = kubectl(cluster, "get", "fj", name, "-n", namespace, "--no-headers").stdout.split()
+    assert row[1:5] == ["Succeeded", f"{rounds}/{rounds}", "3", "0.9507"], row
     metrics_text = operator.metrics()
     assert re.search(r'bouquet_reconcile_total\{controller="federatedjob",result="success"\} [1-9]', metrics_text), metrics_text
     assert 'bouquet_federatedjobs{phase="Succeeded"} 1.0' in metrics_text

@@ -4,6 +4,7 @@ TLS, is tests/test_local_run.py and tests/test_resume.py.)"""
 
 from __future__ import annotations
 
+import csv
 import json
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from bouquet import flower
 from bouquet.local import write_builtin_shares
 from bouquet.schema import load_valid
 from bouquet_workloads import client_app, outputs, server_app
+from bouquet_workloads.roster import Roster
 
 STRATEGIES = {
     "FedAvg": {},
@@ -35,11 +37,13 @@ class InProcessGrid:
     """What the server loop needs of Flower's Grid, answering each message at once by
     calling the ClientApp with the destination site's context."""
 
-    def __init__(self, job: dict, out: Path, files: dict[str, Path]) -> None:
-        self.sites = {node: (name, path) for node, (name, path) in enumerate(files.items(), start=1)}
+    def __init__(self, job: dict, out: Path, files: dict[str, Path], nodes: list[int] | None = None, newest_first: bool = False) -> None:
+        self.sites = {node: (name, path) for node, (name, path) in zip(nodes or range(1, len(files) + 1), files.items(), strict=True)}
         self.run_config = flower.run_config(job, out)
         self.replies: dict[str, Message] = {}
         self.seen: list[Message] = []
+        self.newest_first = newest_first  # replies in another order than the messages went out
+        self.fail_from: dict[str, int] = {}  # site -> the round from which its training fails
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
@@ -52,6 +56,9 @@ class InProcessGrid:
             context = Context(1, message.metadata.dst_node_id, {"site": name, "data-path": str(path)}, RecordDict(), self.run_config)
             self.seen.append(message)
             try:
+                config = message.content.config_records.get("config", {})
+                if message.metadata.message_type == "train" and int(config.get("server-round", 0)) >= self.fail_from.get(name, 10**9):
+                    raise RuntimeError(f"site {name} went away")
                 reply = client_app.app(message, context)
             except Exception as error:  # as Flower's site runtime reports a failed ClientApp
                 reply = Message(Error(0, f"{type(error)}:<'{error}'>"), reply_to=message)
@@ -60,7 +67,8 @@ class InProcessGrid:
         return ids
 
     def pull_messages(self, ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+        found = [self.replies.pop(i) for i in list(ids) if i in self.replies]
+        return found[::-1] if self.newest_first else found
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +80,7 @@ def server_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def make_job(strategy: str, rounds: int = 2, **spec) -> dict:
+def make_job(strategy: str, rounds: int = 2, settings: dict | None = None, **spec) -> dict:
     return load_valid(
         {
             "apiVersion": "bouquet.dev/v1alpha1",
@@ -80,7 +88,7 @@ def make_job(strategy: str, rounds: int = 2, **spec) -> dict:
             "metadata": {"name": "rounds"},
             "spec": {
                 "rounds": rounds,
-                "strategy": {"name": strategy, **STRATEGIES[strategy]},
+                "strategy": {"name": strategy, **STRATEGIES[strategy], **(settings or {})},
                 "task": {"labelColumn": "diagnosis", "training": {"learningRate": 0.05, "momentum": 0.9}},
                 "dataset": {"name": "breast-cancer"},
                 "sites": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
@@ -131,7 +139,7 @@ def test_resuming_continues_after_the_last_checkpoint_with_the_strategy_state(st
     train(make_job(strategy, rounds=2), resumed)
     grid = train(make_job(strategy, rounds=4), resumed)
     queries = [str(m.content.config_records["config"]["query"]) for m in grid.seen if m.metadata.message_type == "query"]
-    assert queries == ["run-finished"] * 3  # no second feature query; the sites are told the end
+    assert queries == ["data-check"] * 3 + ["run-finished"] * 3  # each site is checked again, then told the end
     a = outputs.load_model_weights(straight)
     b = outputs.load_model_weights(resumed)
     assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -139,10 +147,120 @@ def test_resuming_continues_after_the_last_checkpoint_with_the_strategy_state(st
     assert [e["round"] for e in history] == [1, 2, 3, 4]
 
 
-def test_a_round_with_no_usable_reply_fails_with_the_sites_reasons(tmp_path):
+def sites_and_files(job: dict, out: Path) -> dict[str, Path]:
+    return write_builtin_shares(job, out / "data")
+
+
+def break_file(path: Path, row: int, column: str, value: str) -> None:
+    """Puts value in one cell of a CSV file (row counted from 1 after the header)."""
+    rows = list(csv.reader(path.read_text().splitlines()))
+    rows[row][rows[0].index(column)] = value
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def nothing_written(out: Path) -> bool:
+    return not any((out / name).exists() for name in ("model.safetensors", "model.json", "history.json", "checkpoints"))
+
+
+def test_a_sites_bad_data_stops_the_run_before_round_1_naming_site_column_and_row(tmp_path):
     job = make_job("FedAvg", rounds=1)
-    grid = InProcessGrid(job, tmp_path, write_builtin_shares(job, tmp_path / "data"))
-    for _name, path in grid.sites.values():
-        path.write_text("nothing,useful\n1,2\n")
-    with pytest.raises(server_app.RoundFailed, match="has no column"):
+    files = sites_and_files(job, tmp_path)
+    break_file(files["b"], 7, "mean_radius", "Jane Roe")
+    grid = InProcessGrid(job, tmp_path, files)
+    with pytest.raises(server_app.SitesNotReady) as stopped:
         server_app.train_federated(grid, job, tmp_path)
+    message = str(stopped.value)
+    assert message.startswith("the run cannot start: site b: ")
+    assert "column 'mean_radius', row 7: the value is not a number (the value is in the site's log)" in message
+    assert "2 of 3 sites passed their data check and strategy.minSitesToStart is 3 (the default: every site)" in message
+    assert "Jane Roe" not in message  # a value of a site's data never reaches the server
+    assert [m.metadata.message_type for m in grid.seen] == ["query"] * 3  # nobody was asked to train
+    assert nothing_written(tmp_path)
+
+
+def test_a_site_whose_file_lacks_the_label_column_is_named(tmp_path):
+    job = make_job("FedAvg", rounds=1)
+    files = sites_and_files(job, tmp_path)
+    files["c"].write_text("mean_radius,outcome\n1,0\n")
+    with pytest.raises(server_app.SitesNotReady, match=r"site c: .*c\.csv: no column .*'diagnosis' \(the file has: mean_radius, outcome\)"):
+        server_app.train_federated(InProcessGrid(job, tmp_path, files), job, tmp_path)
+    assert nothing_written(tmp_path)
+
+
+def test_min_sites_to_start_lets_the_run_go_ahead_without_a_failing_site(tmp_path):
+    job = make_job("FedAvg", rounds=2, settings={"minSites": 2, "minSitesToStart": 2})
+    files = sites_and_files(job, tmp_path)
+    break_file(files["a"], 3, "diagnosis", "maybe")
+    grid = InProcessGrid(job, tmp_path, files)
+    server_app.train_federated(grid, job, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["sites"] for e in history] == [["b", "c"], ["b", "c"]]
+    trained = {grid.sites[m.metadata.dst_node_id][0] for m in grid.seen if m.metadata.message_type == "train"}
+    assert trained == {"b", "c"}
+
+
+def test_a_site_dropping_out_mid_run_stops_it_unless_min_sites_allows(tmp_path):
+    job = make_job("FedAvg", rounds=3)
+    grid = InProcessGrid(job, tmp_path / "every", sites_and_files(job, tmp_path / "every"))
+    grid.fail_from["b"] = 2
+    with pytest.raises(
+        server_app.RoundFailed,
+        match=r"round 2: 2 of the 3 sites asked returned an update \(not b: .*site b went away.*\), fewer than strategy.minSites \(3\)",
+    ):
+        server_app.train_federated(grid, job, tmp_path / "every")
+    assert [e["round"] for e in json.loads((tmp_path / "every" / "history.json").read_text())] == [1]
+    assert not (tmp_path / "every" / "model.json").exists()
+
+    job = make_job("FedAvg", rounds=3, settings={"minSites": 2})
+    grid = InProcessGrid(job, tmp_path / "two", sites_and_files(job, tmp_path / "two"))
+    grid.fail_from["b"] = 2
+    server_app.train_federated(grid, job, tmp_path / "two")
+    assert [e["sites"] for e in json.loads((tmp_path / "two" / "history.json").read_text())] == [["a", "b", "c"], ["a", "c"], ["a", "c"]]
+
+
+def test_a_saved_training_that_left_out_a_required_site_is_not_continued(tmp_path):
+    job = make_job("FedAvg", rounds=2, settings={"minSites": 2})
+    grid = InProcessGrid(job, tmp_path, sites_and_files(job, tmp_path))
+    grid.fail_from["b"] = 2
+    server_app.train_federated(grid, job, tmp_path)  # round 2 without b: allowed by minSites 2
+    stricter = make_job("FedAvg", rounds=3)  # every site, from now on
+    with pytest.raises(server_app.SitesNotReady) as refused:
+        server_app.train_federated(InProcessGrid(stricter, tmp_path, sites_and_files(stricter, tmp_path)), stricter, tmp_path)
+    assert str(refused.value).startswith(
+        "round 2 of the saved training was trained without b (only a, c took part), and strategy.minSites is 3 (the default: every site)"
+    )
+    assert [e["round"] for e in json.loads((tmp_path / "history.json").read_text())] == [1, 2]
+
+
+def test_a_node_is_the_site_it_claims_only_once_and_only_if_the_job_has_it(tmp_path):
+    job = make_job("FedAvg", rounds=1, settings={"minSites": 2})
+    files = sites_and_files(job, tmp_path)
+    grid = InProcessGrid(job, tmp_path, {**files, "intruder": files["a"]}, nodes=[1, 2, 3, 4])
+    grid.sites[4] = ("a", files["a"])  # a second node saying it is site a
+    grid.sites[5] = ("z", files["a"])  # a node naming a site the job does not have
+    server_app.train_federated(grid, job, tmp_path)
+    [entry] = json.loads((tmp_path / "history.json").read_text())
+    assert entry["sites"] == ["b", "c"]  # neither node that says it is a can be told from an impostor
+    trained = sorted(m.metadata.dst_node_id for m in grid.seen if m.metadata.message_type == "train")
+    assert trained == [2, 3]
+    # Once a site holds its name, a newcomer claiming it is turned away, and the site stays.
+    roster = Roster(grid, job["spec"], lambda messages, timeout: server_app._exchange(grid, messages, timeout), lambda *_: None)
+    del grid.sites[4], grid.sites[5]
+    roster.check([1, 2, 3])
+    grid.sites[6] = ("a", files["a"])
+    roster.check([6])
+    assert roster.names == {1: "a", 2: "b", 3: "c"}
+    assert roster.refused == {6: "node 6 says it is site a, which is connected already"}
+
+
+def test_the_same_job_gives_the_same_weights_whatever_the_node_ids_and_reply_order(tmp_path):
+    job = make_job("FedAvg", rounds=2, settings={"fractionTrain": 0.67})
+    first, second = tmp_path / "first", tmp_path / "second"
+    server_app.train_federated(InProcessGrid(job, first, sites_and_files(job, first)), job, first)
+    grid = InProcessGrid(job, second, sites_and_files(job, second), nodes=[9001, 17, 4242], newest_first=True)
+    server_app.train_federated(grid, job, second)
+    assert [e["sites"] for e in json.loads((first / "history.json").read_text())] == [
+        e["sites"] for e in json.loads((second / "history.json").read_text())
+    ]
+    assert json.loads((first / "model.json").read_text())["sha256"] == json.loads((second / "model.json").read_text())["sha256"]

@@ -3,22 +3,18 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from bouquet_workloads.tables import Table
 from bouquet_workloads.task import (
-    DataError,
-    Table,
     auroc,
     build_model,
-    check_labels,
     evaluate,
     feature_moments,
     load_arrays,
     pick_device,
-    read_table,
     set_standardization,
     split_rows,
     state_arrays,
     train,
-    write_csv,
 )
 
 TASK = {
@@ -106,38 +102,6 @@ def test_weights_round_trip_with_strict_keys():
     assert all(np.array_equal(state_arrays(other)[k], arrays[k]) for k in arrays)
     with pytest.raises(RuntimeError, match="Missing key"):
         load_arrays(other, {k: v for k, v in arrays.items() if k != "layers.0.bias"})
-
-
-def test_csv_and_parquet_read_back(tmp_path):
-    import pyarrow
-    import pyarrow.parquet
-
-    data = separable(20)
-    write_csv(tmp_path / "d.csv", data, ["a", "b", "c"], "y")
-    back = read_table(tmp_path / "d.csv", ["c", "a"], "y")
-    assert np.allclose(back.features, data.features[:, [2, 0]])
-    assert np.array_equal(back.labels, data.labels)
-    assert read_table(tmp_path / "d.csv", None, "y").features.shape == (20, 3)
-    pyarrow.parquet.write_table(pyarrow.table({"a": data.features[:, 0], "y": data.labels}), tmp_path / "d.parquet")
-    assert read_table(tmp_path / "d.parquet", ["a"], "y").features.shape == (20, 1)
-
-
-def test_bad_data_files_say_what_is_wrong(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        read_table(tmp_path / "missing.csv", ["a"], "y")
-    (tmp_path / "d.csv").write_text("a,b,y\n1,2,0\n")
-    with pytest.raises(DataError, match="no column 'c'"):
-        read_table(tmp_path / "d.csv", ["a", "c"], "y")
-    (tmp_path / "e.csv").write_text("a,y\nJane Roe,0\n")
-    with pytest.raises(DataError, match="column 'a' must hold numbers only") as error:
-        read_table(tmp_path / "e.csv", ["a"], "y")
-    assert "Jane" not in str(error.value)  # the message can reach the server: no values in it
-    (tmp_path / "f.csv").write_text("a,y\n1,0\n2,0,Jane Roe\n")
-    with pytest.raises(DataError, match="cannot read") as error:
-        read_table(tmp_path / "f.csv", ["a"], "y")
-    assert "Jane" not in str(error.value)
-    with pytest.raises(DataError, match="1 rows have a label outside 0..1"):
-        check_labels(Table(np.zeros((2, 1), np.float32), np.array([0, 2])), 2, "site.csv")
 
 
 def test_split_rows_is_seeded_and_disjoint():

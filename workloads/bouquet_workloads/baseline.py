@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from . import datasets
-from .task import Table, build_model, check_labels, evaluate, feature_moments, read_table, set_standardization, site_seed, split_rows, train
+from .tables import Table, read_task_table
+from .task import build_model, evaluate, feature_moments, set_standardization, site_seed, split_rows, train
 
 
 def centralized(job: Mapping, site_files: Mapping[str, Path]) -> dict:
@@ -23,9 +24,7 @@ def centralized(job: Mapping, site_files: Mapping[str, Path]) -> dict:
     task = spec["task"]
     fit_parts, check_parts = [], []
     for site in spec["sites"]:
-        fmt = site.get("data", {}).get("format")
-        table = read_table(site_files[site["name"]], task.get("features"), task["labelColumn"], fmt)
-        check_labels(table, task["classes"], str(site_files[site["name"]]))
+        table = read_task_table(site_files[site["name"]], task, site.get("data", {}).get("format"))
         kept, held = split_rows(len(table), task["training"]["validationFraction"], site_seed(spec["seed"], site["name"]))
         fit_parts.append(table.subset(kept))
         check_parts.append(table.subset(held))

@@ -17,24 +17,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from .roster import DATA_CHECK
 from .strategies import AUROC_WEIGHT_KEY, WEIGHT_KEY
-from .task import (
-    Table,
-    build_model,
-    check_labels,
-    evaluate,
-    feature_moments,
-    load_arrays,
-    pick_device,
-    read_table,
-    site_seed,
-    split_rows,
-    state_arrays,
-    train,
-)
+from .tables import DataError, Table, read_task_table
+from .task import build_model, evaluate, feature_moments, load_arrays, pick_device, site_seed, split_rows, state_arrays, train
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)
+log = logging.getLogger("bouquet.site")
 
 # Where `bouquet site` wants a file left when the run is over (unset elsewhere).
 DONE_FILE_VARIABLE = "BOUQUET_SITE_DONE_FILE"
@@ -79,8 +69,7 @@ class Site:
         task = self.spec["task"]
         # Without task.features the file is one Bouquet wrote from a built-in dataset:
         # every column but the label, in the order the server's model expects.
-        table = read_table(self.data_path, task.get("features"), task["labelColumn"], self.data_format)
-        check_labels(table, task["classes"], str(self.data_path))
+        table = read_task_table(self.data_path, task, self.data_format)
         kept, held = split_rows(len(table), task["training"]["validationFraction"], self.seed)
         return table.subset(kept), table.subset(held)
 
@@ -102,8 +91,8 @@ def _reply(message: Message, site: Site, metrics: dict, arrays: dict[str, np.nda
 def query(message: Message, context: Context) -> Message:
     site = Site.from_context(context)
     asked = message.content.config_records["config"]["query"]
-    if asked == "feature-moments":
-        content = RecordDict({"moments": MetricRecord(feature_moments(site.data[0])), "site": ConfigRecord({"name": site.name})})
+    if asked == DATA_CHECK:
+        content = _data_check(site)
     elif asked == "run-finished":
         # `bouquet site` watches for this file, then ends the site (its Kubernetes Job completes).
         done = os.environ.get(DONE_FILE_VARIABLE)
@@ -113,6 +102,19 @@ def query(message: Message, context: Context) -> Message:
     else:
         raise ValueError(f"unknown query {asked!r}")
     return Message(content=content, reply_to=message)
+
+
+def _data_check(site: Site) -> RecordDict:
+    """The site's file read and checked before it trains: the feature moments the server
+    scales inputs by, or what is wrong with the file. The problem as the server gets it
+    names the file, the column and the row; the value at fault stays in this site's log."""
+    identity = ConfigRecord({"name": site.name})
+    try:
+        rows = site.data[0]
+    except DataError as error:
+        log.error("site %s cannot train on its data: %s", site.name, error)
+        return RecordDict({"check": ConfigRecord({"problem": error.without_value()}), "site": identity})
+    return RecordDict({"moments": MetricRecord(feature_moments(rows)), "site": identity})
 
 
 @app.train()

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .task import Table, split_rows
+from . import tables
+from .tables import Table
+from .task import split_rows
 
 MIN_ROWS_PER_SITE = 10
 _DIRICHLET_ATTEMPTS = 200
 
+SLEEP_CLASSES = ["poor", "good"]
 SLEEP_FEATURES = ["hrv_rmssd_ms", "resting_hr_bpm", "movement_index", "evening_light_lux", "skin_temp_delta_c", "steps_thousands"]
 
 
@@ -46,6 +49,19 @@ def describe(name: str) -> tuple[list[str], str]:
     if name == "sleep-quality":
         return list(SLEEP_FEATURES), "good_sleep"
     raise ValueError(f"unknown built-in dataset {name!r}")
+
+
+def class_names(spec: Mapping) -> list[str]:
+    """What each of the model's outputs means, in index order: task.classNames, else the
+    built-in dataset's own names for its labels 0 and 1, else the labels 0..classes-1."""
+    task = spec["task"]
+    if "classNames" in task or "dataset" not in spec:
+        return tables.class_names(task)
+    if spec["dataset"]["name"] == "breast-cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        return [str(n) for n in load_breast_cancer().target_names]
+    return list(SLEEP_CLASSES)
 
 
 def load(name: str, seed: int) -> Table:

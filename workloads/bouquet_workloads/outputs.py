@@ -5,6 +5,7 @@
     history.json        one entry per finished round, in order, never one twice
     progress.json       what the server is doing now (round under way, state)
     audit.jsonl         what each site's replies carried: record names, keys, shapes (no values)
+    report.png          loss and accuracy per round
     checkpoints/        round-NNNNNN.safetensors: weights, strategy state and history
 
 Every file is written atomically (a temporary file, fsync, rename), so a reader or a
@@ -35,6 +36,7 @@ MODEL_INFO = "model.json"
 HISTORY = "history.json"
 PROGRESS = "progress.json"
 AUDIT = "audit.jsonl"
+REPORT = "report.png"
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_FORMAT = "bouquet-checkpoint/1"
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from . import datasets, outputs
+from . import datasets, outputs, report
+from .roster import Roster, SitesNotReady, min_sites, resume_problem
 from .strategies import make_strategy, restore_strategy_state, strategy_state
+from .tables import class_names
 from .task import build_model, evaluate, load_arrays, set_standardization, state_arrays
 
 log = logging.getLogger("bouquet.server")
@@ -60,9 +62,15 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
     model = build_model(task, len(features), spec["seed"])
     strategy = make_strategy(spec["strategy"], len(spec["sites"]))
     checkpoint = outputs.latest_checkpoint(out)
+    if checkpoint is not None:
+        problem = resume_problem(spec, checkpoint.history)
+        if problem:
+            raise SitesNotReady(problem)
+    _progress(out, job, "Running", round_=checkpoint.round if checkpoint else 0, message="waiting for sites")
+    roster = Roster(grid, spec, lambda messages, timeout: _exchange(grid, messages, timeout), partial(_audit, out))
+    moments = roster.start()
     if checkpoint is None:
-        _progress(out, job, "Running", round_=0, message="waiting for sites")
-        _standardize_from_sites(grid, spec, model, len(features), out)
+        _standardize(model, moments, len(features))
         weights, history, first = state_arrays(model), [], 1
     else:
         restore_strategy_state(strategy, checkpoint.strategy_state)
@@ -72,7 +80,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
 
     for round_ in range(first, rounds + 1):
         _progress(out, job, "Running", round_=round_)
-        weights, entry = _round(grid, strategy, spec, weights, round_, out)
+        weights, entry = _round(roster, strategy, spec, weights, round_, out)
         if test_data is not None:
             load_arrays(model, weights)
             entry["test"] = evaluate(model, test_data, torch.device("cpu"))
@@ -98,11 +106,14 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
             "evaluatedOn": final.get("evaluatedOn", ""),
             "features": features,
             "labelColumn": spec["task"]["labelColumn"],
-            "classes": spec["task"]["classes"],
+            "classes": datasets.class_names(spec),
+            # What the label column holds for each class, in the same order.
+            "labelValues": class_names(spec["task"]),
             "model": spec["task"]["model"],
             "createdAt": _now(),
         },
     )
+    report.plot(out / outputs.REPORT, job, history, None)
     _progress(out, job, "Succeeded", round_=rounds)
     _tell_sites_the_run_is_over(grid, out)
 
@@ -115,18 +126,27 @@ def _tell_sites_the_run_is_over(grid: Grid, out: Path) -> None:
     _audit(out, 0, "run-finished", _exchange(grid, messages, FINISH_TIMEOUT_SECONDS))
 
 
-def _round(grid: Grid, strategy, spec: Mapping, weights: dict, round_: int, out: Path) -> tuple[dict, dict]:
+def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, out: Path) -> tuple[dict, dict]:
     """One round: the sites train on the current weights, the strategy aggregates their
     updates, and the sites evaluate the result. Returns the new weights and the round's
     history entry (without the server's own test)."""
     started = time.monotonic()
     timeout = spec["strategy"]["roundTimeoutSeconds"]
+    grid = roster.participants(round_)
     record = _to_record(weights)
     messages = list(strategy.configure_train(round_, record, ConfigRecord(), grid))
-    replies = _exchange(grid, messages, timeout)
+    replies = _in_site_order(roster, _exchange(grid, messages, timeout))
     _audit(out, round_, "train", replies)
+    updates = [r for r in replies if not r.has_error()]
+    if len(updates) < min_sites(spec):
+        asked = {m.metadata.dst_node_id for m in messages}
+        missing = sorted(roster.site(n) for n in asked - {r.metadata.src_node_id for r in updates})
+        raise RoundFailed(
+            f"round {round_}: {len(updates)} of the {len(messages)} sites asked returned an update (not {', '.join(missing)}: "
+            f"{_errors(replies)}), fewer than strategy.minSites ({min_sites(spec)})"
+        )
     sent = record.count_bytes() * len(messages)
-    received = sum(r.content.array_records["arrays"].count_bytes() for r in replies if not r.has_error())
+    received = sum(r.content.array_records["arrays"].count_bytes() for r in updates)
     aggregated, train_metrics = strategy.aggregate_train(round_, replies)
     if aggregated is None:
         raise RoundFailed(f"round {round_}: no site returned an update ({_errors(replies)})")
@@ -134,13 +154,13 @@ def _round(grid: Grid, strategy, spec: Mapping, weights: dict, round_: int, out:
 
     record = _to_record(weights)
     eval_messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
-    eval_replies = _exchange(grid, eval_messages, timeout)
+    eval_replies = _in_site_order(roster, _exchange(grid, eval_messages, timeout))
     _audit(out, round_, "evaluate", eval_replies)
     sent += record.count_bytes() * len(eval_messages)
     site_metrics = strategy.aggregate_evaluate(round_, eval_replies)
     return weights, {
         "round": round_,
-        "sites": _site_names(replies),
+        "sites": sorted(roster.site(r.metadata.src_node_id) for r in updates),
         "train": dict(train_metrics or {}),
         "siteEvaluation": dict(site_metrics or {}),
         "durationSeconds": round(time.monotonic() - started, 3),
@@ -148,6 +168,12 @@ def _round(grid: Grid, strategy, spec: Mapping, weights: dict, round_: int, out:
         "bytesReceived": received,
         "finishedAt": _now(),
     }
+
+
+def _in_site_order(roster: Roster, replies: list[Message]) -> list[Message]:
+    """Replies in the order of the sites' names, not of their arrival: floating-point sums
+    depend on the order, and the same job should give the same weights wherever it runs."""
+    return sorted(replies, key=lambda r: roster.site(r.metadata.src_node_id))
 
 
 def _in_model_order(weights: Mapping[str, np.ndarray], model) -> dict[str, np.ndarray]:
@@ -181,27 +207,17 @@ def _headline(entry: Mapping) -> dict:
     return {**{k: metrics[k] for k in ("loss", "accuracy", "auroc") if k in metrics}, "evaluatedOn": name}
 
 
-def _standardize_from_sites(grid: Grid, spec: Mapping, model, num_features: int, out: Path) -> None:
-    """Sets the model's input scaling from every site's feature moments (counts, sums and
-    sums of squares: aggregates, never rows)."""
-    strategy = spec["strategy"]
-    min_sites = strategy.get("minSites", len(spec["sites"]))
-    _, connected = sample_nodes(grid, strategy.get("minSitesToStart", min_sites), min_sites)
-    query = RecordDict({"config": ConfigRecord({"query": "feature-moments"})})
-    messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in connected]
-    answers = _exchange(grid, messages, strategy["roundTimeoutSeconds"])
-    _audit(out, 0, "feature-moments", answers)
-    replies = [r for r in answers if not r.has_error()]
-    if not replies:
-        raise RoundFailed(f"no site answered the feature-statistics query ({_errors(answers)})")
+def _standardize(model, moments: list[RecordDict], num_features: int) -> None:
+    """Sets the model's input scaling from the sites' feature moments (counts, sums and sums
+    of squares: aggregates, never rows)."""
     count, total, total_sq = 0.0, np.zeros(num_features), np.zeros(num_features)
-    for reply in replies:
-        moments = reply.content.metric_records["moments"]
-        count += float(moments["count"][0])
-        total += np.asarray(moments["sum"], dtype=np.float64)
-        total_sq += np.asarray(moments["sumsq"], dtype=np.float64)
+    for content in moments:
+        site = content.metric_records["moments"]
+        count += float(site["count"][0])
+        total += np.asarray(site["sum"], dtype=np.float64)
+        total_sq += np.asarray(site["sumsq"], dtype=np.float64)
     set_standardization(model, count, total, total_sq)
-    log.info("input scaling set from %d sites (%d rows)", len(replies), int(count))
+    log.info("input scaling set from %d sites (%d rows)", len(moments), int(count))
 
 
 def _audit(out: Path, round_: int, phase: str, replies: list[Message]) -> None:
@@ -249,10 +265,6 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messa
 
 def _to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-
-
-def _site_names(replies: Iterable[Message]) -> list[str]:
-    return sorted(str(r.content.config_records["site"]["name"]) for r in replies if not r.has_error())
 
 
 def _errors(replies: list[Message]) -> str:

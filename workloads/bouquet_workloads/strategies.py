@@ -44,7 +44,8 @@ def make_strategy(spec: Mapping, num_sites: int) -> flwr_strategy.Strategy:
         "fraction_evaluate": spec["fractionEvaluate"],
         "min_train_nodes": min_sites,
         "min_evaluate_nodes": min_sites if spec["fractionEvaluate"] > 0 else 0,
-        "min_available_nodes": spec.get("minSitesToStart", min_sites),
+        # Bouquet decides when the run starts (roster.py): a round needs minSites sites.
+        "min_available_nodes": min_sites,
         "weighted_by_key": WEIGHT_KEY,
         "train_metrics_aggr_fn": aggregate_metrics,
         "evaluate_metrics_aggr_fn": aggregate_metrics,

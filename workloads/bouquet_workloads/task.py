@@ -1,4 +1,5 @@
-"""The built-in tabular task in plain PyTorch: models, data loading, training, testing.
+"""The built-in tabular task in plain PyTorch: models, training, testing (data files are
+read and checked by tables.py).
 
 Nothing here knows about Flower or Kubernetes, so a user's own task can replace it and the
 same functions train the centralized baseline.
@@ -9,40 +10,14 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow
-import pyarrow.csv
-import pyarrow.parquet
 import torch
 from torch import nn
 
+from .tables import Table, class_names
+
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A data file that cannot be used for the task (missing, unreadable, wrong columns).
-
-    Its message may reach the server (Flower reports a site's errors there), so it names
-    files, columns and counts, never a value from the data; the parser's own words, which
-    can quote a row, go to the site's log only.
-    """
-
-
-@dataclass(frozen=True)
-class Table:
-    """Features and labels of one data set, as arrays."""
-
-    features: np.ndarray  # float32, shape (rows, features)
-    labels: np.ndarray  # int64, shape (rows,)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, rows: np.ndarray) -> Table:
-        return Table(self.features[rows], self.labels[rows])
 
 
 class Standardize(nn.Module):
@@ -85,52 +60,7 @@ def build_model(task: Mapping, num_features: int, seed: int) -> TabularModel:
     torch.manual_seed(seed)
     model = task["model"]
     hidden = model["mlp"]["hiddenSizes"] if "mlp" in model else []
-    return TabularModel(num_features, task["classes"], hidden)
-
-
-def read_table(path: Path, features: Sequence[str] | None, label: str, file_format: str | None = None) -> Table:
-    """Reads the named feature columns (default: every column but the label, in file
-    order) and the label column of a CSV or Parquet file."""
-    file_format = file_format or ("Parquet" if path.suffix == ".parquet" else "CSV")
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        # Opened here rather than by pyarrow so that Python's audit hooks see the read.
-        with path.open("rb") as f:
-            table = pyarrow.parquet.read_table(f) if file_format == "Parquet" else pyarrow.csv.read_csv(f)
-    except Exception as error:  # pyarrow raises several unrelated types for bad files
-        log.error("cannot read %s as %s: %s", path, file_format, error)
-        raise DataError(f"cannot read {path} as {file_format} (the parser's message is in the site's log)") from None
-    if features is None:
-        features = [c for c in table.column_names if c != label]
-    missing = [c for c in [*features, label] if c not in table.column_names]
-    if missing:
-        raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (it has {', '.join(table.column_names)})")
-    columns = {}
-    for name in [*features, label]:
-        try:
-            columns[name] = table[name].to_numpy(zero_copy_only=False).astype(np.int64 if name == label else np.float32)
-        except (ValueError, TypeError, pyarrow.ArrowInvalid):
-            kind = "integers" if name == label else "numbers"
-            raise DataError(f"{path}: column {name!r} must hold {kind} only") from None
-    x = np.column_stack([columns[c] for c in features])
-    y = columns[label]
-    if np.isnan(x).any():
-        raise DataError(f"{path}: feature columns hold missing values; impute them before training")
-    return Table(x, y)
-
-
-def write_csv(path: Path, table: Table, features: Sequence[str], label: str) -> None:
-    """Writes a table as CSV with a header (the inverse of read_table)."""
-    columns = {name: table.features[:, i] for i, name in enumerate(features)}
-    columns[label] = table.labels
-    pyarrow.csv.write_csv(pyarrow.table(columns), path)
-
-
-def check_labels(table: Table, num_classes: int, source: str) -> None:
-    bad = int(((table.labels < 0) | (table.labels >= num_classes)).sum())
-    if bad:
-        raise DataError(f"{source}: {bad} rows have a label outside 0..{num_classes - 1} (task.classes is {num_classes})")
+    return TabularModel(num_features, len(class_names(task)), hidden)
 
 
 def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
