@@ -20,8 +20,8 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
 	@echo "make test   run the whole test suite"
-	@echo "make cluster      make this host a single-node Kubernetes cluster with Bouquet installed; prints export KUBECONFIG=..."
-	@echo "make cluster-down stop it and remove everything it left on the host"
+	@echo "make cluster      make this host a single-node Kubernetes cluster with Bouquet installed; prints the export lines of KUBECONFIG and PATH (its kubectl, helm)"
+	@echo "make cluster-down stop it and remove everything it left on the host but what its claims hold (DELETE_CLAIMS=1: that too)"
 	@echo "make e2e          the end-to-end tests on the cluster of \$$KUBECONFIG (unset: this host's own)"
 	@echo "make e2e-kind     the end-to-end tests on a kind cluster (hosts with Docker and registry access)"
 	@echo "make images       build the workloads and operator images"
@@ -47,11 +47,12 @@ helm-build:
 
 # The single-node cluster (root: containerd, kubelet, iptables) with Bouquet's chart installed.
 cluster: cluster-build helm-build
-	@scripts/cluster/up.sh --node
+	@scripts/cluster/up.sh --node >/dev/null
 	@scripts/cluster/install.sh
 
+# Keeps what the cluster's claims hold in /var/lib/bouquet/claims; DELETE_CLAIMS=1 deletes it.
 cluster-down:
-	@scripts/cluster/down.sh
+	@scripts/cluster/down.sh $(if $(DELETE_CLAIMS),--delete-claims)
 
 # Every test, the end-to-end ones on a single-node cluster of this host's own.
 # The builds run side by side: Go's compiles are bound by the CPU, the images' by the disk

@@ -36,7 +36,9 @@ EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
 
 
 def kubectl(kubeconfig: str, *args: str, input: str | None = None) -> str:
-    return subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], check=True, capture_output=True, text=True, input=input).stdout
+    """The cluster's own kubectl, which up.sh puts in the state folder beside the kubeconfig."""
+    binary = str(Path(kubeconfig).parent / "bin" / "kubectl")
+    return subprocess.run([binary, "--kubeconfig", kubeconfig, *args], check=True, capture_output=True, text=True, input=input).stdout
 
 
 def job(name: str) -> dict:

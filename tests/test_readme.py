@@ -5,7 +5,6 @@ root of a fresh copy of the checkout, with only what the README tells the user t
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,13 +18,6 @@ from support.processes import processes_mentioning
 ROOT = Path(__file__).resolve().parents[1]
 # How a test says which block it runs: the helpers of support.readme that take a block's id.
 _RUNS_A_BLOCK = r"(?:commands|transcript|run_block|block|output|python)\(\s*\"{}\""
-
-
-def user_environment() -> dict[str, str]:
-    """The environment of a user's shell: none of what this test run set for itself."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BOUQUET_", "FLWR_"))}
-    env.pop("PYTHONPATH", None)
-    return env
 
 
 def test_every_command_block_is_run_by_a_test_or_says_why_not():
@@ -52,7 +44,7 @@ def session(tmp_path_factory) -> readme.Session:
     """A user's shell at the root of a fresh copy of the checkout, after the quick start's
     `make run`."""
     clone = readme.fresh_clone(tmp_path_factory.mktemp("readme") / "bouquet")
-    user = readme.Session(clone, user_environment())
+    user = readme.Session(clone, readme.user_environment())
     user.quick_start = user.run(readme.commands("quick-start")[0], timeout=1200)
     return user
 
@@ -138,14 +130,14 @@ def test_pip_install_gives_a_bouquet_command(installed, session):
         [str(installed / "bin" / "bouquet"), "validate", "examples/breast-cancer.yaml", "tests/invalid/fedprox-without-mu.yaml"],
         capture_output=True,
         text=True,
-        env=user_environment(),
+        env=readme.user_environment(),
         cwd=session.cwd,
     )
     assert validated.returncode == 1
     assert validated.stdout == "examples/breast-cancer.yaml: valid\n"
     assert "spec.strategy.proximalMu: Invalid value" in validated.stderr
     probe = "import bouquet, bouquet_workloads; print(bouquet.__file__)"
-    where = subprocess.run([str(installed / "bin" / "python"), "-c", probe], capture_output=True, text=True, env=user_environment())
+    where = subprocess.run([str(installed / "bin" / "python"), "-c", probe], capture_output=True, text=True, env=readme.user_environment())
     assert where.stdout.startswith(str(installed)), "the installed package, not the checkout's"
 
 
@@ -156,7 +148,7 @@ def test_the_python_example_predicts_with_the_installed_package(installed, sessi
         [str(installed / "bin" / "python"), "-c", code],
         capture_output=True,
         text=True,
-        env=user_environment(),
+        env=readme.user_environment(),
         cwd=session.cwd,
         timeout=300,
     )

@@ -10,8 +10,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/common.sh"
 state=$(state_dir "${1:-}")
 [[ -f $state/kubeconfig ]] || die "no cluster in $state: start one with scripts/cluster/up.sh --node"
-helm=$("$here/../helm.sh")
-"$helm" --kubeconfig "$state/kubeconfig" upgrade --install bouquet "$here/../../charts/bouquet" \
+"$state/bin/helm" --kubeconfig "$state/kubeconfig" upgrade --install bouquet "$here/../../charts/bouquet" \
     --namespace bouquet-system --create-namespace --wait --timeout 5m >&2
-echo "Bouquet's chart is installed (release bouquet, namespace bouquet-system)." >&2
+echo "Bouquet's chart is installed (release bouquet, namespace bouquet-system). For this cluster, with its kubectl and helm:" >&2
+echo "export PATH=$state/bin:\$PATH"
 echo "export KUBECONFIG=$state/kubeconfig"

@@ -186,7 +186,7 @@ EOF
         --volume-plugin-dir "$node/kubelet/volume-plugins" \
         --node-labels "bouquet.dev/site=true,bouquet.dev/gpu=true"
     node_ready() {
-        [[ $(kubectl --kubeconfig "$state/kubeconfig" get node "$NODE_NAME" \
+        [[ $("$bin/kubectl" --kubeconfig "$state/kubeconfig" get node "$NODE_NAME" \
             -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}') == True ]]
     }
     wait_until kubelet 120 node_ready
@@ -209,7 +209,7 @@ EOF
     wait_until kube-proxy 60 proxy_healthy
 
     # --- CoreDNS, behind the kube-dns Service ---
-    kubectl --kubeconfig "$state/kubeconfig" apply --server-side --field-manager bouquet-cluster -f - >/dev/null <<EOF
+    "$bin/kubectl" --kubeconfig "$state/kubeconfig" apply --server-side --field-manager bouquet-cluster -f - >/dev/null <<EOF
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {name: "bouquet:coredns"}
@@ -283,7 +283,7 @@ spec:
       nodeSelectorTerms: [{matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [$NODE_NAME]}]}]
 "
     done
-    kubectl --kubeconfig "$state/kubeconfig" apply --server-side --field-manager bouquet-cluster -f - >/dev/null <<EOF
+    "$bin/kubectl" --kubeconfig "$state/kubeconfig" apply --server-side --field-manager bouquet-cluster -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
 kind: StorageClass
 metadata:
@@ -293,6 +293,6 @@ provisioner: kubernetes.io/no-provisioner
 volumeBindingMode: WaitForFirstConsumer
 $volumes
 EOF
-    kubectl --kubeconfig "$state/kubeconfig" patch node "$NODE_NAME" --subresource status --type merge \
+    "$bin/kubectl" --kubeconfig "$state/kubeconfig" patch node "$NODE_NAME" --subresource status --type merge \
         -p '{"status": {"capacity": {"nvidia.com/gpu": "2"}}}' >/dev/null
 }

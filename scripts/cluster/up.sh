@@ -10,8 +10,9 @@
 # Usage: scripts/cluster/up.sh [--node] [STATE_DIR]
 #   STATE_DIR defaults to $BOUQUET_CLUSTER_DIR, else /tmp/bouquet-cluster. It receives pki/,
 #   logs/<component>.log, pids/<component>.pid, etcd/ and kubeconfig (cluster-admin).
-#   The last line on stdout is `export KUBECONFIG=STATE_DIR/kubeconfig`; all else goes to
-#   stderr, so `eval "$(scripts/cluster/up.sh)"` works.
+#   STATE_DIR/bin holds the kubectl of the cluster's release and helm. On stdout come two
+#   lines, `export PATH=STATE_DIR/bin:$PATH` and last `export KUBECONFIG=STATE_DIR/kubeconfig`;
+#   all else goes to stderr, so `eval "$(scripts/cluster/up.sh)"` works.
 # A cluster already up and healthy in STATE_DIR is left as it is; the remains of one that is
 # not (a crash, a reboot) are stopped and replaced. scripts/cluster/down.sh stops it.
 set -euo pipefail
@@ -27,7 +28,8 @@ if [[ ${1:-} == --node ]]; then
     shift
 fi
 state=$(state_dir "${1:-}")
-export_line="export KUBECONFIG=$state/kubeconfig"
+export_lines="export PATH=$state/bin:\$PATH
+export KUBECONFIG=$state/kubeconfig"
 pki=$state/pki
 # The Service network; the API server takes its first address for the `kubernetes` Service.
 SERVICE_CIDR=10.0.0.0/24
@@ -62,7 +64,7 @@ healthy() {
 
 if healthy; then
     echo "The cluster in $state is up." >&2
-    echo "$export_line"
+    echo "$export_lines"
     exit 0
 fi
 
@@ -297,6 +299,12 @@ wait_until kube-scheduler 60 component_healthy "$scheduler_port"
 
 [[ -z $with_node ]] || start_node
 
+# The clients of this cluster's release, for the user and the tests: the host's kubectl may be
+# older than the cluster (kubectl supports one minor version either side of the API server).
+mkdir -p "$state/bin"
+ln -sf "$bin/kubectl" "$state/bin/kubectl"
+ln -sf "$("$here/../helm.sh")" "$state/bin/helm"
+
 finished=1
 echo "The cluster in $state is up after $((SECONDS - started)) s: API server https://127.0.0.1:$api_port, logs in $state/logs" >&2
-echo "$export_line"
+echo "$export_lines"

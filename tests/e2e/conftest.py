@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from support import readme
 from support.cluster import ROOT, kubectl
 from support.e2e import RELEASE, RELEASE_NAMESPACE, host_state, leftovers
 from support.prometheus import Prometheus
@@ -35,15 +36,19 @@ def report(config, line: str) -> None:
 
 
 class LocalNode:
-    """The single-node cluster of scripts/cluster/up.sh --node in a state folder."""
+    """The single-node cluster of scripts/cluster/up.sh --node in a state folder; what its
+    claims hold is kept in a folder of the test session's own when it goes down."""
 
-    def __init__(self, state: Path, config) -> None:
-        self.state, self.config = state, config
+    def __init__(self, state: Path, claims: Path, config) -> None:
+        self.state, self.claims, self.config = state, claims, config
         self.kubeconfig = str(state / "kubeconfig")
+        self.exports: list[str] = []  # the lines up.sh prints for the user to paste
+        self.env = {**os.environ, "BOUQUET_CLAIMS_DIR": str(claims)}
 
     def up(self, what: str) -> float:
         started = time.monotonic()
-        up = subprocess.run(["bash", str(SCRIPTS / "up.sh"), "--node", str(self.state)], capture_output=True, text=True)
+        up = subprocess.run(["bash", str(SCRIPTS / "up.sh"), "--node", str(self.state)], capture_output=True, text=True, env=self.env)
+        self.exports = [line for line in up.stdout.splitlines() if line.startswith("export ")]
         seconds = time.monotonic() - started
         if up.returncode != 0:
             pytest.fail(
@@ -59,8 +64,11 @@ class LocalNode:
         report(self.config, f"\nsingle-node cluster bring-up ({what}, {kind}): {seconds:.0f} s")
         return seconds
 
+    def report(self, line: str) -> None:
+        report(self.config, line)
+
     def down(self) -> None:
-        down = subprocess.run(["bash", str(SCRIPTS / "down.sh"), str(self.state)], capture_output=True, text=True)
+        down = subprocess.run(["bash", str(SCRIPTS / "down.sh"), str(self.state)], capture_output=True, text=True, env=self.env)
         assert down.returncode == 0, f"scripts/cluster/down.sh failed:\n{down.stderr}"
         assert not self.state.exists(), "down.sh removes the cluster's state"
 
@@ -78,7 +86,8 @@ def local_node(request, tmp_path_factory):
             pytrace=False,
         )
     before = host_state()
-    node = LocalNode(tmp_path_factory.mktemp("node") / "cluster", request.config)
+    work = tmp_path_factory.mktemp("node")
+    node = LocalNode(work / "cluster", work / "claims", request.config)
     node.up("first")
     node.before = before
     yield node
@@ -108,24 +117,29 @@ def gpu_node(e2e_cluster) -> str:
 
 
 @pytest.fixture(scope="session")
-def release(e2e_cluster, helm):
-    """The chart installed as a user would: `helm install` into bouquet-system."""
+def user(local_node, e2e_cluster, tmp_path_factory) -> readme.Session:
+    """A user's shell at the root of a fresh copy of the checkout, with what the README tells
+    them to set: the lines `make cluster` prints pasted (KUBECONFIG, and PATH with the
+    cluster's kubectl and helm), and bin/ on PATH for `bouquet`."""
+    session = readme.Session(readme.fresh_clone(tmp_path_factory.mktemp("user") / "bouquet"), readme.user_environment())
+    for line in local_node.exports if local_node else [f"export KUBECONFIG={e2e_cluster}"]:
+        session.run(line)
+    session.run(readme.commands("bouquet-command")[0])
+    return session
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([helm, "--kubeconfig", e2e_cluster, *args], capture_output=True, text=True, timeout=600)
 
-    installed = run(
-        "upgrade", "--install", RELEASE, str(ROOT / "charts" / "bouquet"),
-        "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m",
-        "--set", "operator.resyncSeconds=10",
-    )  # fmt: skip
-    if installed.returncode:
+@pytest.fixture(scope="session")
+def release(user, e2e_cluster):
+    """The chart installed as the README says: its install block, as written."""
+    try:
+        user.run_block("install", timeout=1800)
+    except AssertionError as error:
         pods = kubectl(e2e_cluster, "get", "pods", "-n", RELEASE_NAMESPACE, "-o", "wide", check=False).stdout
         logs = kubectl(e2e_cluster, "logs", "-n", RELEASE_NAMESPACE, "deployment/bouquet", "--tail=50", check=False)
-        pytest.fail(f"helm install failed:\n{installed.stderr}\n{pods}\n{logs.stdout}{logs.stderr}", pytrace=False)
-    yield run
-    if run("status", RELEASE, "--namespace", RELEASE_NAMESPACE).returncode == 0:
-        run("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+        pytest.fail(f"{error}\n{pods}\n{logs.stdout}{logs.stderr}", pytrace=False)
+    yield user
+    if user.run(f"helm status {RELEASE} --namespace {RELEASE_NAMESPACE}", check=False).returncode == 0:
+        user.run(f"helm uninstall {RELEASE} --namespace {RELEASE_NAMESPACE} --wait", check=False)
 
 
 @pytest.fixture

@@ -1,54 +1,37 @@
-"""Bouquet as its users meet it: the Helm chart installed, `kubectl apply` of a job, real
-Pods training until the job is Succeeded, the model read back from its claim, the round
-metrics from Prometheus, two namespaces standing in for two hospitals' clusters, a site
-on a GPU node, a server Pod deleted mid-run, and `helm uninstall`.
+"""Bouquet as its users meet it, following the README's Kubernetes section block by block, as
+written, in a user's shell (support.readme.Session) on a real cluster: the chart installed
+with helm, `kubectl apply` of a job, real Pods training until it is Succeeded, the model
+copied out of its claim and used to predict, a site's own data in a claim and in a node
+folder, the round metrics in Prometheus, two namespaces standing in for two hospitals'
+clusters, a site on a GPU node, a server Pod deleted mid-run, `helm uninstall`, and the
+host's own cluster taken down and up with `make cluster-down` and `make cluster`.
 
 The tests run in the order written: the last ones uninstall the chart and take the local
 node down."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
+import re
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-import safetensors.numpy
-import torch
 import yaml
 
-from bouquet import jobfile
-from bouquet_workloads import datasets
-from bouquet_workloads.task import build_model, evaluate, load_arrays
-from support.cluster import ROOT, kubectl
+from support import readme
+from support.cluster import kubectl
 from support.dashboards import empty_panels
 from support.e2e import RELEASE, RELEASE_NAMESPACE, diagnose, host_state, job_status, leftovers, read_claim, wait_for_round
 from support.kubelet import wait_for
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
-MULTI_CLUSTER = ROOT / "examples" / "multi-cluster"
-GPU_EXAMPLE = ROOT / "examples" / "gpu.yaml"
-FINISH_TIMEOUT = 900
-
-
-def wait_succeeded(kubeconfig: str, namespace: str, name: str) -> None:
-    """`kubectl wait --for=condition=Succeeded`, as a user would; the namespace's state on failure."""
-    waited = kubectl(
-        kubeconfig,
-        "wait",
-        "-n",
-        namespace,
-        f"fj/{name}",
-        "--for=condition=Succeeded",
-        f"--timeout={FINISH_TIMEOUT}s",
-        check=False,
-        timeout=FINISH_TIMEOUT + 30,
-    )
-    assert waited.returncode == 0, f"job {namespace}/{name} did not succeed: {waited.stderr}\n{diagnose(kubeconfig, namespace)}"
+# The node folder the README's own-data block puts hospital-a's file in.
+SITE_FOLDER = Path("/srv/bouquet/hospital-a")
 
 
 def server_pods(kubeconfig: str, namespace: str, job: str) -> list[dict]:
@@ -56,69 +39,93 @@ def server_pods(kubeconfig: str, namespace: str, job: str) -> list[dict]:
     return json.loads(kubectl(kubeconfig, "get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
 
 
+def readme_sha256() -> str:
+    """The start of the model's sha256 that the README's quick start shows for `make run`."""
+    return re.search(r"\(sha256 ([0-9a-f]+)\.\.\.\)", readme.output("quick-start")).group(1)
+
+
 @dataclass
 class ExampleRun:
-    namespace: str
+    table: str
     status: dict
+    model_line: str
     empty_training_panels: list[str]
     empty_operator_panels: list[str]
     round_mid_run: float | None
-    files: dict[str, bytes]
+    copied: Path
+    predicted: str
 
 
 @pytest.fixture(scope="module")
 def example_run(e2e_cluster, release, prometheus) -> ExampleRun:
-    """examples/breast-cancer.yaml applied with kubectl and trained to the end; Prometheus
-    and the dashboards asked while it runs, the claim read once it is done."""
-    namespace = f"e2e-example-{int(time.time()) % 100000}"
-    kubectl(e2e_cluster, "create", "namespace", namespace)
-    kubectl(e2e_cluster, "apply", "-n", namespace, "-f", str(EXAMPLE))
+    """The README's first job, line by line as written, with Prometheus and the dashboards
+    asked while it runs; then its model copied out of the claim and used to predict."""
+    user = release
+    apply, get, wait, model = readme.commands("first-job")
+    user.run(apply)
     try:
-        wait_for_round(e2e_cluster, namespace, "breast-cancer", 2)
+        wait_for_round(e2e_cluster, "default", "breast-cancer", 2)
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, namespace)}") from None
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
+    table = user.run(get).stdout
     # Mid-run: the server Pod is up and Prometheus scrapes it (its series end when the Pod
     # does, once the job is done).
     training = empty_panels(prometheus, "training", timeout=120)
     operator = empty_panels(prometheus, "operator", timeout=60)
-    mid_run = prometheus.value(f'bouquet_job_current_round{{namespace="{namespace}", job_name="breast-cancer"}}')
-    wait_succeeded(e2e_cluster, namespace, "breast-cancer")
-    status = job_status(e2e_cluster, namespace, "breast-cancer")
-    files = read_claim(e2e_cluster, namespace, "breast-cancer-output", ["model.safetensors", "model.json", "history.json"])
-    yield ExampleRun(namespace, status, training, operator, mid_run, files)
-    kubectl(e2e_cluster, "delete", "namespace", namespace, "--wait=false", check=False)
+    mid_run = prometheus.value('bouquet_job_current_round{namespace="default", job_name="breast-cancer"}')
+    waited = user.run(wait, timeout=1900, check=False)
+    assert waited.returncode == 0, f"{waited.output}\n{diagnose(e2e_cluster, 'default')}"
+    model_line = user.run(model).stdout
+    copy = user.run_block("copy-model", timeout=900)
+    return ExampleRun(
+        table,
+        job_status(e2e_cluster, "default", "breast-cancer"),
+        model_line,
+        training,
+        operator,
+        mid_run,
+        user.cwd / "runs" / "breast-cancer-cluster",
+        copy[-1].stderr,
+    )
 
 
-def test_chart_runs_the_operator(e2e_cluster, release):
+def test_the_readmes_install_runs_the_operator(e2e_cluster, release):
     deployment = json.loads(kubectl(e2e_cluster, "get", "deployment", RELEASE, "-n", RELEASE_NAMESPACE, "-o", "json").stdout)
     assert deployment["status"].get("readyReplicas") == 1
     crd = kubectl(
         e2e_cluster, "get", "crd", "federatedjobs.bouquet.dev", "-o", "jsonpath={.metadata.labels.app\\.kubernetes\\.io/managed-by}"
     )
     assert crd.stdout == "Helm"
+    [images] = readme.commands("images")
+    assert images.split("#")[0].strip() == readme.commands("install")[0].split("#")[0].strip()  # the install block ran it
+    assert release.run(images, timeout=1800).stdout.split() == ["bouquet-workloads:0.1.0", "bouquet-operator:0.1.0"]
 
 
-def test_example_job_succeeds_with_every_round_once(example_run):
+def test_the_first_job_trains_every_round_to_the_same_model_as_make_run(example_run):
+    header, row = example_run.table.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "ROUND", "SITES", "ACCURACY", "AGE"]
+    name, phase, round_, sites, accuracy = row.split()[:5]
+    assert (name, phase, sites) == ("breast-cancer", "Running", "3") and re.fullmatch(r"\d+/10", round_)
+    assert re.fullmatch(r"0\.\d{1,4}", accuracy), "accuracy to 4 decimals"
     status = example_run.status
-    assert status["phase"] == "Succeeded"
-    assert status["progress"]["round"] == 10
-    history = json.loads(example_run.files["history.json"])
-    assert [entry["round"] for entry in history] == list(range(1, 11))
-    for entry in history:
-        assert sorted(entry["sites"]) == ["hospital-a", "hospital-b", "hospital-c"]
+    assert status["phase"] == "Succeeded" and status["progress"]["round"] == 10 and status["roundSites"] == 3
+    shown = json.loads(example_run.model_line)
+    assert shown == status["progress"]["model"] and shown["path"] == "/model.safetensors"
+    # The same job and seed as the README's `make run`: the same weights, to the bit.
+    assert shown["sha256"].startswith(readme_sha256()), shown
 
 
-def test_weights_read_back_from_the_claim_score_on_the_held_out_split(example_run):
-    weights = example_run.files["model.safetensors"]
-    info = json.loads(example_run.files["model.json"])
-    assert hashlib.sha256(weights).hexdigest() == info["sha256"] == example_run.status["progress"]["model"]["sha256"]
-    spec = jobfile.load(EXAMPLE)["spec"]
-    model = build_model(spec["task"], len(info["features"]), seed=0)
-    load_arrays(model, safetensors.numpy.load(weights))
-    held_out = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test
-    accuracy = evaluate(model, held_out, torch.device("cpu"))["accuracy"]
-    assert accuracy >= 0.93, f"the model from the claim scores {accuracy:.4f} on the held-out split"
-    assert accuracy == pytest.approx(info["metrics"]["accuracy"])
+def test_the_model_copied_out_of_the_claim_predicts_its_held_out_accuracy(example_run):
+    copied = example_run.copied
+    info = json.loads((copied / "model.json").read_text())
+    assert (
+        hashlib.sha256((copied / "model.safetensors").read_bytes()).hexdigest() == info["sha256"] == example_run.status["model"]["sha256"]
+    )
+    assert (copied / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert [e["round"] for e in json.loads((copied / "history.json").read_text())] == list(range(1, 11))
+    accuracy = info["metrics"]["accuracy"]
+    assert accuracy >= 0.93
+    assert example_run.predicted.strip() == f"accuracy {accuracy:.4f} on 114 rows (model.json: {accuracy:.4f} on the held-out test set)"
 
 
 def test_prometheus_scrapes_the_server_and_the_operator(example_run):
@@ -127,25 +134,41 @@ def test_prometheus_scrapes_the_server_and_the_operator(example_run):
     assert example_run.empty_operator_panels == [], "operator dashboard panels without data"
 
 
-def test_server_only_and_sites_only_jobs_in_two_namespaces(e2e_cluster, release, tmp_path):
-    """examples/multi-cluster/rehearsal.yaml's commands, as written there: the aggregator's
+def test_sites_train_on_their_own_data_from_a_claim_and_a_node_folder(e2e_cluster, release):
+    user = release
+    created = not SITE_FOLDER.parent.exists()
+    try:
+        for share in readme.commands("own-data-local")[:2]:  # the files, written as the README's local section does
+            user.run(share)
+        results = user.run_block("own-data-kubernetes", timeout=1900)
+        assert results[-1].returncode == 0
+        status = job_status(e2e_cluster, "default", "own-data")
+        assert status["phase"] == "Succeeded" and status["progress"]["round"] == 3
+        history = json.loads(read_claim(e2e_cluster, "default", "own-data-output", ["history.json"])["history.json"])
+        assert [e["sites"] for e in history] == [["hospital-a", "hospital-b"]] * 3
+        pods = json.loads(kubectl(e2e_cluster, "get", "pods", "-l", "bouquet.dev/job=own-data", "-o", "json").stdout)["items"]
+        mounts = {
+            p["metadata"]["labels"].get("bouquet.dev/site"): p["spec"]["volumes"]
+            for p in pods
+            if "bouquet.dev/site" in p["metadata"]["labels"]
+        }
+        assert {"name": "data", "hostPath": {"path": str(SITE_FOLDER), "type": "Directory"}} in mounts["hospital-a"]
+        assert {"name": "data", "persistentVolumeClaim": {"claimName": "hospital-b-data", "readOnly": True}} in mounts["hospital-b"]
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
+    finally:
+        shutil.rmtree(SITE_FOLDER.parent if created else SITE_FOLDER, ignore_errors=True)
+
+
+def test_server_only_and_sites_only_jobs_in_two_namespaces(e2e_cluster, release):
+    """The README's rehearsal of a federation across clusters, as written: the aggregator's
     job in one namespace, the hospitals' in another, which has only the CA."""
     try:
-        kubectl(e2e_cluster, "create", "namespace", "aggregator")
-        kubectl(e2e_cluster, "apply", "-f", str(MULTI_CLUSTER / "aggregator.yaml"))
-        wait_for(
-            lambda: kubectl(e2e_cluster, "get", "secret", "breast-cancer-tls", "-n", "aggregator", check=False).returncode == 0,
-            timeout=120,
-            interval=1,
-            what="the server's TLS Secret",
+        release.run_block("across-clusters", timeout=1900)
+        waited = release.run(
+            "kubectl wait --for=condition=Succeeded fj/breast-cancer -n hospital-a --timeout=10m", timeout=700, check=False
         )
-        ca = kubectl(e2e_cluster, "get", "secret", "breast-cancer-tls", "-n", "aggregator", "-o", "jsonpath={.data.ca\\.crt}").stdout
-        (tmp_path / "ca.crt").write_bytes(base64.b64decode(ca))
-        kubectl(e2e_cluster, "create", "namespace", "hospital-a")
-        kubectl(e2e_cluster, "create", "secret", "generic", "breast-cancer-ca", "-n", "hospital-a", f"--from-file={tmp_path / 'ca.crt'}")
-        kubectl(e2e_cluster, "apply", "-f", str(MULTI_CLUSTER / "rehearsal.yaml"))
-        wait_succeeded(e2e_cluster, "aggregator", "breast-cancer")
-        wait_succeeded(e2e_cluster, "hospital-a", "breast-cancer")
+        assert waited.returncode == 0, f"{waited.output}\n{diagnose(e2e_cluster, 'hospital-a')}"
         assert job_status(e2e_cluster, "aggregator", "breast-cancer")["progress"]["round"] == 10
         # Only the server ran in the one namespace, only the sites in the other.
         assert kubectl(e2e_cluster, "get", "jobs", "-n", "aggregator", "-o", "name").stdout.split() == []
@@ -153,37 +176,41 @@ def test_server_only_and_sites_only_jobs_in_two_namespaces(e2e_cluster, release,
         history = json.loads(read_claim(e2e_cluster, "aggregator", "breast-cancer-output", ["history.json"])["history.json"])
         assert [entry["round"] for entry in history] == list(range(1, 11))
         assert all(sorted(entry["sites"]) == ["hospital-a", "hospital-b"] for entry in history)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'aggregator')}\n{diagnose(e2e_cluster, 'hospital-a')}") from None
     finally:
         kubectl(e2e_cluster, "delete", "namespace", "aggregator", "hospital-a", "--wait=false", check=False)
 
 
-def test_gpu_site_placed_on_gpu_node_and_server_pod_deleted_mid_run_resumes(e2e_cluster, release, namespace, gpu_node):
-    """examples/gpu.yaml: the GPU site's Pod on the GPU node; its server Pod deleted
+def test_gpu_site_placed_on_gpu_node_and_server_pod_deleted_mid_run_resumes(e2e_cluster, release, gpu_node):
+    """The README's GPU block: the GPU site's Pod on the GPU node; its server Pod deleted
     mid-run, and the new one carrying on from the last checkpoint."""
-    kubectl(e2e_cluster, "apply", "-n", namespace, "-f", str(GPU_EXAMPLE))
+    apply, get_pods = readme.commands("gpus")
+    release.run(apply)
     try:
-        wait_for_round(e2e_cluster, namespace, "gpu", 2)
+        wait_for_round(e2e_cluster, "default", "gpu", 2)
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, namespace)}") from None
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
+    listed = release.run(get_pods).stdout
+    assert gpu_node in listed and "gpu-hospital-a" in listed, listed
 
-    site_pods = json.loads(kubectl(e2e_cluster, "get", "pods", "-n", namespace, "-l", "bouquet.dev/site=hospital-a", "-o", "json").stdout)[
-        "items"
-    ]
-    assert site_pods, "no Pod of the GPU site"
-    pod = site_pods[0]
+    site_pods = json.loads(
+        kubectl(e2e_cluster, "get", "pods", "-l", "bouquet.dev/site=hospital-a,bouquet.dev/job=gpu", "-o", "json").stdout
+    )
+    pod = site_pods["items"][0]
     assert pod["spec"]["nodeName"] == gpu_node
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
-    (old,) = server_pods(e2e_cluster, namespace, "gpu")
-    round_before = job_status(e2e_cluster, namespace, "gpu")["progress"]["round"]
+    (old,) = server_pods(e2e_cluster, "default", "gpu")
+    round_before = job_status(e2e_cluster, "default", "gpu")["progress"]["round"]
     assert round_before < 6, "the run ended before its server Pod could be deleted"
-    kubectl(e2e_cluster, "delete", "pod", "-n", namespace, old["metadata"]["name"], "--wait=false")
+    kubectl(e2e_cluster, "delete", "pod", old["metadata"]["name"], "--wait=false")
 
     def new_server_log() -> str:
-        pods = [p for p in server_pods(e2e_cluster, namespace, "gpu") if p["metadata"]["uid"] != old["metadata"]["uid"]]
+        pods = [p for p in server_pods(e2e_cluster, "default", "gpu") if p["metadata"]["uid"] != old["metadata"]["uid"]]
         if not pods:
             return ""
-        logs = kubectl(e2e_cluster, "logs", "-n", namespace, pods[0]["metadata"]["name"], check=False)
+        logs = kubectl(e2e_cluster, "logs", pods[0]["metadata"]["name"], check=False)
         return logs.stdout if logs.returncode == 0 else ""
 
     wait_for(
@@ -191,20 +218,26 @@ def test_gpu_site_placed_on_gpu_node_and_server_pod_deleted_mid_run_resumes(e2e_
     )
     resumed_after = int(new_server_log().split("continuing after round ")[1].split()[0])
     assert resumed_after >= round_before
-    wait_succeeded(e2e_cluster, namespace, "gpu")
-    history = json.loads(read_claim(e2e_cluster, namespace, "gpu-output", ["history.json"])["history.json"])
+    waited = release.run("kubectl wait --for=condition=Succeeded fj/gpu --timeout=15m", timeout=1000, check=False)
+    assert waited.returncode == 0, f"{waited.output}\n{diagnose(e2e_cluster, 'default')}"
+    history = json.loads(read_claim(e2e_cluster, "default", "gpu-output", ["history.json"])["history.json"])
     assert [entry["round"] for entry in history] == list(range(1, 7)), "every round exactly once"
 
 
+def test_the_chart_ships_both_dashboards(release):
+    [listed] = release.run_block("dashboards")
+    names = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
+    assert sorted(names) == ["bouquet-dashboard-operator", "bouquet-dashboard-training"], listed.stdout
+
+
 def test_helm_uninstall_leaves_only_retained_claims(e2e_cluster, release, namespace):
-    job = yaml.safe_load(GPU_EXAMPLE.read_text())
+    job = yaml.safe_load(Path(release.cwd / "examples" / "gpu.yaml").read_text())
     job["metadata"] = {"name": "left-running", "namespace": namespace}
     job["spec"]["rounds"] = 50
     kubectl(e2e_cluster, "apply", "-f", "-", input=json.dumps(job))
     wait_for_round(e2e_cluster, namespace, "left-running", 1)
 
-    uninstalled = release("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait", "--timeout", "5m")
-    assert uninstalled.returncode == 0, uninstalled.stderr
+    release.run(f"helm uninstall {RELEASE} -n {RELEASE_NAMESPACE} --wait --timeout 5m", timeout=400)
     kinds = "deployments,replicasets,jobs,pods,services,secrets,configmaps,serviceaccounts,roles,rolebindings,networkpolicies"
 
     def remaining() -> list[str]:
@@ -221,16 +254,71 @@ def test_helm_uninstall_leaves_only_retained_claims(e2e_cluster, release, namesp
     assert claims == ["persistentvolumeclaim/left-running-output"], "the job's retained claim stays"
 
 
-def test_cluster_down_leaves_nothing_and_comes_back_warm(local_node, request):
+def test_the_readmes_cluster_comes_up_and_goes_down_keeping_what_its_claims_hold(local_node, user, tmp_path):
+    """`make cluster` and `make cluster-down` as the README types them, after the tests'
+    own node went down: the host holds nothing of either cluster afterwards but the claims'
+    data, where the README says."""
     if local_node is None:
         pytest.skip("the cluster under test is not this host's own: it is not taken down")
     local_node.down()
     left = leftovers(local_node.before, local_node.state)
     assert not left, f"down.sh left these behind on the host: {json.dumps(left, indent=1)}"
+    kept = sorted(p.relative_to(local_node.claims) for p in local_node.claims.glob("default/breast-cancer-output-*/model.safetensors"))
+    assert len(kept) == 1, f"the first job's model is kept when its cluster goes down (found {kept})"
+
     before = host_state()
-    local_node.up("second, after down.sh")
-    ready = kubectl(local_node.kubeconfig, "get", "node", "bouquet-node", "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}")
-    assert ready.stdout == "True"
-    local_node.down()
-    left = leftovers(before, local_node.state)
-    assert not left, f"down.sh left these behind on the host: {json.dumps(left, indent=1)}"
+    up, down = readme.commands("local-cluster")
+    started = time.monotonic()
+    printed = user.run(up, timeout=1800)
+    local_node.report(f"single-node cluster bring-up (make cluster, as the README types it): {time.monotonic() - started:.0f} s")
+    exports = [line for line in printed.stdout.splitlines() if line.startswith("export ")]
+    assert [line.split("=")[0] for line in exports] == ["export PATH", "export KUBECONFIG"], printed.stdout
+    for line in exports:  # pasted, as the README says
+        user.run(line)
+    assert "v1.34." in user.run("kubectl version --client").stdout
+    assert user.run("kubectl get deployment bouquet -n bouquet-system -o jsonpath={.status.readyReplicas}").stdout == "1"
+    claims = Path("/var/lib/bouquet/claims/default")
+    before_claims = set(claims.glob("kept-by-test-*")) if claims.exists() else set()
+    writer = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "kept-by-test"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Mi"}}},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "writer"},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [
+                        {
+                            "name": "write",
+                            "image": "bouquet-workloads:0.1.0",
+                            "command": ["sh", "-c", "echo trained > /claim/model.txt"],
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                            "volumeMounts": [{"name": "claim", "mountPath": "/claim"}],
+                        }
+                    ],
+                    "volumes": [{"name": "claim", "persistentVolumeClaim": {"claimName": "kept-by-test"}}],
+                },
+            },
+        ],
+    }
+    user.run(f"kubectl apply -f - <<'EOF'\n{json.dumps(writer)}\nEOF")
+    user.run("kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/writer --timeout=3m", timeout=240)
+    try:
+        user.run(down, timeout=600)
+        new = set(claims.glob("kept-by-test-*")) - before_claims
+        assert len(new) == 1 and (new.pop() / "model.txt").read_text() == "trained\n"
+        left = leftovers(before, Path("/tmp/bouquet-cluster"))
+        assert not left, f"make cluster-down left these behind on the host: {json.dumps(left, indent=1)}"
+        assert not Path("/tmp/bouquet-cluster").exists()
+    finally:
+        for folder in set(claims.glob("kept-by-test-*")) - before_claims:
+            shutil.rmtree(folder)

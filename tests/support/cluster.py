@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,8 +19,19 @@ from support.prometheus import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@functools.cache
+def kubectl_binary() -> str:
+    """The kubectl of the test cluster's release (scripts/cluster/build.sh), not the host's."""
+    built = subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "build.sh")], capture_output=True, text=True)
+    if built.returncode:
+        raise AssertionError(f"kubectl could not be built (scripts/cluster/build.sh):\n{built.stderr[-3000:]}")
+    return str(Path(built.stdout.strip().splitlines()[-1]) / "kubectl")
+
+
 def kubectl(kubeconfig: str, *args: str, check: bool = True, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], capture_output=True, text=True, input=input, timeout=timeout)
+    result = subprocess.run(
+        [kubectl_binary(), "--kubeconfig", kubeconfig, *args], capture_output=True, text=True, input=input, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result

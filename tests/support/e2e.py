@@ -9,7 +9,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from support.cluster import ROOT, kubectl
+from support.cluster import ROOT, kubectl, kubectl_binary
 from support.kubelet import wait_for
 from support.processes import processes_mentioning
 
@@ -76,7 +76,7 @@ def read_claim(kubeconfig: str, namespace: str, claim: str, paths: list[str]) ->
         files = {}
         for path in paths:
             read = subprocess.run(
-                ["kubectl", "--kubeconfig", kubeconfig, "exec", "-n", namespace, pod, "--", "cat", f"/claim/{path}"],
+                [kubectl_binary(), "--kubeconfig", kubeconfig, "exec", "-n", namespace, pod, "--", "cat", f"/claim/{path}"],
                 capture_output=True,
                 timeout=120,
             )

@@ -126,6 +126,13 @@ def fresh_clone(destination: Path) -> Path:
     return destination
 
 
+def user_environment() -> dict[str, str]:
+    """The environment of a user's shell: none of what the test run set for itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BOUQUET_", "FLWR_"))}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 @dataclass
 class Result:
     command: str

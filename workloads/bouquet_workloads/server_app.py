@@ -50,7 +50,9 @@ def main(grid: Grid, context: Context) -> None:
     try:
         train_federated(grid, job, out)
     except BaseException as error:
-        _progress(out, job, "Failed", message=f"{type(error).__name__}: {error}")
+        # Bouquet's own verdicts say what happened; anything else also says what it is.
+        ours = isinstance(error, SitesNotReady | RoundFailed)
+        _progress(out, job, "Failed", message=str(error) if ours else f"{type(error).__name__}: {error}")
         raise
 
 
