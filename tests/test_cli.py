@@ -231,3 +231,12 @@ def test_the_operator_validate_and_render_do_not_load_torch_or_flower():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_validate_warns_of_a_key_given_twice_and_judges_the_last_value_as_kubectl_does(tmp_path, capsys):
+    job = (ROOT / "examples" / "breast-cancer.yaml").read_text().replace("  rounds: 10\n", "  rounds: 10\n  rounds: 0\n")
+    (tmp_path / "job.yaml").write_text(job)
+    assert cli.main(["validate", str(tmp_path / "job.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "spec.rounds: Invalid value: 0: spec.rounds in body should be greater than or equal to 1" in err
+    assert "warning: line 17: the key 'rounds' is given again; kubectl takes this last value" in err

@@ -43,9 +43,13 @@ def test_merge_keys_and_nesting_work():
     }
 
 
-def test_a_repeated_key_is_refused():
-    with pytest.raises(yaml.YAMLError, match="the key 'a' appears twice"):
-        kubeyaml.load_all("a: 1\na: 2\n")
+def test_a_repeated_key_takes_the_last_value_as_kubectl_does_and_says_so():
+    warnings: list[str] = []
+    assert kubeyaml.load_all("a: 1\nb: {c: 1, c: 2}\na: 3\n", warnings) == [{"a": 3, "b": {"c": 2}}]
+    assert warnings == [
+        "line 2: the key 'c' is given again; kubectl takes this last value",
+        "line 3: the key 'a' is given again; kubectl takes this last value",
+    ]
 
 
 @pytest.mark.parametrize("text", [".nan", ".inf", "-.Inf"])

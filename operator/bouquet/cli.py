@@ -156,13 +156,16 @@ def main(argv: list[str] | None = None) -> int:
 def _validate(paths: list[Path]) -> int:
     failed = False
     for path in paths:
+        warnings: list[str] = []
         try:
-            jobfile.load(path)
+            jobfile.load(path, warnings)
         except InvalidJob as error:
             failed = True
             _print_invalid(path, error)
         else:
             print(f"{path}: valid")
+        for warning in warnings:
+            print(f"{path}: warning: {warning}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -13,10 +13,11 @@ from . import kubeyaml
 from .schema import InvalidJob, Violation, load_valid
 
 
-def read(path: Path) -> dict:
-    """Parses a job file holding exactly one YAML document."""
+def read(path: Path, warnings: list[str] | None = None) -> dict:
+    """Parses a job file holding exactly one YAML document (what kubectl would read without a
+    word but a reader may not expect goes to warnings)."""
     try:
-        documents = [d for d in kubeyaml.load_all(path.read_text()) if d is not None]
+        documents = [d for d in kubeyaml.load_all(path.read_text(), warnings) if d is not None]
     except FileNotFoundError:
         raise InvalidJob([Violation("", f"{path}: no such file")]) from None
     except yaml.YAMLError as error:
@@ -26,9 +27,9 @@ def read(path: Path) -> dict:
     return documents[0]
 
 
-def load(path: Path) -> dict:
+def load(path: Path, warnings: list[str] | None = None) -> dict:
     """The job in the file with its defaults applied; InvalidJob lists every violation."""
-    return load_valid(read(path))
+    return load_valid(read(path, warnings))
 
 
 def check_local(job: dict, job_path: Path) -> dict[str, Path]:

@@ -89,6 +89,10 @@ def _go_int(text: str) -> int | None:
 class KubectlLoader(yaml.SafeLoader):
     """PyYAML's safe loader with go-yaml v2's resolution of plain scalars."""
 
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.repeated: list[str] = []  # keys given twice in one mapping
+
 
 KubectlLoader.yaml_implicit_resolvers = {}
 # Every plain scalar that go-yaml would try to resolve (and the empty one) goes to resolve().
@@ -112,9 +116,8 @@ def _construct_mapping(loader: KubectlLoader, node: yaml.MappingNode) -> dict:
     for key_node, value_node in node.value:
         key = _json_key(loader.construct_object(key_node, deep=True))
         if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                "while reading a mapping", node.start_mark, f"the key {key!r} appears twice", key_node.start_mark
-            )
+            # kubectl takes the last value without a word; this says so.
+            loader.repeated.append(f"line {key_node.start_mark.line + 1}: the key {key!r} is given again; kubectl takes this last value")
         mapping[key] = loader.construct_object(value_node, deep=True)
     return mapping
 
@@ -136,9 +139,19 @@ KubectlLoader.add_constructor(_SCALAR_TAG, _construct_scalar)
 KubectlLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 
-def load_all(text: str) -> list[Any]:
-    """Every document of a YAML stream, as kubectl would send them."""
-    return list(yaml.load_all(text, Loader=KubectlLoader))
+def load_all(text: str, warnings: list[str] | None = None) -> list[Any]:
+    """Every document of a YAML stream, as kubectl would send them; what kubectl does
+    without a word but a reader may not expect (a key given twice) is added to warnings."""
+    loader = KubectlLoader(text)
+    try:
+        documents = []
+        while loader.check_data():
+            documents.append(loader.get_data())
+        if warnings is not None:
+            warnings.extend(loader.repeated)
+        return documents
+    finally:
+        loader.dispose()
 
 
 class KubectlDumper(yaml.SafeDumper):
