@@ -72,7 +72,7 @@ def run(tmp_path_factory) -> Run:
             while process.poll() is None and time.monotonic() < deadline:
                 history = _read_json(out / "history.json") or []
                 if not mid_run_history_rounds and len(history) >= 3:
-                    mid_run_round = _first_value(prometheus, 'bouquet_job_current_round{job_name="breast-cancer"} >= 3')
+                    mid_run_round = prometheus.first_value('bouquet_job_current_round{job_name="breast-cancer"} >= 3')
                     mid_run_history_rounds = len(_read_json(out / "history.json"))
                     empty = empty_panels(prometheus, "training")
                 time.sleep(0.5)
@@ -98,17 +98,6 @@ def run(tmp_path_factory) -> Run:
         histogram_count,
         empty,
     )
-
-
-def _first_value(prometheus: Prometheus, promql: str, timeout: float = 15) -> float | None:
-    """The query's value as soon as Prometheus has scraped one (scrapes are 1 s apart)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = prometheus.value(promql)
-        if value is not None:
-            return value
-        time.sleep(0.25)
-    return None
 
 
 def _read_json(path: Path):

@@ -72,7 +72,8 @@ def example_run(e2e_cluster, release, prometheus) -> ExampleRun:
     # does, once the job is done).
     training = empty_panels(prometheus, "training", timeout=120)
     operator = empty_panels(prometheus, "operator", timeout=60)
-    mid_run = prometheus.value('bouquet_job_current_round{namespace="default", job_name="breast-cancer"}')
+    # The status said round 2 is done: Prometheus' next scrapes of the server say so too.
+    mid_run = prometheus.first_value('max(bouquet_job_current_round{namespace="default", job_name="breast-cancer"}) >= 2', timeout=60)
     waited = user.run(wait, timeout=1900, check=False)
     assert waited.returncode == 0, f"{waited.output}\n{diagnose(e2e_cluster, 'default')}"
     model_line = user.run(model).stdout

@@ -73,6 +73,17 @@ class Prometheus:
         result = self.query(promql)
         return float(result[0]["value"][1]) if result else None
 
+    def first_value(self, promql: str, timeout: float = 15) -> float | None:
+        """The query's value as soon as Prometheus has scraped one (scrapes are 1 s apart,
+        and a Pod's new address takes a discovery refresh more)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.value(promql)
+            if value is not None:
+                return value
+            time.sleep(0.25)
+        return None
+
     def stop(self) -> None:
         self.process.terminate()
         try:

@@ -51,7 +51,7 @@ def describe(name: str) -> tuple[list[str], str]:
     raise ValueError(f"unknown built-in dataset {name!r}")
 
 
-def class_names(spec: Mapping) -> list[str]:
+def model_classes(spec: Mapping) -> list[str]:
     """What each of the model's outputs means, in index order: task.classNames, else the
     built-in dataset's own names for its labels 0 and 1, else the labels 0..classes-1."""
     task = spec["task"]

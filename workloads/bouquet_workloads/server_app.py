@@ -37,7 +37,7 @@ app = ServerApp()
 
 
 class RoundFailed(RuntimeError):
-    """No site delivered a usable update in a round."""
+    """A round could not be completed: too few sites returned an update."""
 
 
 @app.main()
@@ -108,7 +108,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
             "evaluatedOn": final.get("evaluatedOn", ""),
             "features": features,
             "labelColumn": spec["task"]["labelColumn"],
-            "classes": datasets.class_names(spec),
+            "classes": datasets.model_classes(spec),
             # What the label column holds for each class, in the same order.
             "labelValues": class_names(spec["task"]),
             "model": spec["task"]["model"],
