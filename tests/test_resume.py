@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from bouquet import flower, jobfile, kubeyaml, tls
 from bouquet.local import write_builtin_shares
-from support.processes import processes_mentioning
+from support.processes import processes_mentioning, site_args, start_bouquet
 from support.prometheus import free_port
 
 pytestmark = pytest.mark.slow
@@ -33,11 +32,6 @@ JOB = {
         "sites": [{"name": "site-a", "gpus": 1}, {"name": "site-b"}],
     },
 }
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    with log.open("a") as sink:
-        return subprocess.Popen([sys.executable, "-m", "bouquet", *args], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def history(out: Path) -> list[dict]:
@@ -87,25 +81,9 @@ def test_killed_server_resumes_from_last_checkpoint(tmp_path):
     ]
     site_logs = [tmp_path / f"{name}.log" for name in data]
 
-    server = start(["server", *server_args], server_log)
+    server = start_bouquet(["server", *server_args], server_log)
     sites = [
-        start(
-            [
-                "site",
-                str(job_file),
-                "--site",
-                name,
-                "--server",
-                f"localhost:{port}",
-                "--data",
-                str(path),
-                "--ca",
-                str(certs["ca.crt"]),
-                "--runtime-port",
-                str(free_port()),
-            ],
-            log,
-        )  # fmt: skip
+        start_bouquet(site_args(job_file, name, port, path, certs["ca.crt"]), log)
         for (name, path), log in zip(data.items(), site_logs, strict=True)
     ]
     try:
@@ -114,7 +92,7 @@ def test_killed_server_resumes_from_last_checkpoint(tmp_path):
         before = history(out)
         assert 2 <= len(before) < ROUNDS
 
-        restarted = start(["server", *server_args], server_log)
+        restarted = start_bouquet(["server", *server_args], server_log)
         wait_for(lambda: restarted.poll() is not None, 300, "the restarted server to finish", [server_log, *site_logs])
         assert restarted.returncode == 0, server_log.read_text()[-3000:]
         # Told that the run is over, each site ends by itself with success (a Job completes).

@@ -6,16 +6,13 @@ value itself is only in that site's own log."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from bouquet import jobfile, kubeyaml, tls
 from bouquet.local import write_builtin_shares
-from support.processes import processes_mentioning
+from support.processes import processes_mentioning, site_args, start_bouquet
 from support.prometheus import free_port
 
 pytestmark = pytest.mark.slow
@@ -48,11 +45,7 @@ def test_a_sites_bad_value_stops_the_server_before_round_1_and_stays_at_the_site
     certs = tls.issue("site-data", ["localhost", "127.0.0.1"]).write(tmp_path / "tls")
     port, out = free_port(), tmp_path / "out"
 
-    def start(args: list[str], log: Path) -> subprocess.Popen:
-        with log.open("w") as sink:
-            return subprocess.Popen([sys.executable, "-m", "bouquet", *args], stdout=sink, stderr=subprocess.STDOUT)
-
-    server = start(
+    server = start_bouquet(
         [
             "server",
             str(job_file),
@@ -68,24 +61,7 @@ def test_a_sites_bad_value_stops_the_server_before_round_1_and_stays_at_the_site
         tmp_path / "server.log",
     )
     sites = {
-        name: start(
-            [
-                "site",
-                str(job_file),
-                "--site",
-                name,
-                "--server",
-                f"localhost:{port}",
-                "--data",
-                str(path),
-                "--ca",
-                str(certs["ca.crt"]),
-                "--runtime-port",
-                str(free_port()),
-            ],
-            tmp_path / f"{name}.log",
-        )  # fmt: skip
-        for name, path in data.items()
+        name: start_bouquet(site_args(job_file, name, port, path, certs["ca.crt"]), tmp_path / f"{name}.log") for name, path in data.items()
     }
     try:
         assert server.wait(240) == 1, (tmp_path / "server.log").read_text()[-3000:]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+from support.prometheus import free_port
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -20,3 +24,17 @@ def processes_mentioning(text: str) -> list[str]:
         if state != "Z" and text in command:
             found.append(f"{proc.name}: {command}")
     return found
+
+
+def start_bouquet(args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m bouquet ARGS` in a session of its own, appending its output to log."""
+    with log.open("a") as sink:
+        return subprocess.Popen([sys.executable, "-m", "bouquet", *args], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def site_args(job_file: Path, site: str, server_port: int, data: Path, ca: Path) -> list[str]:
+    """The arguments of `bouquet site` for one site dialling a server on this machine."""
+    return [
+        "site", str(job_file), "--site", site, "--server", f"localhost:{server_port}", "--data", str(data),
+        "--ca", str(ca), "--runtime-port", str(free_port()),
+    ]  # fmt: skip

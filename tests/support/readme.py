@@ -76,13 +76,16 @@ def block(block_id: str) -> Block:
 
 
 def commands(block_id: str) -> list[str]:
-    """The commands of a block, in order: backslash continuations joined, and for a
-    transcript only the `$ ` lines. Comments stay: the shell ignores them, as it would."""
+    """The commands of a block, in order: a command continued with a backslash is one, a
+    line that is only a comment is none, and of a transcript only the `$ ` lines count. A
+    comment after a command stays: the shell ignores it, as it would."""
     text = block(block_id).text
     if is_transcript(block_id):
         return [line[2:] for line in text.splitlines() if line.startswith("$ ")]
     result, current = [], ""
     for line in text.splitlines():  # a continued line stays as typed: bash reads the backslash itself
+        if not current and line.lstrip().startswith("#"):
+            continue  # a comment line: what a command prints, shown to the reader
         current += line + "\n"
         if not line.endswith("\\") and current.strip():
             result.append(current.rstrip("\n"))
