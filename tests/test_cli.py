@@ -240,3 +240,21 @@ def test_validate_warns_of_a_key_given_twice_and_judges_the_last_value_as_kubect
     err = capsys.readouterr().err
     assert "spec.rounds: Invalid value: 0: spec.rounds in body should be greater than or equal to 1" in err
     assert "warning: line 17: the key 'rounds' is given again; kubectl takes this last value" in err
+
+
+def test_a_run_whose_saved_rounds_left_out_a_required_site_is_not_continued(tmp_path, capsys):
+    """As a run made before sites' data was checked would have it: round 2 without hospital-b."""
+    job_file, _ = own_data_sites(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job.json").write_text(json.dumps(jobfile.load(job_file)))
+    history = [{"round": 1, "sites": ["hospital-a", "hospital-b", "hospital-c"]}, {"round": 2, "sites": ["hospital-a", "hospital-c"]}]
+    (out / "history.json").write_text(json.dumps(history))
+    assert cli.main(["run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out} cannot be continued: round 2 of the saved training was trained without hospital-b (only hospital-a, "
+        "hospital-c took part), and strategy.minSites is 3 (the default: every site): continuing would give a model that never "
+        f"learnt from them; start again from round 1 with another --out (or remove {out}), or lower strategy.minSites"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["history.json", "job.json"]  # nothing started, nothing written
+    assert processes_mentioning(str(out)) == []

@@ -131,7 +131,8 @@ def _check_resumable(job: dict, history: list[dict], paths: Paths) -> None:
     problem = resume_problem(job["spec"], history)
     if problem:
         raise CannotStart(
-            f"{paths.out} cannot be continued: {problem.replace('an empty output folder', f'another --out (or remove {paths.out})')}"
+            f"{paths.out} cannot be continued: {problem}; start again from round 1 with another --out (or remove {paths.out}), "
+            "or lower strategy.minSites"
         )
 
 

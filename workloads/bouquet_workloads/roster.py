@@ -60,7 +60,8 @@ def rule(spec: Mapping, field: str, value: int) -> str:
 def resume_problem(spec: Mapping, history: list[Mapping]) -> str:
     """Why a run may not continue from rounds already trained ("" if it may): a round that
     fewer than strategy.minSites sites took part in (from an earlier spec, or an earlier
-    Bouquet) would leave those sites out of the model for good."""
+    Bouquet) would leave those sites out of the model for good. The caller says how to start
+    again, which depends on where the output is kept."""
     everyone = [s["name"] for s in spec["sites"]]
     for entry in history:
         if len(entry["sites"]) < min_sites(spec):
@@ -68,8 +69,7 @@ def resume_problem(spec: Mapping, history: list[Mapping]) -> str:
             return (
                 f"round {entry['round']} of the saved training was trained without {', '.join(missing)} "
                 f"(only {', '.join(entry['sites']) or 'no site'} took part), and {rule(spec, 'minSites', min_sites(spec))}: "
-                "continuing would give a model that never learnt from them; start again from round 1 "
-                "with an empty output folder, or lower strategy.minSites"
+                "continuing would give a model that never learnt from them"
             )
     return ""
 

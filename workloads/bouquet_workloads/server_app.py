@@ -67,7 +67,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
     if checkpoint is not None:
         problem = resume_problem(spec, checkpoint.history)
         if problem:
-            raise SitesNotReady(problem)
+            raise SitesNotReady(f"{problem}; start again from round 1 with an empty output folder, or lower strategy.minSites")
     _progress(out, job, "Running", round_=checkpoint.round if checkpoint else 0, message="waiting for sites")
     roster = Roster(grid, spec, lambda messages, timeout: _exchange(grid, messages, timeout), partial(_audit, out))
     moments = roster.start()
