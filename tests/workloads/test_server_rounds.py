@@ -44,11 +44,15 @@ class InProcessGrid:
         self.seen: list[Message] = []
         self.newest_first = newest_first  # replies in another order than the messages went out
         self.fail_from: dict[str, int] = {}  # site -> the round from which its training fails
+        self.stop_at: int | None = None  # the round whose training messages stop the server (SIGTERM)
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
 
     def push_messages(self, messages) -> list[str]:
+        rounds = {int(m.content.config_records.get("config", {}).get("server-round", 0)) for m in messages}
+        if self.stop_at is not None and self.stop_at in rounds:
+            raise SystemExit(0)  # what Flower's signal handler does in a ServerApp told to stop
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -264,3 +268,29 @@ def test_the_same_job_gives_the_same_weights_whatever_the_node_ids_and_reply_ord
         e["sites"] for e in json.loads((second / "history.json").read_text())
     ]
     assert json.loads((first / "model.json").read_text())["sha256"] == json.loads((second / "model.json").read_text())["sha256"]
+
+
+def test_a_server_told_to_stop_records_no_failure_and_its_successor_continues(tmp_path):
+    """A deleted server pod's ServerApp gets SIGTERM mid-round: that is no failure of the
+    training (the job's status must not read Failed), and a new server picks up."""
+    job = make_job("FedAvg", rounds=3)
+    files = sites_and_files(job, tmp_path)
+    context = Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path))
+    grid = InProcessGrid(job, tmp_path, files)
+    grid.stop_at = 2
+    with pytest.raises(SystemExit):
+        server_app.main(grid, context)
+    assert json.loads((tmp_path / "progress.json").read_text())["state"] == "Running"
+    server_app.main(InProcessGrid(job, tmp_path, files), context)
+    assert [e["round"] for e in json.loads((tmp_path / "history.json").read_text())] == [1, 2, 3]
+    assert json.loads((tmp_path / "progress.json").read_text())["state"] == "Succeeded"
+
+
+def test_a_failing_training_is_recorded_as_failed_with_its_reason(tmp_path):
+    job = make_job("FedAvg", rounds=1)
+    files = sites_and_files(job, tmp_path)
+    files["a"].write_text("nothing\n1\n")
+    with pytest.raises(server_app.SitesNotReady):
+        server_app.main(InProcessGrid(job, tmp_path, files), Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path)))
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["state"] == "Failed" and progress["message"].startswith("the run cannot start: site a: ")

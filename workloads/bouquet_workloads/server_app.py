@@ -49,11 +49,14 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     try:
         train_federated(grid, job, out)
-    except BaseException as error:
-        # Bouquet's own verdicts say what happened; anything else also says what it is.
-        ours = isinstance(error, SitesNotReady | RoundFailed)
-        _progress(out, job, "Failed", message=str(error) if ours else f"{type(error).__name__}: {error}")
+    except (SitesNotReady, RoundFailed) as error:  # Bouquet's own verdicts say what happened
+        _progress(out, job, "Failed", message=str(error))
         raise
+    except Exception as error:
+        _progress(out, job, "Failed", message=f"{type(error).__name__}: {error}")
+        raise
+    # A SystemExit or KeyboardInterrupt is no failure of the training: the process was told to
+    # stop (its pod deleted, Ctrl-C), and a server started again continues from the checkpoint.
 
 
 def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
