@@ -264,8 +264,8 @@ def test_the_readmes_cluster_comes_up_and_goes_down_keeping_what_its_claims_hold
     local_node.down()
     left = leftovers(local_node.before, local_node.state)
     assert not left, f"down.sh left these behind on the host: {json.dumps(left, indent=1)}"
-    kept = sorted(p.relative_to(local_node.claims) for p in local_node.claims.glob("default/breast-cancer-output-*/model.safetensors"))
-    assert len(kept) == 1, f"the first job's model is kept when its cluster goes down (found {kept})"
+    kept = sorted(p.relative_to(local_node.claims) for p in local_node.claims.glob("default/gpu-output-*/model.safetensors"))
+    assert len(kept) == 1, f"the gpu job's model is kept when its cluster goes down (found {kept})"
 
     before = host_state()
     up, down = readme.commands("local-cluster")
