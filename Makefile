@@ -35,7 +35,7 @@ debian-packages:
 	@scripts/debian-packages.sh
 
 run: venv
-	$(PYTHON) -m bouquet run $(JOB)
+	@$(PYTHON) -m bouquet run $(JOB)
 
 # The control plane is built once (tens of minutes on two cores) and cached; the tests start
 # and stop a cluster of their own.
