@@ -130,9 +130,11 @@ def fresh_clone(destination: Path) -> Path:
 
 
 def user_environment() -> dict[str, str]:
-    """The environment of a user's shell: none of what the test run set for itself."""
+    """The environment of a user's shell: none of what the test run set for itself, nor what
+    the `make test` that runs it set (a make inside a make says "Entering directory")."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BOUQUET_", "FLWR_"))}
-    env.pop("PYTHONPATH", None)
+    for name in ("PYTHONPATH", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"):
+        env.pop(name, None)
     return env
 
 
