@@ -294,3 +294,25 @@ def test_a_failing_training_is_recorded_as_failed_with_its_reason(tmp_path):
         server_app.main(InProcessGrid(job, tmp_path, files), Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path)))
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert progress["state"] == "Failed" and progress["message"].startswith("the run cannot start: site a: ")
+
+
+def test_with_a_site_to_spare_the_run_waits_for_the_one_still_connecting(tmp_path):
+    """minSitesToStart 2 of 3: site a fails its check while c has not connected yet; the run
+    starts once c has connected and passed, not at a's failure."""
+    job = make_job("FedAvg", rounds=1, settings={"minSites": 2, "minSitesToStart": 2})
+    files = sites_and_files(job, tmp_path)
+    break_file(files["a"], 3, "diagnosis", "maybe")
+    grid = InProcessGrid(job, tmp_path, files)
+    late = grid.sites.pop(3)
+    asked = []
+
+    def get_node_ids() -> list[int]:
+        asked.append(1)
+        if len(asked) > 20:  # c connects a moment later
+            grid.sites[3] = late
+        return list(grid.sites)
+
+    grid.get_node_ids = get_node_ids
+    server_app.train_federated(grid, job, tmp_path)
+    [entry] = json.loads((tmp_path / "history.json").read_text())
+    assert entry["sites"] == ["b", "c"]

@@ -89,11 +89,20 @@ class Roster:
         return self.names[node]
 
     def start(self) -> list[RecordDict]:
-        """Waits for minSitesToStart sites to connect and checks them; returns the moments
-        of those that passed. Raises SitesNotReady if too few did."""
+        """Waits for minSitesToStart sites to connect and pass their data check, checking
+        each as it comes; returns the moments of those that passed. Raises SitesNotReady as
+        soon as so many have failed that too few are left to pass."""
         needed = min_sites_to_start(self.spec)
         self._wait(lambda: len(self._connected()) >= needed, f"{needed} of the job's sites to connect", timeout=None)
-        moments = self.check(self._connected())
+        moments: list[RecordDict] = []
+
+        def settled() -> bool:
+            fresh = [n for n in self._connected() if n not in self.names]
+            if fresh:
+                moments.extend(self.check(fresh))
+            return len(self.names) >= needed or len(self.sites) - len(self.refused) < needed
+
+        self._wait(settled, f"{needed} of the job's sites to pass their data check", timeout=None)
         if len(self.names) < needed:
             raise SitesNotReady(
                 f"the run cannot start: {self._why()}; {len(self.names)} of {len(self.sites)} sites passed their data check and {rule(self.spec, 'minSitesToStart', needed)}"
