@@ -258,3 +258,26 @@ def test_a_run_whose_saved_rounds_left_out_a_required_site_is_not_continued(tmp_
     ]
     assert sorted(p.name for p in out.iterdir()) == ["history.json", "job.json"]  # nothing started, nothing written
     assert processes_mentioning(str(out)) == []
+
+
+@pytest.mark.slow
+def test_min_sites_to_start_lets_a_local_run_go_ahead_without_a_site_whose_data_fails(tmp_path):
+    job_file, files = own_data_sites(tmp_path)
+    job = kubeyaml.load_all(job_file.read_text())[0]
+    job["spec"]["strategy"].update({"minSites": 2, "minSitesToStart": 2})
+    job_file.write_text(kubeyaml.dump(job))
+    set_cell(files["hospital-c"], 2, "mean_area", "")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bouquet", "run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        "warning: site hospital-c: " in done.stdout
+        and "the run goes ahead without this site (strategy.minSitesToStart is 2)" in done.stdout
+    )
+    history = json.loads((out / "history.json").read_text())
+    assert [e["sites"] for e in history] == [["hospital-a", "hospital-b"]] * 2
+    # The centralized baseline pools the sites that took part: a's and b's training rows only.
+    rows = [len(files[site].read_text().splitlines()) - 1 for site in ("hospital-a", "hospital-b")]
+    assert json.loads((out / "baseline.json").read_text())["trainingRows"] == sum(n - round(n * 0.2) for n in rows)
+    assert processes_mentioning(str(out)) == []

@@ -17,13 +17,16 @@ from .task import build_model, evaluate, feature_moments, set_standardization, s
 
 
 def centralized(job: Mapping, site_files: Mapping[str, Path]) -> dict:
-    """Trains for as many epochs as a site does over the whole run (rounds x local epochs)
+    """Trains on the files of the sites in site_files (those that took part) for as many
+    epochs as a site does over the whole run (rounds x local epochs)
     and evaluates where the federated model was evaluated: the held-out test set, or the
     sites' validation rows."""
     spec = job["spec"]
     task = spec["task"]
     fit_parts, check_parts = [], []
     for site in spec["sites"]:
+        if site["name"] not in site_files:  # a site the run went ahead without
+            continue
         table = read_task_table(site_files[site["name"]], task, site.get("data", {}).get("format"))
         kept, held = split_rows(len(table), task["training"]["validationFraction"], site_seed(spec["seed"], site["name"]))
         fit_parts.append(table.subset(kept))
