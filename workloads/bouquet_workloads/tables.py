@@ -157,10 +157,9 @@ def _numbers(path: Path, column: str, values: pyarrow.ChunkedArray) -> np.ndarra
         try:
             numbers = pyarrow.compute.cast(values, pyarrow.float64()).to_numpy(zero_copy_only=False)
         except pyarrow.ArrowInvalid:
-            pass  # the row at fault is found below
-        else:
-            if np.isfinite(numbers).all():
-                return numbers
+            numbers = None  # a cell is no number: which one, the loop below finds
+        if numbers is not None and np.isfinite(numbers).all():
+            return numbers
     # The slow way, cell by cell, to name the first one at fault (or to accept what the fast
     # cast refused but Python reads as a number, such as " 1.5").
     numbers = np.empty(len(values), dtype=np.float64)
