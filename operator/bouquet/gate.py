@@ -60,6 +60,7 @@ class Gate:
     cert: str | None = None
     key: str | None = None
     refused: int = 0
+    _answered: bool = field(default=False, repr=False)
     _server: uvicorn.Server | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _client: httpx.AsyncClient | None = field(default=None, repr=False)
@@ -126,11 +127,15 @@ class Gate:
         target = self.upstream + raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
         client = self._upstream_client()
         try:
-            reply = await client.send(client.build_request(method, target, headers=headers, content=bytes(body)), stream=True)
+            # The SuperLink's certificate is checked for localhost, the name the server's own calls use.
+            request = client.build_request(method, target, headers=headers, content=bytes(body), extensions={"sni_hostname": "localhost"})
+            reply = await client.send(request, stream=True)
         except httpx.HTTPError as error:
-            log.error("the SuperLink did not answer %s %s: %s", method, path, error)
+            # Before the SuperLink first answered it is starting (the health check polls it meanwhile).
+            log.log(logging.ERROR if self._answered else logging.DEBUG, "the SuperLink did not answer %s %s: %s", method, path, error)
             await _reply(send, 502, b"the server is not ready\n")
             return
+        self._answered = True
         try:
             # The body as the SuperLink sent it (not decoded), with its own length and encoding.
             await send(
