@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -48,7 +49,7 @@ def public_key_problem(text: str) -> str:
     NIST curve, as `ssh-keygen -t ecdsa` or Bouquet itself writes it."""
     try:
         key = serialization.load_ssh_public_key(text.strip().encode())
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
         return f"not an OpenSSH public key ({error})"
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in {"secp256r1", "secp384r1", "secp521r1"}:
         return "not an EC key on a NIST curve (P-256, P-384 or P-521)"
