@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import jobfile, kubeyaml, tls
-from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, names
+from . import identity, jobfile, kubeyaml, tls
+from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, authenticates_sites, names
 from .render import render as render_job
 from .schema import InvalidJob
 
@@ -109,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "render":
         job["metadata"].setdefault("namespace", args.namespace)
         auto_tls = job["spec"]["security"]["tls"]["mode"] == "Auto"
-        children = render_job(job, Settings(args.image, tls.placeholder() if auto_tls else None))
+        site_keys = {s["name"]: identity.placeholder() for s in job["spec"]["sites"]} if authenticates_sites(job) else None
+        children = render_job(job, Settings(args.image, tls.placeholder() if auto_tls else None, site_keys))
         if auto_tls and job["spec"]["mode"] != "SitesOnly":
             print(
                 f"# The Secret {names(job)['tls']} holds placeholders: the operator makes the job's CA and the server's key in the cluster."
             )
+        if site_keys:
+            print("# The sites' key Secrets and the ConfigMap of their public keys hold placeholders: the operator makes each site's key.")
         print(kubeyaml.dump_all(children), end="")
         return 0
     if args.command == "predict":

@@ -44,6 +44,12 @@ def make() -> SiteKey:
     )
 
 
+def placeholder() -> SiteKey:
+    """What `bouquet render` shows in place of a site's key: the operator makes it in the cluster."""
+    text = b"placeholder: the operator makes this in the cluster"
+    return SiteKey(text, text)
+
+
 def public_key_problem(text: str) -> str:
     """Why text is not a site's public key ("" if it is): one OpenSSH line of an EC key on a
     NIST curve, as `ssh-keygen -t ecdsa` or Bouquet itself writes it."""

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from bouquet import kubeyaml, progress, schema, tls
+from bouquet import controller, kubeyaml, progress, schema, tls
+from bouquet import render as render_module
 from bouquet.render import CHILD_KINDS, Settings, render
 from support.cluster import ROOT, apply_job, condition, get_job, kubectl
 from support.dashboards import empty_panels
@@ -60,7 +61,13 @@ def expected_children(client, job: dict) -> list[dict] | None:
     if secret:
         data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
         bundle = tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
-    return render(job, Settings("bouquet-workloads:0.1.0", bundle))
+    site_keys = None
+    if render_module.authenticates_sites(job):
+        first = render_module.site_key_secret_name(job, job["spec"]["sites"][0]["name"])
+        if client.get("v1", "Secret", job["metadata"]["namespace"], first) is None:
+            return None  # not yet created
+        site_keys = controller._site_keys(client, job)
+    return render(job, Settings("bouquet-workloads:0.1.0", bundle, site_keys))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=str)
