@@ -4,12 +4,13 @@ ClientApp for every message the server sends and hands it this site's data file 
 A SuperNode never ends by itself, but a site's Kubernetes Job must complete when the run
 does. So the server, once the final model is written, tells every site the run is over;
 the ClientApp that receives it leaves a file in a folder this process watches, and this
-process then stops the SuperNode and exits 0.
+process then gives the SuperNode a few seconds to send its reply, stops it and exits 0.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from bouquet_workloads.client_app import DONE_FILE_VARIABLE
 from . import flower
 
 POLL_SECONDS = 0.5
+# After the run-over message the SuperNode still has to send its reply: stopping it at once
+# left the server waiting minutes for a reply whose content never came.
+REPLY_GRACE_SECONDS = 5.0
 
 
 def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, runtime_port: int, key: Path | None = None) -> int:
@@ -42,6 +46,10 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
                     return code
                 time.sleep(POLL_SECONDS)
             print(f"site {site}: the run is over", flush=True)
+            try:
+                supernode.wait(REPLY_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
             return 0
         except KeyboardInterrupt:
             return 130
