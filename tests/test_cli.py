@@ -207,7 +207,10 @@ def test_ctrl_c_stops_everything_and_the_same_command_resumes(tmp_path):
     command = [sys.executable, "-m", "bouquet", "run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())]
     log = tmp_path / "first.log"
     with log.open("w") as sink:
-        first = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        # As from a terminal: SIGINT is not ignored, even if this test runs in the background.
+        first = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+        )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not list((out / "checkpoints").glob("round-*.safetensors")):
             assert first.poll() is None, log.read_text()
