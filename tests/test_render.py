@@ -13,12 +13,25 @@ import pytest
 import yaml
 
 from bouquet import cli, jobfile, kubeyaml
+from bouquet.identity import SiteKey
 from bouquet.render import GPU_TOLERATION, Settings, render
 from bouquet.tls import Bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
-SETTINGS = Settings(image="bouquet-workloads:test", tls=Bundle(b"CA PEM", b"CERT PEM", b"KEY PEM"))
+
+
+class AnySitesKey(dict):
+    """Stands in for the keys the operator makes: every site has one, named after it."""
+
+    def __contains__(self, site: object) -> bool:
+        return True
+
+    def __getitem__(self, site: str) -> SiteKey:
+        return SiteKey(f"KEY of {site}".encode(), f"PUB of {site}\n".encode())
+
+
+SETTINGS = Settings(image="bouquet-workloads:test", tls=Bundle(b"CA PEM", b"CERT PEM", b"KEY PEM"), site_keys=AnySitesKey())
 
 
 def example(name: str) -> dict:
@@ -109,13 +122,55 @@ def test_tls_modes():
     assert ("Secret", "breast-cancer-tls") in by_kind(render(job, SETTINGS))
     job["spec"]["security"]["tls"] = {"mode": "Secret", "secretName": "from-cert-manager"}
     children = by_kind(render(job, SETTINGS))
-    assert not [k for k in children if k[0] == "Secret"]
+    assert not [k for k in children if k[0] == "Secret" and k[1] == "breast-cancer-tls"]
     server = children[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]
     assert {"name": "tls", "secret": {"secretName": "from-cert-manager"}} in server["volumes"]
     job["spec"]["security"]["tls"] = {"mode": "Disabled"}
     server = by_kind(render(job, SETTINGS))[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]
     assert "--tls-dir" not in server["containers"][0]["command"]
     assert server["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+
+
+def test_each_site_pod_mounts_its_own_key_only_and_the_server_only_public_keys():
+    children = by_kind(render(example("breast-cancer"), SETTINGS))
+    sites = ["hospital-a", "hospital-b", "hospital-c"]
+    for site in sites:
+        pod = children[("Job", f"breast-cancer-{site}")]["spec"]["template"]["spec"]
+        secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
+        assert {
+            "secretName": f"breast-cancer-{site}-key",
+            "items": [{"key": "site.key", "path": "site.key"}],
+            "defaultMode": 0o440,
+        } in secrets
+        assert not [s for s in secrets if s["secretName"].endswith("-key") and s["secretName"] != f"breast-cancer-{site}-key"]
+        assert "--key" in pod["containers"][0]["command"]
+    server = children[("Deployment", "breast-cancer-server")]["spec"]["template"]
+    assert not [v for v in server["spec"]["volumes"] if v.get("secret", {}).get("secretName", "").endswith("-key")]
+    assert {"name": "site-keys", "configMap": {"name": "breast-cancer-site-keys"}} in server["spec"]["volumes"]
+    assert "--site-keys" in server["spec"]["containers"][0]["command"]
+    assert set(children[("ConfigMap", "breast-cancer-site-keys")]["data"]) == {f"{site}.pub" for site in sites}
+
+    # A replaced key restarts the server, which then admits the new key only.
+    class Replaced(AnySitesKey):
+        def __getitem__(self, site: str) -> SiteKey:
+            return SiteKey(b"new", b"new pub") if site == "hospital-b" else super().__getitem__(site)
+
+    again = by_kind(render(example("breast-cancer"), Settings(SETTINGS.image, SETTINGS.tls, Replaced())))
+    hashes = [
+        c[("Deployment", "breast-cancer-server")]["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/site-keys-hash"]
+        for c in (children, again)
+    ]
+    assert hashes[0] != hashes[1]
+
+
+@pytest.mark.parametrize("change", [{"mode": "ServerOnly"}, {"security": {"tls": {"mode": "Disabled"}}}])
+def test_no_site_keys_where_the_operator_does_not_hold_both_ends(change):
+    job = example("breast-cancer")
+    job["spec"].update(change)
+    if change.get("mode") == "ServerOnly":
+        job["spec"]["task"]["features"] = ["mean_radius"]
+    children = render(job, Settings(SETTINGS.image, SETTINGS.tls))
+    assert not [c for c in children if c["metadata"]["name"].endswith("-key") or c["metadata"]["name"].endswith("-site-keys")]
 
 
 def test_an_existing_output_claim_is_used_not_created():
@@ -135,10 +190,16 @@ def test_bouquet_render_prints_what_render_returns(capsys):
     output = capsys.readouterr().out
     printed = list(kubeyaml.load_all(output))
     expected = render(example("breast-cancer"), SETTINGS)
-    # The Secret holds placeholders (the operator makes the keys); all else is the same.
-    for document in (printed, expected):
-        document[0].pop("data")
+    # The Secrets and the public keys hold placeholders (the operator makes the keys), and the
+    # server's annotation of the keys' hash differs with them; all else is the same.
+    for documents in (printed, expected):
+        for document in documents:
+            if document["metadata"]["name"].endswith(("-tls", "-key", "-site-keys")):
+                document.pop("data")
+            if document["kind"] == "Deployment":
+                document["spec"]["template"]["metadata"]["annotations"].pop("bouquet.dev/site-keys-hash")
     assert printed == expected
+    assert "PRIVATE KEY" not in output
     assert all(len(c["metadata"]["name"]) <= 63 for c in printed)
     assert output.startswith("# The Secret breast-cancer-tls holds placeholders: the operator makes the job's CA and the server's key")
 

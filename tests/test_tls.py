@@ -1,50 +1,60 @@
-"""Sites and server talk over TLS with the job's own CA: a site holding another CA, or
-none, cannot join."""
+"""Sites and server talk over TLS with the job's own CA, and the server admits a site only by
+its own registered key: a site holding another CA, none, no key or a key of its own making
+cannot join."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import pytest
 
-from bouquet import flower, tls
+from bouquet import flower, identity, tls
+from bouquet.server import Server
 from support.processes import processes_mentioning
 
 pytestmark = pytest.mark.slow
 
-
-def registered_nodes(state_db) -> int:
-    with sqlite3.connect(state_db) as db:
-        return db.execute("select count(*) from node").fetchone()[0]
+APP = "0" * 64  # no run is submitted here: the pin is never consulted
 
 
-def test_only_a_site_with_the_jobs_ca_joins(tmp_path):
+def joined(processes: flower.Processes, name: str) -> bool:
+    return "SuperNode ID" in processes.tail(name, 200)
+
+
+def test_only_a_site_with_the_jobs_ca_and_its_own_registered_key_joins(tmp_path):
     job_certs = tls.issue("job", ["localhost", "127.0.0.1"]).write(tmp_path / "job-tls")
     other_certs = tls.issue("other", ["localhost", "127.0.0.1"]).write(tmp_path / "other-tls")
     job_tls = flower.Tls(job_certs["ca.crt"], job_certs["tls.crt"], job_certs["tls.key"])
+    member_key, member_pub = identity.make().write(tmp_path / "keys" / "member")
+    own_key, _ = identity.make().write(tmp_path / "keys" / "intruder")
     data = tmp_path / "unused.csv"
     data.write_text("a,y\n1,0\n")
     processes = flower.Processes(tmp_path / "logs")
-    port = flower.free_port()
-    state_db = tmp_path / "state.db"
+    server = Server({"metadata": {"name": "job"}, "spec": {}}, tmp_path / "out", job_tls, processes, public_keys={"member": member_pub})
+
+    def site(name: str, ca, key) -> None:
+        command = flower.supernode_command(server.address, name, data, None, flower.free_port(), ca, flower.SiteIdentity(APP, key))
+        processes.start(name, command)
+
     try:
-        processes.start("server", flower.superlink_command(port, state_db, job_tls))
-        flower.wait_healthy(port, job_tls, 60, processes)
-        server = f"localhost:{port}"
-        processes.start("other-ca", flower.supernode_command(server, "intruder", data, None, flower.free_port(), other_certs["ca.crt"]))
-        processes.start("plain-text", flower.supernode_command(server, "plain", data, None, flower.free_port(), None))
-        processes.start("job-ca", flower.supernode_command(server, "member", data, None, flower.free_port(), job_certs["ca.crt"]))
+        server.start()
+        site("other-ca", other_certs["ca.crt"], member_key)
+        site("plain-text", None, member_key)
+        site("no-key", job_certs["ca.crt"], None)
+        site("own-key", job_certs["ca.crt"], own_key)
+        site("member", job_certs["ca.crt"], member_key)
 
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "SuperNode ID" not in processes.tail("job-ca", 200):
+        while time.monotonic() < deadline and not joined(processes, "member"):
             time.sleep(0.5)
-        assert "SuperNode ID" in processes.tail("job-ca", 200)
+        assert joined(processes, "member")
         time.sleep(5)  # time enough for the others to have joined, had they been able to
-        assert "SuperNode ID" not in processes.tail("other-ca", 200)
-        assert "SuperNode ID" not in processes.tail("plain-text", 200)
+        for name in ("other-ca", "plain-text", "no-key", "own-key"):
+            assert not joined(processes, name), processes.tail(name, 200)
         assert "CERTIFICATE_VERIFY_FAILED" in processes.tail("other-ca", 200)
-        assert registered_nodes(state_db) == 1
+        assert "SuperNode authentication is enabled. All SuperNodes must be registered" in processes.tail("no-key", 200)
+        assert "Failed to activate SuperNode" in processes.tail("own-key", 200)
     finally:
         processes.stop()
+        server.stop()
     assert processes_mentioning(str(tmp_path)) == []

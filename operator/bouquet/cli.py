@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import jobfile, kubeyaml, tls
-from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, names
+from . import identity, jobfile, kubeyaml, tls
+from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, authenticates_sites, names
 from .render import render as render_job
 from .schema import InvalidJob
 
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tls-dir", type=Path, metavar="DIR", help="folder with ca.crt, tls.crt and tls.key (required unless the job disables TLS)"
     )
     server.add_argument(
+        "--site-keys",
+        type=Path,
+        metavar="DIR",
+        help="folder with each site's public key as <site>.pub: only these sites may join (needs TLS)",
+    )
+    server.add_argument(
         "--report-status",
         action="store_true",
         help="in a pod: report each round to the FederatedJob's status.progress with the pod's service account",
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     site.add_argument("--server", required=True, metavar="HOST:PORT", help="the job's server")
     site.add_argument("--data", type=Path, help="the site's data file (default: the job's spec.sites[].data.path)")
     site.add_argument("--ca", type=Path, metavar="FILE", help="the job's CA certificate (required unless the job disables TLS)")
+    site.add_argument("--key", type=Path, metavar="FILE", help="the site's private key, for a server that authenticates its sites")
     site.add_argument("--runtime-port", type=int, default=9094, help="local port of the site's app runtime (default: %(default)s)")
 
     share = commands.add_parser("share", help="write one site's share of the built-in dataset (a site pod's init step)")
@@ -102,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "render":
         job["metadata"].setdefault("namespace", args.namespace)
         auto_tls = job["spec"]["security"]["tls"]["mode"] == "Auto"
-        children = render_job(job, Settings(args.image, tls.placeholder() if auto_tls else None))
+        site_keys = {s["name"]: identity.placeholder() for s in job["spec"]["sites"]} if authenticates_sites(job) else None
+        children = render_job(job, Settings(args.image, tls.placeholder() if auto_tls else None, site_keys))
         if auto_tls and job["spec"]["mode"] != "SitesOnly":
             print(
                 f"# The Secret {names(job)['tls']} holds placeholders: the operator makes the job's CA and the server's key in the cluster."
             )
+        if site_keys:
+            print("# The sites' key Secrets and the ConfigMap of their public keys hold placeholders: the operator makes each site's key.")
         print(kubeyaml.dump_all(children), end="")
         return 0
     if args.command == "predict":
@@ -132,8 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         if tls_on and args.tls_dir is None:
             parser.error("--tls-dir is required: the job's spec.security.tls.mode is not Disabled")
         server_tls = flower.Tls(args.tls_dir / "ca.crt", args.tls_dir / "tls.crt", args.tls_dir / "tls.key") if tls_on else flower.Tls()
+        public_keys = _site_keys(parser, job, args.site_keys) if tls_on and args.site_keys else None
+        if tls_on and public_keys is None:
+            print(
+                "warning: sites are not authenticated (no --site-keys): any SuperNode holding the job's CA may join as any site",
+                file=sys.stderr,
+            )
         try:
-            serve(job, args.out, server_tls, args.port, args.host, args.metrics_port, report_status=args.report_status)
+            serve(
+                job,
+                args.out,
+                server_tls,
+                args.port,
+                args.host,
+                args.metrics_port,
+                report_status=args.report_status,
+                public_keys=public_keys,
+            )
         except flower.LaunchError as error:
             return _failed(error)
         except KeyboardInterrupt:
@@ -150,7 +175,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data is required: site {args.site!r} takes a share of the built-in dataset, which `bouquet run` writes out")
     from .site import run_site
 
-    return run_site(job, args.site, args.server, data, args.ca if tls_on else None, args.runtime_port)
+    return run_site(job, args.site, args.server, data, args.ca if tls_on else None, args.runtime_port, args.key if tls_on else None)
+
+
+def _site_keys(parser: argparse.ArgumentParser, job: dict, folder: Path) -> dict[str, Path]:
+    """site -> public key file, for the sites of the job that have one in folder; a key that
+    is not a site's public key stops the server before it starts."""
+    from .identity import public_key_problem
+
+    keys = {}
+    for site in job["spec"]["sites"]:
+        path = folder / f"{site['name']}.pub"
+        if not path.exists():
+            print(f"warning: --site-keys: no key for site {site['name']} ({path}); it cannot join until one is added", file=sys.stderr)
+            continue
+        problem = public_key_problem(path.read_text(errors="replace"))
+        if problem:
+            parser.error(f"--site-keys: {path} is {problem}")
+        keys[site["name"]] = path
+    return keys
 
 
 def _validate(paths: list[Path]) -> int:

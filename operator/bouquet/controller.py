@@ -38,7 +38,7 @@ import kopf
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from . import kube, render, status, tls
+from . import identity, kube, render, status, tls
 from .render import API_VERSION, KIND, Settings, names
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -235,6 +235,28 @@ def _tls_bundle(client: kube.Client, job: Mapping) -> tls.Bundle | None:
     return tls.issue(job["metadata"]["name"], render.server_hostnames(job))
 
 
+def _site_keys(client: kube.Client, job: Mapping) -> dict[str, identity.SiteKey] | None:
+    """Each site's key: from its Secret if it has one, else new. A Secret deleted is a key
+    revoked: the next reconcile makes a new key, the server restarts with the new public key
+    and unregisters the old one."""
+    if not render.authenticates_sites(job):
+        return None
+    keys = {}
+    for site in job["spec"]["sites"]:
+        name = render.site_key_secret_name(job, site["name"])
+        secret = client.get("v1", "Secret", job["metadata"]["namespace"], name)
+        if secret is not None:
+            owners = {o.get("uid") for o in secret["metadata"].get("ownerReferences", [])}
+            if job["metadata"]["uid"] not in owners:
+                raise Refused(f"Secret {name} exists and is not this job's: delete it, or rename site {site['name']}")
+            data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+            if identity.PRIVATE in data and identity.PUBLIC in data:
+                keys[site["name"]] = identity.SiteKey(data[identity.PRIVATE], data[identity.PUBLIC])
+                continue
+        keys[site["name"]] = identity.make()
+    return keys
+
+
 class Refused(Exception):
     """The job cannot be reconciled until someone changes something; the message says what."""
 
@@ -345,7 +367,7 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         _transition_events(client, job, before, after)
     job = {**job, "status": after_full}
 
-    children = render.render(job, Settings(config.image, _tls_bundle(client, job), config.metrics_from))
+    children = render.render(job, Settings(config.image, _tls_bundle(client, job), _site_keys(client, job), config.metrics_from))
     digest = json.dumps(children, sort_keys=True)
     requeue = None
     if force or digest != memory.applied:

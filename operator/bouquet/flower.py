@@ -7,6 +7,7 @@ the pods the operator creates (`bouquet server`, `bouquet site`) both go through
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from pathlib import Path
 import tomli_w
 
 SERVER_APP = "bouquet_workloads.server_app:app"
+SITE_NAMES = "site-names"
 CLIENT_APP = "bouquet_workloads.client_app:app"
 
 
@@ -63,7 +66,7 @@ def write_app(directory: Path, job: Mapping) -> Path:
     (the built-in ones or the job's own) and the run-config keys they accept. The code
     itself is imported from the installed packages, not shipped in the bundle."""
     app = job["spec"].get("app", {})
-    config = {"job": "", "output-dir": "", **{k: "" for k in app.get("config", {})}}
+    config = {"job": "", "output-dir": "", SITE_NAMES: "", **{k: "" for k in app.get("config", {})}}
     manifest = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "bouquet-job", "version": "1.0.0", "dependencies": []},
@@ -85,9 +88,16 @@ def write_app(directory: Path, job: Mapping) -> Path:
     return directory
 
 
-def run_config(job: Mapping, out: Path) -> dict[str, str]:
-    """What the ServerApp and ClientApps receive as their run config."""
-    return {"job": json.dumps(job, separators=(",", ":")), "output-dir": _absolute(out), **job["spec"].get("app", {}).get("config", {})}
+def run_config(job: Mapping, out: Path, site_names: str) -> dict[str, str]:
+    """What the ServerApp and ClientApps receive as their run config. site_names is where
+    the ServerApp takes a site's name from: "keys" (the registered keys, nodes.json) or
+    "claims" (what each SuperNode says: only when sites are not authenticated)."""
+    return {
+        "job": json.dumps(job, separators=(",", ":")),
+        "output-dir": _absolute(out),
+        SITE_NAMES: site_names,
+        **job["spec"].get("app", {}).get("config", {}),
+    }
 
 
 def _absolute(path: Path) -> str:
@@ -212,10 +222,15 @@ def _signal_all(pids: set[int], sig: signal.Signals) -> None:
             pass
 
 
-def superlink_command(port: int, state_db: Path, tls: Tls, host: str = "127.0.0.1") -> list[str]:
+def superlink_command(port: int, state_db: Path, tls: Tls, authenticate_sites: bool) -> list[str]:
+    """The SuperLink, on loopback only: the sites reach it through the gate (bouquet.gate),
+    which passes on nothing but the Fleet API. With authenticate_sites (which needs TLS) it
+    admits only SuperNodes whose keys were registered (`sync_site_keys`). Its state (the
+    registered keys, the nodes) is kept in state_db, so that sites stay known to a restarted
+    server."""
     command = [
         _flower_command("flower-superlink"),
-        "--host", host,
+        "--host", "127.0.0.1",
         "--port", str(port),
         "--database", _absolute(state_db),
         "--isolation", "subprocess",
@@ -223,24 +238,54 @@ def superlink_command(port: int, state_db: Path, tls: Tls, host: str = "127.0.0.
     ]  # fmt: skip
     if tls.enabled:
         command += ["--ssl-ca-certfile", _absolute(tls.ca), "--ssl-certfile", _absolute(tls.cert), "--ssl-keyfile", _absolute(tls.key)]
+        if authenticate_sites:
+            command.append("--enable-supernode-auth")
     else:
         command.append("--insecure")
     return command
 
 
-def supernode_command(server: str, site: str, data: Path, data_format: str | None, runtime_port: int, ca: Path | None) -> list[str]:
+@dataclass(frozen=True)
+class SiteIdentity:
+    """What a site's SuperNode proves itself and its app with: its private key (None when the
+    job disables TLS, and with it SuperNode authentication) and the sha256 of the job's app."""
+
+    app_sha256: str
+    key: Path | None = None
+    refusals: Path | None = None
+
+
+def supernode_command(
+    server: str, site: str, data: Path, data_format: str | None, runtime_port: int, ca: Path | None, identity: SiteIdentity
+) -> list[str]:
+    """A site's SuperNode, pinned to the job's app (bouquet_workloads.supernode)."""
     node_config = f'site="{site}" data-path="{_absolute(data)}"'
     if data_format:
         node_config += f' data-format="{data_format}"'
-    command = [
-        _flower_command("flower-supernode"),
+    command = [sys.executable, "-m", "bouquet_workloads.supernode", "--app-sha256", identity.app_sha256]
+    if identity.refusals:
+        command += ["--refusals", _absolute(identity.refusals)]
+    command += [
+        "--",
         "--superlink", server,
         "--port", str(runtime_port),
         "--node-config", node_config,
         "--isolation", "subprocess",
     ]  # fmt: skip
     command += ["--root-certificates", _absolute(ca)] if ca else ["--insecure"]
+    if identity.key:
+        command += ["--auth-supernode-private-key", _absolute(identity.key)]
     return command
+
+
+def app_sha256(job: Mapping) -> str:
+    """The sha256 of the app bundle the job's run is submitted with. The bundle is built from
+    the job alone and Flower builds it reproducibly (fixed file dates), so the server and
+    every site work it out alike from their own copies of the job."""
+    from flwr.cli.build import build_fab_from_disk
+
+    with tempfile.TemporaryDirectory(prefix="bouquet-app-") as directory:
+        return hashlib.sha256(build_fab_from_disk(write_app(Path(directory), job))).hexdigest()
 
 
 def wait_healthy(port: int, tls: Tls, timeout: float, processes: Processes) -> None:
@@ -260,8 +305,8 @@ def wait_healthy(port: int, tls: Tls, timeout: float, processes: Processes) -> N
     raise LaunchError(f"the server did not become healthy on port {port} within {timeout:.0f}s")
 
 
-def submit(app_dir: Path, port: int, tls: Tls, config: Mapping[str, str], flwr_home: Path, env: Mapping[str, str]) -> int:
-    """Submits the run to the SuperLink and returns its run id."""
+def _connection(flwr_home: Path, port: int, tls: Tls) -> None:
+    """Points the flwr CLI at the SuperLink on loopback (FLWR_HOME/config.toml)."""
     connection: dict[str, object] = {"address": f"localhost:{port}"}
     if tls.enabled:
         connection["root-certificates"] = _absolute(tls.ca)
@@ -269,10 +314,62 @@ def submit(app_dir: Path, port: int, tls: Tls, config: Mapping[str, str], flwr_h
         connection["insecure"] = True
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "job", "job": connection}}))
+
+
+def submit(app_dir: Path, port: int, tls: Tls, config: Mapping[str, str], flwr_home: Path, env: Mapping[str, str]) -> int:
+    """Submits the run to the SuperLink and returns its run id."""
+    _connection(flwr_home, port, tls)
     config_file = flwr_home / "run-config.toml"
     config_file.write_text(tomli_w.dumps(dict(config)))
     reply = _flwr(["run", _absolute(app_dir), "job", "--run-config", _absolute(config_file), "--format", "json"], flwr_home, env)
     return int(reply["run-id"])
+
+
+def sync_site_keys(
+    public_keys: Mapping[str, Path],
+    registered: Mapping[int, Mapping[str, str]],
+    port: int,
+    tls: Tls,
+    flwr_home: Path,
+    env: Mapping[str, str],
+) -> dict[int, dict[str, str]]:
+    """Makes the SuperLink admit exactly the keys of public_keys (site -> public key file):
+    registers the new ones, unregisters those that were replaced or whose site is gone.
+    registered is what an earlier call returned (node id -> {"site", "keySha256"}); returns
+    the same for now. Calls run side by side (each is a flwr process of its own)."""
+    wanted = {site: hashlib.sha256(path.read_bytes().strip()).hexdigest() for site, path in public_keys.items()}
+    kept = {node: dict(entry) for node, entry in registered.items() if wanted.get(entry["site"]) == entry["keySha256"]}
+    stale = [node for node in registered if node not in kept]
+    held = {entry["site"] for entry in kept.values()}
+    fresh = {site: path for site, path in public_keys.items() if site not in held}
+    _connection(flwr_home, port, tls)
+    for node, (out, err) in _side_by_side({node: ["supernode", "unregister", str(node), "job"] for node in stale}, flwr_home, env).items():
+        try:
+            _reply(out, err, f"supernode unregister (node {node})")
+        except LaunchError as error:  # a node the SuperLink no longer knows is gone already
+            print(f"warning: {error}", file=sys.stderr)
+    replies = _side_by_side(
+        {site: ["supernode", "register", _absolute(path), "job", "--name", site] for site, path in fresh.items()}, flwr_home, env
+    )
+    for site, (out, err) in replies.items():
+        reply = _reply(out, err, f"supernode register (site {site})")
+        kept[int(reply["node-id"])] = {"site": site, "keySha256": wanted[site]}
+    return kept
+
+
+def _side_by_side(calls: Mapping[object, list[str]], flwr_home: Path, env: Mapping[str, str]) -> dict[object, tuple[str, str]]:
+    """Runs several `flwr ... --format json` at once; returns each one's stdout and stderr."""
+    started = {
+        key: subprocess.Popen(
+            [_flower_command("flwr"), *args, "--format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "FLWR_HOME": _absolute(flwr_home)},
+        )
+        for key, args in calls.items()
+    }
+    return {key: process.communicate(timeout=120) for key, process in started.items()}
 
 
 def run_status(run_id: int, flwr_home: Path, env: Mapping[str, str]) -> str:
@@ -289,12 +386,16 @@ def _flwr(args: list[str], flwr_home: Path, env: Mapping[str, str]) -> dict:
         env={**env, "FLWR_HOME": _absolute(flwr_home)},
         timeout=120,
     )
+    return _reply(result.stdout, result.stderr, args[0])
+
+
+def _reply(stdout: str, stderr: str, what: str) -> dict:
     try:
-        reply = json.loads(result.stdout)
+        reply = json.loads(stdout)
     except json.JSONDecodeError:
-        raise LaunchError(f"flwr {args[0]} failed: {result.stdout.strip()} {result.stderr.strip()}") from None
+        raise LaunchError(f"flwr {what} failed: {stdout.strip()} {stderr.strip()}") from None
     if not reply.get("success", True):
-        raise LaunchError(f"flwr {args[0]} failed: {reply.get('error-message', reply)}")
+        raise LaunchError(f"flwr {what} failed: {reply.get('error-message', reply)}")
     return reply
 
 

@@ -8,6 +8,7 @@ metrics, and on success or failure stops every process it started.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from collections.abc import Callable, Collection
@@ -18,7 +19,7 @@ from bouquet_workloads import baseline, datasets, metrics, outputs, report
 from bouquet_workloads.roster import min_sites_to_start, resume_problem, rule
 from bouquet_workloads.tables import DataError, read_task_table, write_csv
 
-from . import flower, jobfile, tls
+from . import flower, identity, jobfile, tls
 from .schema import InvalidJob, Violation
 from .server import Server, clock
 
@@ -43,6 +44,10 @@ class Paths:
     @property
     def tls(self) -> Path:
         return self.out / "tls"
+
+    @property
+    def keys(self) -> Path:
+        return self.out / "keys"
 
     @property
     def job(self) -> Path:
@@ -75,16 +80,23 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
     outputs.write_json(paths.job, job)
     site_files.update(write_builtin_shares(job, paths.data, held_out=True))
     tls_files = _make_tls(job, paths.tls)
+    site_keys = _make_site_keys(job, paths.keys) if tls_files.enabled else {}
+    app_sha256 = flower.app_sha256(job)
     processes = flower.Processes(paths.logs, flower.process_env([job_path.parent.resolve()]))
     metrics_server, _ = metrics.serve(paths.out, "local", name, metrics_port)
     started = time.monotonic()
     stop_on_sigterm = signal.signal(signal.SIGTERM, flower.raise_interrupt)
+    server = None
+    gate_log = _log_to_file("bouquet.gate", paths.logs / "gate.log")
     try:
         say(f"job {name}: {len(job['spec']['sites'])} sites, {job['spec']['rounds']} rounds of {job['spec']['strategy']['name']}; "
             f"output in {paths.out}, metrics on http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip
-        server = Server(job, paths.out, tls_files, processes)
+        server = Server(job, paths.out, tls_files, processes, public_keys={site: public for site, (_, public) in site_keys.items()})
         server.start()
         for site in job["spec"]["sites"]:
+            identity = flower.SiteIdentity(
+                app_sha256, site_keys[site["name"]][0] if site_keys else None, paths.logs / f"site-{site['name']}-refused.json"
+            )
             command = flower.supernode_command(
                 server.address,
                 site["name"],
@@ -92,6 +104,7 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
                 site.get("data", {}).get("format"),
                 flower.free_port(),
                 tls_files.ca,
+                identity,
             )
             processes.start(f"site-{site['name']}", command)
         server.submit()
@@ -100,8 +113,11 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         server.follow(say, started)
     finally:
         processes.stop()
+        if server is not None:
+            server.stop()
         metrics_server.shutdown()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
+        gate_log()
     if "app" in job["spec"]:
         say(f"done in {clock(time.monotonic() - started)}: the job's own app finished; its output is in {paths.out}")
         return {}
@@ -185,6 +201,28 @@ def _make_tls(job: dict, directory: Path) -> flower.Tls:
         return flower.Tls()
     files = tls.issue(job["metadata"]["name"], ["localhost", "127.0.0.1"]).write(directory)
     return flower.Tls(files["ca.crt"], files["tls.crt"], files["tls.key"])
+
+
+def _log_to_file(name: str, path: Path) -> Callable[[], None]:
+    """Sends a logger of this process to a file of the run's logs instead of the terminal;
+    returns what undoes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger, handler = logging.getLogger(name), logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate = True
+
+    return undo
+
+
+def _make_site_keys(job: dict, directory: Path) -> dict[str, tuple[Path, Path]]:
+    """A fresh key pair for each site, made for this run: site -> (private, public) files."""
+    return {site["name"]: identity.make().write(directory / site["name"]) for site in job["spec"]["sites"]}
 
 
 def _compare_with_baseline(job: dict, paths: Paths, site_files: dict[str, Path], model: dict, say: Callable[[str], None]) -> dict:

@@ -8,6 +8,9 @@ arguments.
 For one job named J (mode ServerOnly leaves out the site Jobs; mode SitesOnly keeps only
 the ConfigMap and the site Jobs, which dial remoteServer with the CA in its Secret):
     Secret J-tls            the job's CA and server certificate (tls.mode Auto)
+    Secret J-<site>-key     each site's own key (server and sites in this cluster, with TLS):
+                            mounted by that site's pod only
+    ConfigMap J-site-keys   the sites' public keys, for the server to admit them by
     PersistentVolumeClaim   J-output, unless output.claimName names an existing claim; owned
                             by the job only with output.reclaimPolicy Delete
     ServiceAccount, Role and RoleBinding J-server
@@ -32,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import kubeyaml
+from .identity import PRIVATE, PUBLIC, SiteKey
 from .tls import Bundle
 
 API_VERSION = "bouquet.dev/v1alpha1"
@@ -41,6 +45,8 @@ SERVER_PORT = 9092
 METRICS_PORT = 9400
 JOB_FILE = "/etc/bouquet/job/job.yaml"
 TLS_DIR = "/etc/bouquet/tls"
+SITE_KEY_DIR = "/etc/bouquet/site-key"
+SITE_KEYS_DIR = "/etc/bouquet/site-keys"
 OUTPUT_DIR = "/output"
 DATA_DIR = "/data"
 # The restricted Pod Security standard, for every container Bouquet runs.
@@ -76,6 +82,7 @@ class Settings:
 
     image: str  # the workloads image, unless the job names its own
     tls: Bundle | None = None  # the job's TLS material when tls.mode is Auto
+    site_keys: Mapping[str, SiteKey] | None = None  # site -> its key, when `authenticates_sites`
     metrics_from: Mapping | None = None  # namespaceSelector of the metrics scraper; None admits any namespace
 
 
@@ -87,7 +94,19 @@ def names(job: Mapping) -> dict[str, str]:
         "output": job["spec"]["output"].get("claimName", f"{name}-output"),
         "config": f"{name}-job",
         "server": f"{name}-server",
+        "site-keys": f"{name}-site-keys",
     }
+
+
+def site_key_secret_name(job: Mapping, site: str) -> str:
+    return f"{site_job_name(job, site)}-key"
+
+
+def authenticates_sites(job: Mapping) -> bool:
+    """Whether the operator makes the sites' keys and the server admits only them: when the
+    server and the sites are in this cluster and TLS is on (SuperNode authentication needs it)."""
+    spec = job["spec"]
+    return spec["mode"] == "All" and spec["security"]["tls"]["mode"] != "Disabled"
 
 
 def server_hostnames(job: Mapping) -> list[str]:
@@ -117,6 +136,9 @@ def render(job: Mapping, settings: Settings) -> list[dict]:
         children.append(tls_secret(job, settings))
     if server_here and "claimName" not in spec["output"]:
         children.append(output_claim(job))
+    if authenticates_sites(job):
+        children += [site_key_secret(job, site["name"], _site_key(settings, site["name"])) for site in spec["sites"]]
+        children.append(site_keys_config(job, settings))
     children.append(job_config(job))
     if server_here:
         children += [*server_identity(job), server_deployment(job, settings), server_service(job)]
@@ -192,6 +214,28 @@ def tls_secret(job: Mapping, settings: Settings) -> dict:
     }
 
 
+def _site_key(settings: Settings, site: str) -> SiteKey:
+    if settings.site_keys is None or site not in settings.site_keys:
+        raise ValueError(f"the job's sites are authenticated: Settings.site_keys needs site {site}'s key")
+    return settings.site_keys[site]
+
+
+def site_key_secret(job: Mapping, site: str, key: SiteKey) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(job, site_key_secret_name(job, site), "site-key", {"bouquet.dev/site": site}),
+        "type": "Opaque",
+        "data": {PRIVATE: base64.b64encode(key.private).decode(), PUBLIC: base64.b64encode(key.public).decode()},
+    }
+
+
+def site_keys_config(job: Mapping, settings: Settings) -> dict:
+    """The sites' public keys, as `bouquet server --site-keys` reads them (<site>.pub)."""
+    keys = {f"{site['name']}.pub": _site_key(settings, site["name"]).public.decode() for site in job["spec"]["sites"]}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(job, names(job)["site-keys"], "site-keys"), "data": keys}
+
+
 def output_claim(job: Mapping) -> dict:
     output = job["spec"]["output"]
     spec: dict = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": output["size"]}}}
@@ -255,6 +299,10 @@ def job_config(job: Mapping) -> dict:
     }
 
 
+def _site_keys(job: Mapping, settings: Settings) -> dict[str, SiteKey]:
+    return {site["name"]: _site_key(settings, site["name"]) for site in job["spec"]["sites"]}
+
+
 def _tls_secret_name(job: Mapping) -> str | None:
     """The Secret the pods mount for TLS: the job's own, or for sites dialling a server in
     another cluster, the one holding that server's CA."""
@@ -313,6 +361,15 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
     ]
     if _tls_secret_name(job):
         command += ["--tls-dir", TLS_DIR]
+    annotations = {"bouquet.dev/spec-hash": spec_hash(job)}
+    if authenticates_sites(job):
+        volumes.append({"name": "site-keys", "configMap": {"name": names(job)["site-keys"]}})
+        mounts.append({"name": "site-keys", "mountPath": SITE_KEYS_DIR, "readOnly": True})
+        command += ["--site-keys", SITE_KEYS_DIR]
+        # A site's key replaced (its Secret deleted): the server restarts, registers the new key
+        # and unregisters the old one, and resumes from its checkpoint.
+        public = "".join(key.public.decode() for _, key in sorted(_site_keys(job, settings).items()))
+        annotations["bouquet.dev/site-keys-hash"] = hashlib.sha256(public.encode()).hexdigest()[:16]
     probe = {"httpGet": {"path": "/health", "port": "flower", "scheme": "HTTPS" if _tls_secret_name(job) else "HTTP"}, "periodSeconds": 10}
     container = {
         "name": "server",
@@ -336,7 +393,7 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
             "strategy": {"type": "Recreate"},  # one server at a time: it owns the output volume
             "selector": {"matchLabels": {"bouquet.dev/job": job["metadata"]["name"], "app.kubernetes.io/component": "server"}},
             "template": {
-                "metadata": {"labels": pod_labels, "annotations": {"bouquet.dev/spec-hash": spec_hash(job)}},
+                "metadata": {"labels": pod_labels, "annotations": annotations},
                 "spec": {
                     "serviceAccountName": names(job)["server"],
                     "containers": [container],
@@ -376,6 +433,15 @@ def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
     command = ["bouquet", "site", JOB_FILE, "--site", site["name"], "--server", server]
     if _tls_secret_name(job):
         command += ["--ca", f"{TLS_DIR}/ca.crt"]
+    if authenticates_sites(job):
+        key_source = {
+            "secretName": site_key_secret_name(job, site["name"]),
+            "items": [{"key": PRIVATE, "path": PRIVATE}],
+            "defaultMode": 0o440,
+        }
+        volumes.append({"name": "site-key", "secret": key_source})
+        mounts.append({"name": "site-key", "mountPath": SITE_KEY_DIR, "readOnly": True})
+        command += ["--key", f"{SITE_KEY_DIR}/{PRIVATE}"]
     data = site.get("data")
     if data and ("claimName" in data or "hostPath" in data):
         source = (

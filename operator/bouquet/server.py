@@ -9,15 +9,20 @@ the newest checkpoint and carries on from the round after it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from bouquet_workloads import outputs
 
 from . import flower, progress
+from .gate import Gate
 
 START_SECONDS = 60
 POLL_SECONDS = 1.0
+
+
+def _tls_files(tls: flower.Tls) -> tuple[str | None, str | None, str | None]:
+    return (str(tls.ca), str(tls.cert), str(tls.key)) if tls.enabled else (None, None, None)
 
 
 class RunFailed(flower.LaunchError):
@@ -25,14 +30,31 @@ class RunFailed(flower.LaunchError):
 
 
 class Server:
-    def __init__(self, job: dict, out: Path, tls: flower.Tls, processes: flower.Processes, port: int = 0, host: str = "127.0.0.1") -> None:
+    """The SuperLink on a loopback port of its own, the gate on the port the sites dial, and
+    the run. public_keys (site -> public key file) are registered before any site connects, and
+    only SuperNodes holding one of their keys are admitted; with None (or TLS disabled) any
+    SuperNode with the job's CA is, and a site's name is what its SuperNode says."""
+
+    def __init__(
+        self,
+        job: dict,
+        out: Path,
+        tls: flower.Tls,
+        processes: flower.Processes,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        public_keys: Mapping[str, Path] | None = None,
+    ) -> None:
         self.job = job
         self.out = out
         self.tls = tls
         self.processes = processes
         self.port = port or flower.free_port()
         self.host = host
+        self.public_keys = dict(public_keys) if public_keys is not None and tls.enabled else None
         self.flwr_home = out / "flwr"
+        self.superlink_port = flower.free_port()
+        self.gate = Gate(host, self.port, self.superlink_port, *_tls_files(tls))
         self.run_id: int | None = None
 
     @property
@@ -41,16 +63,35 @@ class Server:
         return f"localhost:{self.port}"
 
     def start(self) -> None:
-        """Starts the SuperLink and waits until it answers."""
+        """Starts the SuperLink and the gate, waits until they answer, and registers the
+        sites' keys."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self.processes.start("server", flower.superlink_command(self.port, self.out / "state.db", self.tls, self.host))
+        state_db = self.out / "state.db"
+        self.processes.start("server", flower.superlink_command(self.superlink_port, state_db, self.tls, self.public_keys is not None))
+        try:
+            self.gate.start()
+        except OSError as error:
+            raise flower.LaunchError(str(error)) from None
         flower.wait_healthy(self.port, self.tls, START_SECONDS, self.processes)
+        if self.public_keys is not None:
+            self.sync_site_keys()
+
+    def sync_site_keys(self) -> None:
+        """Registers the sites' keys that the SuperLink does not hold yet and unregisters
+        replaced ones; nodes.json (node id -> site and key) is what the ServerApp names sites by."""
+        path = self.out / outputs.NODES
+        registered = {int(node): entry for node, entry in (outputs.read_json(path, {}) or {}).items()}
+        nodes = flower.sync_site_keys(self.public_keys, registered, self.superlink_port, self.tls, self.flwr_home, self.processes.env)
+        outputs.write_json(path, {str(node): entry for node, entry in sorted(nodes.items())})
+
+    def stop(self) -> None:
+        self.gate.stop()
 
     def submit(self) -> int:
         """Submits the job's run; the ServerApp resumes from a checkpoint if there is one."""
         app_dir = flower.write_app(self.out / "app", self.job)
-        config = flower.run_config(self.job, self.out)
-        self.run_id = flower.submit(app_dir, self.port, self.tls, config, self.flwr_home, self.processes.env)
+        config = flower.run_config(self.job, self.out, "claims" if self.public_keys is None else "keys")
+        self.run_id = flower.submit(app_dir, self.superlink_port, self.tls, config, self.flwr_home, self.processes.env)
         return self.run_id
 
     def follow(self, say: Callable[[str], None], started: float) -> None:
@@ -63,6 +104,8 @@ class Server:
         first_new = reported
         while True:
             self.processes.check()
+            if not self.gate.alive:
+                raise flower.LaunchError(f"the server's port {self.host}:{self.port} stopped answering")
             status = flower.run_status(self.run_id, self.flwr_home, self.processes.env)
             # Read after the status, so that the rounds of a run that just finished are shown.
             history = outputs.read_json(self.out / outputs.HISTORY, []) or []
@@ -104,6 +147,7 @@ def serve(
     metrics_port: int,
     say: Callable[[str], None] = print,
     report_status: bool = False,
+    public_keys: Mapping[str, Path] | None = None,
 ) -> None:
     """`bouquet server`: runs the job's server in the foreground until the run ends,
     serving the job's metrics meanwhile (and, in a pod, reporting each round to the
@@ -116,14 +160,15 @@ def serve(
     reporter = progress.Reporter.in_cluster(out, namespace, job["metadata"]["name"]).start() if report_status else None
     processes = flower.Processes(out / "logs")
     started = time.monotonic()
+    server = Server(job, out, tls, processes, port, host, public_keys)
     try:
-        server = Server(job, out, tls, processes, port, host)
         server.start()
         say(f"server of job {job['metadata']['name']} listening on {host}:{server.port}")
         server.submit()
         server.follow(say, started)
     finally:
         processes.stop()
+        server.stop()
         metrics_server.shutdown()
         if reporter:
             reporter.stop()

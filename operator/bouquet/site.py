@@ -25,12 +25,14 @@ POLL_SECONDS = 0.5
 REPLY_GRACE_SECONDS = 5.0
 
 
-def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, runtime_port: int) -> int:
-    """Runs the site's SuperNode until the run is over (exit 0) or it fails (its code)."""
+def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, runtime_port: int, key: Path | None = None) -> int:
+    """Runs the site's SuperNode until the run is over (exit 0) or it fails (its code). The
+    SuperNode proves the site with key and runs only the app of this copy of the job."""
     settings = next(s for s in job["spec"]["sites"] if s["name"] == site)
     data_format = settings.get("data", {}).get("format")
-    command = flower.supernode_command(server, site, data.resolve(), data_format, runtime_port, ca)
     with tempfile.TemporaryDirectory(prefix="bouquet-site-") as state:
+        identity = flower.SiteIdentity(flower.app_sha256(job), key.resolve() if key else None, Path(state) / "refused.json")
+        command = flower.supernode_command(server, site, data.resolve(), data_format, runtime_port, ca, identity)
         done = Path(state) / "run-finished"
         env = {**flower.process_env(), DONE_FILE_VARIABLE: str(done)}
         processes = flower.Processes(Path(state) / "logs", env)

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from bouquet import kubeyaml, progress, schema, tls
+from bouquet import controller, kubeyaml, progress, schema, tls
+from bouquet import render as render_module
 from bouquet.render import CHILD_KINDS, Settings, render
 from support.cluster import ROOT, apply_job, condition, get_job, kubectl
 from support.dashboards import empty_panels
@@ -60,7 +61,13 @@ def expected_children(client, job: dict) -> list[dict] | None:
     if secret:
         data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
         bundle = tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
-    return render(job, Settings("bouquet-workloads:0.1.0", bundle))
+    site_keys = None
+    if render_module.authenticates_sites(job):
+        first = render_module.site_key_secret_name(job, job["spec"]["sites"][0]["name"])
+        if client.get("v1", "Secret", job["metadata"]["namespace"], first) is None:
+            return None  # not yet created
+        site_keys = controller._site_keys(client, job)
+    return render(job, Settings("bouquet-workloads:0.1.0", bundle, site_keys))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=str)
@@ -225,7 +232,7 @@ def test_the_servers_role_reaches_only_its_own_jobs_status(cluster, client, name
 def test_deleting_the_job_lets_the_garbage_collector_remove_all_but_the_claim(cluster, client, namespace, operator):
     job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
     name = job["metadata"]["name"]
-    wait_for(lambda: len(children(client, namespace, name)) == 12, what="12 children")
+    wait_for(lambda: len(children(client, namespace, name)) == 16, what="16 children")
     kubectl(cluster, "delete", "fj", name, "-n", namespace, "--wait=true", "--timeout=30s")
     left = wait_for(
         lambda: (c := children(client, namespace, name)) and set(c) == {("PersistentVolumeClaim", f"{name}-output")} and c,
@@ -260,7 +267,7 @@ def test_restarting_the_operator_mid_job_changes_nothing(cluster, client, namesp
 def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace, operator):
     job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
     name = job["metadata"]["name"]
-    wait_for(lambda: len(children(client, namespace, name)) == 12, what="12 children")
+    wait_for(lambda: len(children(client, namespace, name)) == 16, what="16 children")
     for kind, api_version in (("Deployment", "apps/v1"), ("ConfigMap", "v1"), ("Job", "batch/v1")):
         child = f"{name}-server" if kind == "Deployment" else f"{name}-job" if kind == "ConfigMap" else f"{name}-hospital-a"
         uid = client.get(api_version, kind, namespace, child)["metadata"]["uid"]
@@ -284,7 +291,38 @@ def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace,
         what="the site's Job replaced",
     )
     live = children(client, namespace, name)
-    assert len(live) == 12 and sum(1 for k, _ in live if k == "Job") == 3
+    assert len(live) == 16 and sum(1 for k, _ in live if k == "Job") == 3
+
+
+def test_a_deleted_site_key_is_replaced_and_the_server_restarts_admitting_the_new_one(cluster, client, namespace, operator):
+    job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    wait_for(lambda: len(children(client, namespace, name)) == 16, what="16 children")
+
+    def public(site: str) -> str:
+        return base64.b64decode(client.get("v1", "Secret", namespace, f"{name}-{site}-key")["data"]["site.pub"]).decode()
+
+    def keys_hash() -> str:
+        return client.get("apps/v1", "Deployment", namespace, f"{name}-server")["spec"]["template"]["metadata"]["annotations"][
+            "bouquet.dev/site-keys-hash"
+        ]
+
+    before = {site: public(site) for site in ("hospital-a", "hospital-b", "hospital-c")}
+    hash_before = keys_hash()
+    assert len(set(before.values())) == 3
+    client.delete("v1", "Secret", namespace, f"{name}-hospital-a-key")
+    wait_for(
+        lambda: (
+            (s := client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")) and public("hospital-a") != before["hospital-a"] and s
+        ),
+        what="a new key for hospital-a",
+    )
+    assert public("hospital-b") == before["hospital-b"] and public("hospital-c") == before["hospital-c"]
+    wait_for(
+        lambda: client.get("v1", "ConfigMap", namespace, f"{name}-site-keys")["data"]["hospital-a.pub"] == public("hospital-a"),
+        what="the server's public keys updated",
+    )
+    wait_for(lambda: keys_hash() != hash_before, what="the server's pod template to change with the keys")
 
 
 def gpu_job() -> dict:

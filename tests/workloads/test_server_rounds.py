@@ -39,7 +39,7 @@ class InProcessGrid:
 
     def __init__(self, job: dict, out: Path, files: dict[str, Path], nodes: list[int] | None = None, newest_first: bool = False) -> None:
         self.sites = {node: (name, path) for node, (name, path) in zip(nodes or range(1, len(files) + 1), files.items(), strict=True)}
-        self.run_config = flower.run_config(job, out)
+        self.run_config = flower.run_config(job, out, "claims")
         self.replies: dict[str, Message] = {}
         self.seen: list[Message] = []
         self.newest_first = newest_first  # replies in another order than the messages went out
@@ -258,6 +258,34 @@ def test_a_node_is_the_site_it_claims_only_once_and_only_if_the_job_has_it(tmp_p
     assert roster.refused == {6: "node 6 says it is site a, which is connected already"}
 
 
+def test_with_registered_keys_a_site_is_the_owner_of_its_key_whatever_it_says(tmp_path):
+    job = make_job("FedAvg", rounds=1, settings={"minSites": 2})
+    files = sites_and_files(job, tmp_path)
+    grid = InProcessGrid(job, tmp_path, files, nodes=[1, 2, 3])
+    grid.sites[4] = ("a", files["a"])  # says it is site a, holds no registered key
+    grid.sites[3] = ("a", files["c"])  # holds site c's key, says it is site a
+    (tmp_path / "nodes.json").write_text(json.dumps({str(n): {"site": s, "keySha256": "-"} for n, s in [(1, "a"), (2, "b"), (3, "c")]}))
+    server_app.train_federated(grid, job, tmp_path, "keys")
+    [entry] = json.loads((tmp_path / "history.json").read_text())
+    assert entry["sites"] == ["a", "b"]
+    trained = sorted(m.metadata.dst_node_id for m in grid.seen if m.metadata.message_type == "train")
+    assert trained == [1, 2]
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["state"] == "Succeeded"
+    roster = Roster(
+        grid,
+        job["spec"],
+        lambda messages, timeout: server_app._exchange(grid, messages, timeout),
+        lambda *_: None,
+        lambda: {1: "a", 2: "b", 3: "c"},
+    )
+    roster.check([3, 4])
+    assert roster.refused == {
+        3: "node 3 holds site c's key but says it is site 'a': it takes no part",
+        4: "node 4 holds no key of the job's sites (its key was removed or replaced)",
+    }
+
+
 def test_the_same_job_gives_the_same_weights_whatever_the_node_ids_and_reply_order(tmp_path):
     job = make_job("FedAvg", rounds=2, settings={"fractionTrain": 0.67})
     first, second = tmp_path / "first", tmp_path / "second"
@@ -275,7 +303,7 @@ def test_a_server_told_to_stop_records_no_failure_and_its_successor_continues(tm
     training (the job's status must not read Failed), and a new server picks up."""
     job = make_job("FedAvg", rounds=3)
     files = sites_and_files(job, tmp_path)
-    context = Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path))
+    context = Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path, "claims"))
     grid = InProcessGrid(job, tmp_path, files)
     grid.stop_at = 2
     with pytest.raises(SystemExit):
@@ -291,7 +319,7 @@ def test_a_failing_training_is_recorded_as_failed_with_its_reason(tmp_path):
     files = sites_and_files(job, tmp_path)
     files["a"].write_text("nothing\n1\n")
     with pytest.raises(server_app.SitesNotReady):
-        server_app.main(InProcessGrid(job, tmp_path, files), Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path)))
+        server_app.main(InProcessGrid(job, tmp_path, files), Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path, "claims")))
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert progress["state"] == "Failed" and progress["message"].startswith("the run cannot start: site a: ")
 

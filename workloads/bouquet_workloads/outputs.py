@@ -5,6 +5,7 @@
     history.json        one entry per finished round, in order, never one twice
     progress.json       what the server is doing now (round under way, state)
     audit.jsonl         what each site's replies carried: record names, keys, shapes (no values)
+    nodes.json          node id -> site and sha256 of its key, as the server registered the sites' keys
     report.png          loss and accuracy per round
     checkpoints/        round-NNNNNN.safetensors: weights, strategy state and history
 
@@ -36,6 +37,7 @@ MODEL_INFO = "model.json"
 HISTORY = "history.json"
 PROGRESS = "progress.json"
 AUDIT = "audit.jsonl"
+NODES = "nodes.json"
 REPORT = "report.png"
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_FORMAT = "bouquet-checkpoint/1"

@@ -9,6 +9,10 @@ the per-feature moments the server scales inputs by, or says what is wrong with 
 - A round goes ahead with at least strategy.minSites sites (default: every site); fewer,
   and the run stops rather than train a model that leaves a site out.
 - A site that connects later, or connects again after a restart, is checked before it trains.
+- A site's name is the one its key was registered under (`identities`: node id -> site, read
+  afresh whenever an unknown node connects, so a site whose key was replaced is known again);
+  a node that holds no registered key takes no part. Only a job that disables TLS (and with it
+  SuperNode authentication) goes by the name a SuperNode says it has.
 - Sites are taken in the order of their names, and the sites of a round are drawn with the
   job's seed, so that the same job trains the same way wherever it runs.
 """
@@ -77,8 +81,16 @@ def resume_problem(spec: Mapping, history: list[Mapping]) -> str:
 class Roster:
     """The connected nodes that are the job's sites, by name, and what was wrong with the rest."""
 
-    def __init__(self, grid: Grid, spec: Mapping, exchange: Exchange, audit: Callable[[int, str, list[Message]], None]) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        spec: Mapping,
+        exchange: Exchange,
+        audit: Callable[[int, str, list[Message]], None],
+        identities: Callable[[], Mapping[int, str]] | None = None,
+    ) -> None:
         self.grid, self.spec = grid, spec
+        self.identities = identities
         self.exchange, self.audit = exchange, audit
         self.timeout = spec["strategy"]["roundTimeoutSeconds"]
         self.sites = [s["name"] for s in spec["sites"]]
@@ -119,15 +131,20 @@ class Roster:
         for node in nodes:
             if node not in answered:
                 self.refused[node] = f"a site (node {node}) did not answer the data check within {self.timeout}s"
-        claims = [_claimed_name(r) for r in replies]
+        known = dict(self.identities()) if self.identities else {}
+        claims = [self._name(r, known) for r in replies]
         moments = []
-        for reply in sorted(replies, key=lambda r: str(_claimed_name(r))):
-            node, name = reply.metadata.src_node_id, _claimed_name(reply)
-            problem = self._problem(reply, node, name) or (
-                # Two nodes at once saying they are the same site: neither can be told from an impostor.
-                f"nodes {', '.join(str(r.metadata.src_node_id) for r in replies if _claimed_name(r) == name)} all say they are site {name}"
-                if claims.count(name) > 1
-                else ""
+        for reply in sorted(replies, key=lambda r: str(self._name(r, known))):
+            node, name = reply.metadata.src_node_id, self._name(reply, known)
+            problem = (
+                self._identity_problem(reply, node, known)
+                or self._problem(reply, node, name)
+                or (
+                    # Two nodes at once saying they are the same site: neither can be told from an impostor.
+                    f"nodes {', '.join(str(r.metadata.src_node_id) for r in replies if _claimed_name(r) == name)} all say they are site {name}"
+                    if claims.count(name) > 1
+                    else ""
+                )
             )
             if problem:
                 self.refused[node] = problem
@@ -137,6 +154,22 @@ class Roster:
             moments.append(reply.content)
             log.info("site %s passed its data check", name)
         return moments
+
+    def _name(self, reply: Message, known: Mapping[int, str]) -> str | None:
+        """The site a reply comes from: the owner of its node's key, or (with no keys) its claim."""
+        if self.identities is None:
+            return _claimed_name(reply)
+        return known.get(reply.metadata.src_node_id)
+
+    def _identity_problem(self, reply: Message, node: int, known: Mapping[int, str]) -> str:
+        if self.identities is None:
+            return ""
+        if node not in known:
+            return f"node {node} holds no key of the job's sites (its key was removed or replaced)"
+        claim = _claimed_name(reply)
+        if claim is not None and claim != known[node]:
+            return f"node {node} holds site {known[node]}'s key but says it is site {claim!r}: it takes no part"
+        return ""
 
     def _problem(self, reply: Message, node: int, name: str | None) -> str:
         if reply.has_error():

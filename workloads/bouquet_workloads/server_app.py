@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -48,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(context.run_config["output-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     try:
-        train_federated(grid, job, out)
+        train_federated(grid, job, out, str(context.run_config.get("site-names", "claims")))
     except (SitesNotReady, RoundFailed) as error:  # Bouquet's own verdicts say what happened
         _progress(out, job, "Failed", message=str(error))
         raise
@@ -59,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     # stop (its pod deleted, Ctrl-C), and a server started again continues from the checkpoint.
 
 
-def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
+def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "claims") -> None:
     """Runs the job's remaining rounds, committing each, then writes the final model."""
     spec = job["spec"]
     rounds, task = spec["rounds"], spec["task"]
@@ -72,7 +72,9 @@ def train_federated(grid: Grid, job: Mapping, out: Path) -> None:
         if problem:
             raise SitesNotReady(f"{problem}; start again from round 1 with an empty output folder, or lower strategy.minSites")
     _progress(out, job, "Running", round_=checkpoint.round if checkpoint else 0, message="waiting for sites")
-    roster = Roster(grid, spec, lambda messages, timeout: _exchange(grid, messages, timeout), partial(_audit, out))
+    roster = Roster(
+        grid, spec, lambda messages, timeout: _exchange(grid, messages, timeout), partial(_audit, out), _identities(site_names, out)
+    )
     moments = roster.start()
     if checkpoint is None:
         _standardize(model, moments, len(features))
@@ -173,6 +175,14 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
         "bytesReceived": received,
         "finishedAt": _now(),
     }
+
+
+def _identities(site_names: str, out: Path) -> Callable[[], dict[int, str]] | None:
+    """node id -> site, as the server registered the sites' keys (None: the sites are not
+    authenticated, and a site's name is what it says)."""
+    if site_names != "keys":
+        return None
+    return lambda: {int(node): entry["site"] for node, entry in (outputs.read_json(out / outputs.NODES, {}) or {}).items()}
 
 
 def _in_site_order(roster: Roster, replies: list[Message]) -> list[Message]:

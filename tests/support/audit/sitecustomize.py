@@ -26,7 +26,7 @@ def _role() -> str:
         except OSError:
             return "other"
         command = " ".join(argv)
-        if "flower-supernode" in command:
+        if "flower-supernode" in command or "bouquet_workloads.supernode" in command:
             found = re.search(r'site="([^"]+)"', command)
             return f"site:{found.group(1)}" if found else "site:?"
         if "flower-superlink" in command:

@@ -1,0 +1,141 @@
+"""A real `bouquet run`, attacked during its rounds by an outsider who holds the job's CA
+certificate (every hospital holds it) and reaches the server's port, and by a compromised
+server that submits an app of its own. Nothing foreign runs at any site, no site file is
+opened for it, and the run completes with every round exactly once."""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tomli_w
+import yaml
+
+from bouquet import flower, identity
+from support.processes import processes_mentioning, start_bouquet
+from support.prometheus import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+FOREIGN_APP = ROOT / "tests" / "support" / "foreign_app"
+
+
+def flwr(args: list[str], home: Path, address: str, ca: Path) -> dict:
+    """The flwr CLI against address, as an outsider configures it: the job's CA, nothing else."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "x", "x": {"address": address, "root-certificates": str(ca)}}})
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env={**flower.process_env(), "FLWR_HOME": str(home)},
+        timeout=120,
+    )
+    return json.loads(result.stdout)
+
+
+def request(port: int, ca: Path, method: str, path: str) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    call = urllib.request.Request(f"https://localhost:{port}{path}", data=b"" if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(call, context=context, timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def job_file(tmp_path) -> Path:
+    job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
+    job["spec"]["rounds"] = 3
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_an_outsider_and_a_foreign_app_get_nowhere(tmp_path, job_file):
+    out, log, markers = tmp_path / "out", tmp_path / "run.log", tmp_path / "markers"
+    markers.mkdir()
+    run = start_bouquet(["run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())], log)
+    try:
+        wait_for(lambda: "round 1 begins" in log.read_text() or run.poll() is not None, "the server to start")
+        port = int(re.search(r"server up on localhost:(\d+)", log.read_text()).group(1))
+        ca = out / "tls" / "ca.crt"
+        address = f"localhost:{port}"
+
+        # The Control API is not on the port the sites reach: no listing, no submitting, no registering.
+        listed = flwr(["ls", "x"], tmp_path / "outsider", address, ca)
+        assert not listed.get("success", True), listed
+        submitted = flwr(["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "outsider", address, ca)
+        assert not submitted.get("success", True), submitted
+        attacker_key, attacker_pub = identity.make().write(tmp_path / "attacker")
+        registered = flwr(["supernode", "register", str(attacker_pub), "x"], tmp_path / "outsider", address, ca)
+        assert not registered.get("success", True), registered
+        for method, path in [
+            ("POST", "/v1/control/list-runs"),
+            ("POST", "/v1/control/start-run"),
+            ("POST", "/v1/runtime/get-nodes"),
+            ("POST", "/v1/fleet/../control/list-runs"),
+            ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+            ("GET", "/docs"),
+            ("GET", "/openapi.json"),
+        ]:
+            assert request(port, ca, method, path) == 404, (method, path)
+
+        # SuperNodes of the outsider's own, claiming a real site's name: with no key, with a key of its own.
+        data = out / "data" / "hospital-a.csv"
+        for name, key in [("no-key", None), ("own-key", attacker_key)]:
+            command = flower.supernode_command(
+                address,
+                "hospital-a",
+                data,
+                None,
+                free_port(),
+                ca,
+                flower.SiteIdentity(flower.app_sha256(yaml.safe_load(job_file.read_text())), key),
+            )
+            with (tmp_path / f"{name}.log").open("w") as sink:
+                result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=60, env=flower.process_env())
+            assert result.returncode != 0
+            assert "SuperNode ID" not in (tmp_path / f"{name}.log").read_text()
+
+        # A compromised server submits an app of its own on its loopback port: the sites refuse it.
+        config = (out / "flwr" / "config.toml").read_text()
+        internal = re.search(r'address = "localhost:(\d+)"', config).group(1)
+        foreign = flwr(
+            ["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "insider", f"localhost:{internal}", ca
+        )
+        assert foreign.get("success", True), foreign
+        refusals = [out / "logs" / f"site-{site}-refused.json" for site in ("hospital-a", "hospital-b", "hospital-c")]
+        wait_for(lambda: all(path.exists() for path in refusals), "every site to refuse the foreign run")
+        for path in refusals:
+            assert {str(entry["run"]) for entry in json.loads(path.read_text())} == {str(foreign["run-id"])}
+            assert "refused run" in (out / "logs" / path.name.replace("-refused.json", ".log")).read_text()
+
+        assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert not [p.name for p in markers.iterdir() if p.name.startswith(("clientapp", "records"))]
+    history = json.loads((out / "history.json").read_text())
+    assert [entry["round"] for entry in history] == [1, 2, 3]
+    assert all(entry["sites"] == ["hospital-a", "hospital-b", "hospital-c"] for entry in history)
+    assert processes_mentioning(str(out)) == []

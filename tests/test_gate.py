@@ -1,0 +1,85 @@
+"""The gate passes on the Fleet API's requests and the health check, and nothing else: what
+it refuses never reaches the SuperLink (here a plain HTTP server that counts what arrives)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from bouquet.gate import Gate, allowed
+from support.prometheus import free_port
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "passes"),
+    [
+        ("POST", "/v1/fleet/pull-messages", True),
+        ("POST", "/v1/fleet/create-node", True),
+        ("GET", "/health", True),
+        ("GET", "/v1/fleet/pull-messages", False),
+        ("POST", "/v1/control/list-runs", False),
+        ("POST", "/v1/control/start-run", False),
+        ("POST", "/v1/control/register-node", False),
+        ("POST", "/v1/runtime/pull-messages", False),
+        ("POST", "/v1/fleet/../control/list-runs", False),
+        ("POST", "/v1/fleet//control", False),
+        ("POST", "/v1/fleetx/anything", False),
+        ("GET", "/docs", False),
+        ("GET", "/openapi.json", False),
+        ("POST", "/health", False),
+        ("GET", "/", False),
+    ],
+)
+def test_only_fleet_calls_and_the_health_check_pass(method, path, passes):
+    assert allowed(method, path) is passes
+
+
+class Upstream(http.server.BaseHTTPRequestHandler):
+    seen: list[str] = []
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length", 0))
+        body = self.rfile.read(length)
+        Upstream.seen.append(f"{self.command} {self.path} {body.decode()}")
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_what_the_gate_refuses_never_reaches_the_superlink():
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    gate = Gate("127.0.0.1", free_port(), upstream.server_address[1])
+    gate.start()
+    Upstream.seen.clear()
+    try:
+        assert call(gate.port, "POST", "/v1/fleet/pull-messages", b"from a site") == (200, b"ok")
+        assert call(gate.port, "GET", "/health") == (200, b"ok")
+        for method, path in [("POST", "/v1/control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/start-run"), ("GET", "/docs")]:
+            status, body = call(gate.port, method, path, b"" if method == "POST" else None)
+            assert status == 404 and b"only Flower's Fleet API" in body
+        assert Upstream.seen == ["POST /v1/fleet/pull-messages from a site", "GET /health "]
+        assert gate.refused == 3
+    finally:
+        gate.stop()
+        upstream.shutdown()
+    assert not gate.alive

@@ -1,0 +1,100 @@
+"""A site's SuperNode that runs only the job's app.
+
+Flower's SuperNode runs whatever run its SuperLink hands it: it fetches the run's app bundle
+(FAB) and starts the bundle's ClientApp on the site's data. Flower can check a bundle's
+signature (`--trusted-entities`), but only for bundles from Flower's app hub. So a site pins
+its job's app by content instead: the sha256 of the bundle, which the site works out from its
+own copy of the job (the bundle is built from the job and nothing else, see
+bouquet.flower.app_sha256). Before the SuperNode takes on a run it has not seen, it compares
+the run's bundle hash with the pin; a run of any other app is refused before its bundle is
+downloaded: nothing of it is stored or started at the site, the refusal is logged, and it is
+counted in the file the site's metrics are read from.
+
+    python -m bouquet_workloads.supernode --app-sha256 HEX --refusals FILE -- FLOWER-SUPERNODE-ARGS...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.supercore.run import Run, RunNotRunningException
+from flwr.supernode import start_client_internal
+
+log = logging.getLogger("bouquet.site")
+
+# Flower's SuperNode takes each message from the SuperLink through this function, which is
+# given (by keyword) the call that fetches a run's details; the pin wraps that call.
+PATCHED = "_pull_and_store_message"
+
+
+class Pin:
+    """The one app this site runs, and the runs it refused."""
+
+    def __init__(self, app_sha256: str, refusals: Path | None) -> None:
+        self.app_sha256 = app_sha256
+        self.refusals = refusals
+
+    def guard(self, get_run: Callable[[int], Run]) -> Callable[[int], Run]:
+        def pinned_get_run(run_id: int) -> Run:
+            run = get_run(run_id)
+            if run.fab_hash != self.app_sha256:
+                self.refuse(run)
+                # Flower's SuperNode drops a message of a run it may not take part in.
+                raise RunNotRunningException(f"run {run_id} is not this job's app")
+            return run
+
+        return pinned_get_run
+
+    def refuse(self, run: Run) -> None:
+        log.error(
+            "refused run %s: its app (sha256 %s) is not this job's app (sha256 %s); nothing of it runs here",
+            run.run_id,
+            run.fab_hash,
+            self.app_sha256,
+        )
+        if self.refusals is None:
+            return
+        entries = json.loads(self.refusals.read_text()) if self.refusals.exists() else []
+        entries.append({"run": run.run_id, "appSha256": run.fab_hash, "at": time.time()})
+        tmp = self.refusals.with_name(self.refusals.name + ".tmp")
+        tmp.write_text(json.dumps(entries))
+        tmp.replace(self.refusals)
+
+
+def install(pin: Pin) -> None:
+    """Wraps the SuperNode's message intake so that every run it meets passes the pin."""
+    original = getattr(start_client_internal, PATCHED)
+
+    def pull_and_store_message(**kwargs):
+        kwargs["get_run"] = pin.guard(kwargs["get_run"])
+        return original(**kwargs)
+
+    setattr(start_client_internal, PATCHED, pull_and_store_message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bouquet_workloads.supernode", description=__doc__.splitlines()[0])
+    parser.add_argument("--app-sha256", required=True, help="sha256 of the job's app bundle: the only app this site runs")
+    parser.add_argument("--refusals", type=Path, help="file that lists the runs this site refused")
+    parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    args = parser.parse_args(argv)
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    install(Pin(args.app_sha256, args.refusals))
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]
+    return flower_supernode() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
