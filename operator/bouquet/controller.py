@@ -215,23 +215,27 @@ def _ttl_remaining(ttl: int | None, job_status: Mapping, now: datetime) -> float
     return (_parse(job_status["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds()
 
 
+def _own_secret(client: kube.Client, job: Mapping, name: str, remedy: str) -> dict[str, bytes]:
+    """The decoded data of the job's own Secret `name` ({} if there is none). A Secret of that
+    name that the job does not own is refused, with remedy as the way out."""
+    secret = client.get("v1", "Secret", job["metadata"]["namespace"], name)
+    if secret is None:
+        return {}
+    owners = {o.get("uid") for o in secret["metadata"].get("ownerReferences", [])}
+    if job["metadata"]["uid"] not in owners:
+        raise Refused(f"Secret {name} exists and is not this job's: delete it, or {remedy}")
+    return {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+
+
 def _tls_bundle(client: kube.Client, job: Mapping) -> tls.Bundle | None:
     """The job's TLS material: from its Secret if it has one, else new (issued once; the
     Secret then keeps it)."""
     spec = job["spec"]
     if spec["mode"] == "SitesOnly" or spec["security"]["tls"]["mode"] != "Auto":
         return None
-    secret = client.get("v1", "Secret", job["metadata"]["namespace"], names(job)["tls"])
-    if secret is not None:
-        owners = {o.get("uid") for o in secret["metadata"].get("ownerReferences", [])}
-        if job["metadata"]["uid"] not in owners:
-            raise Refused(
-                f"Secret {names(job)['tls']} exists and is not this job's: delete it, or name your own with "
-                "spec.security.tls.mode Secret and secretName"
-            )
-        data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
-        if all(k in data for k in ("ca.crt", "tls.crt", "tls.key")):
-            return tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
+    data = _own_secret(client, job, names(job)["tls"], "name your own with spec.security.tls.mode Secret and secretName")
+    if all(k in data for k in ("ca.crt", "tls.crt", "tls.key")):
+        return tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
     return tls.issue(job["metadata"]["name"], render.server_hostnames(job))
 
 
@@ -244,16 +248,9 @@ def _site_keys(client: kube.Client, job: Mapping) -> dict[str, identity.SiteKey]
     keys = {}
     for site in job["spec"]["sites"]:
         name = render.site_key_secret_name(job, site["name"])
-        secret = client.get("v1", "Secret", job["metadata"]["namespace"], name)
-        if secret is not None:
-            owners = {o.get("uid") for o in secret["metadata"].get("ownerReferences", [])}
-            if job["metadata"]["uid"] not in owners:
-                raise Refused(f"Secret {name} exists and is not this job's: delete it, or rename site {site['name']}")
-            data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
-            if identity.PRIVATE in data and identity.PUBLIC in data:
-                keys[site["name"]] = identity.SiteKey(data[identity.PRIVATE], data[identity.PUBLIC])
-                continue
-        keys[site["name"]] = identity.make()
+        data = _own_secret(client, job, name, f"rename site {site['name']}")
+        has_key = identity.PRIVATE in data and identity.PUBLIC in data
+        keys[site["name"]] = identity.SiteKey(data[identity.PRIVATE], data[identity.PUBLIC]) if has_key else identity.make()
     return keys
 
 

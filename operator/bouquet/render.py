@@ -299,10 +299,6 @@ def job_config(job: Mapping) -> dict:
     }
 
 
-def _site_keys(job: Mapping, settings: Settings) -> dict[str, SiteKey]:
-    return {site["name"]: _site_key(settings, site["name"]) for site in job["spec"]["sites"]}
-
-
 def _tls_secret_name(job: Mapping) -> str | None:
     """The Secret the pods mount for TLS: the job's own, or for sites dialling a server in
     another cluster, the one holding that server's CA."""
@@ -368,7 +364,7 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
         command += ["--site-keys", SITE_KEYS_DIR]
         # A site's key replaced (its Secret deleted): the server restarts, registers the new key
         # and unregisters the old one, and resumes from its checkpoint.
-        public = "".join(key.public.decode() for _, key in sorted(_site_keys(job, settings).items()))
+        public = json.dumps(site_keys_config(job, settings)["data"], sort_keys=True)
         annotations["bouquet.dev/site-keys-hash"] = hashlib.sha256(public.encode()).hexdigest()[:16]
     probe = {"httpGet": {"path": "/health", "port": "flower", "scheme": "HTTPS" if _tls_secret_name(job) else "HTTP"}, "periodSeconds": 10}
     container = {

@@ -31,7 +31,7 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
     settings = next(s for s in job["spec"]["sites"] if s["name"] == site)
     data_format = settings.get("data", {}).get("format")
     with tempfile.TemporaryDirectory(prefix="bouquet-site-") as state:
-        identity = flower.SiteIdentity(flower.app_sha256(job), key.resolve() if key else None, Path(state) / "refused.json")
+        identity = flower.SiteIdentity(flower.app_sha256(job), key, Path(state) / "refused.json")
         command = flower.supernode_command(server, site, data.resolve(), data_format, runtime_port, ca, identity)
         done = Path(state) / "run-finished"
         env = {**flower.process_env(), DONE_FILE_VARIABLE: str(done)}
