@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import tomli_w
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 
-from bouquet import flower, identity
+from bouquet import flower, identity, progress
+from bouquet_workloads.metrics import JobCollector
 from support.processes import processes_mentioning, start_bouquet
 from support.prometheus import free_port
 
@@ -55,6 +57,12 @@ def request(port: int, ca: Path, method: str, path: str) -> int:
         return error.code
 
 
+def metrics_registry(out: Path) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(JobCollector(out, "", "breast-cancer"))
+    return registry
+
+
 def wait_for(condition, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -65,7 +73,7 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
 @pytest.fixture
 def job_file(tmp_path) -> Path:
     job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
-    job["spec"]["rounds"] = 3
+    job["spec"]["rounds"] = 5  # rounds enough after the foreign run for the sites to report refusing it
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -136,6 +144,14 @@ def test_an_outsider_and_a_foreign_app_get_nowhere(tmp_path, job_file):
             run.kill()
     assert not [p.name for p in markers.iterdir() if p.name.startswith(("clientapp", "records"))]
     history = json.loads((out / "history.json").read_text())
-    assert [entry["round"] for entry in history] == [1, 2, 3]
+    assert [entry["round"] for entry in history] == [1, 2, 3, 4, 5]
     assert all(entry["sites"] == ["hospital-a", "hospital-b", "hospital-c"] for entry in history)
+    # Each site said in its next replies that it had refused one run: the job counts it, as
+    # its status (status.progress.refusedRuns) and its metrics show it.
+    every_site = {"hospital-a": 1, "hospital-b": 1, "hospital-c": 1}
+    assert history[-1]["refusedRuns"] == every_site, [e.get("refusedRuns") for e in history]
+    assert progress.read(out)["refusedRuns"] == every_site
+    exported = generate_latest(metrics_registry(out)).decode()
+    for site in every_site:
+        assert f'bouquet_site_refused_runs{{job_name="breast-cancer",namespace="",site="{site}"}} 1.0' in exported, exported
     assert processes_mentioning(str(out)) == []

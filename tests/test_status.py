@@ -98,3 +98,46 @@ def test_condition_keeps_its_time_when_unchanged():
     before = [{"type": "Ready", "status": "True", "lastTransitionTime": T0}]
     assert condition(before, "Ready", True, "Running", "", 1, T1)["lastTransitionTime"] == T0
     assert condition(before, "Ready", False, "Pending", "", 1, T1)["lastTransitionTime"] == T1
+
+
+def test_a_site_taken_out_of_the_spec_stays_in_the_status_as_removed_until_named_again(job):
+    before = derive(job, running(), T0)
+    job["status"] = before
+    removed = job["spec"]["sites"].pop(2)
+    after = derive(job, running(sites={"hospital-a": Site(active=1), "hospital-b": Site(active=1)}), T1)
+    assert [(s["name"], s["state"]) for s in after["sites"]] == [
+        ("hospital-a", "Running"),
+        ("hospital-b", "Running"),
+        ("hospital-c", "Removed"),
+    ]
+    assert "its Job and key are deleted" in after["sites"][2]["message"]
+    assert after["sitesReady"] == 2 and conditions(after)["Ready"] == "True", "the job goes on with the sites it has"
+    job["status"] = after
+    assert derive(job, running(sites={"hospital-a": Site(active=1), "hospital-b": Site(active=1)}), T1)["sites"] == after["sites"]
+    job["spec"]["sites"].append(removed)
+    job["status"] = after
+    again = derive(job, running(), T1)
+    assert [(s["name"], s["state"]) for s in again["sites"]] == [
+        ("hospital-a", "Running"),
+        ("hospital-b", "Running"),
+        ("hospital-c", "Running"),
+    ]
+
+
+def test_a_site_refused_by_the_server_says_why_while_it_retries_and_once_it_has_failed(job):
+    why = "the server does not admit site hospital-c's key (public key sha256 0123456789abcdef...): it is not a key the job registered"
+    retrying = derive(job, running(sites={"hospital-a": Site(active=1), "hospital-b": Site(active=1), "hospital-c": Site(error=why)}), T0)
+    assert retrying["sites"][2] == {"name": "hospital-c", "state": "Pending", "message": f"its last attempt stopped: {why}"}
+    assert conditions(retrying)["Ready"] == "False"
+    failed = derive(
+        job, running(sites={"hospital-a": Site(active=1), "hospital-b": Site(active=1), "hospital-c": Site(failed=True, error=why)}), T0
+    )
+    assert failed["phase"] == "Failed" and failed["sites"][2]["message"] == f"failed more than runPolicy.backoffLimit times: {why}"
+    assert next(c for c in failed["conditions"] if c["type"] == "Failed")["message"].endswith(f"; site hospital-c: {why}")
+    # A site running again has put its last stop behind it.
+    assert derive(job, running(sites={n: Site(active=1, error=why) for n in ("hospital-a", "hospital-b", "hospital-c")}), T0)["sites"][
+        2
+    ] == {
+        "name": "hospital-c",
+        "state": "Running",
+    }

@@ -4,7 +4,10 @@ cannot join."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from support.processes import processes_mentioning
 
 pytestmark = pytest.mark.slow
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "breast-cancer.yaml"
 APP = "0" * 64  # no run is submitted here: the pin is never consulted
 
 
@@ -54,6 +58,52 @@ def test_only_a_site_with_the_jobs_ca_and_its_own_registered_key_joins(tmp_path)
         assert "CERTIFICATE_VERIFY_FAILED" in processes.tail("other-ca", 200)
         assert "SuperNode authentication is enabled. All SuperNodes must be registered" in processes.tail("no-key", 200)
         assert "Failed to activate SuperNode" in processes.tail("own-key", 200)
+    finally:
+        processes.stop()
+        server.stop()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_site_whose_key_the_server_does_not_hold_says_so_and_stops(tmp_path):
+    """`bouquet site` (a site pod's entrypoint) with a key the server never registered, and
+    with none: it stops, and its last line says why (on Kubernetes, the job's status shows it)."""
+    job_certs = tls.issue("job", ["localhost", "127.0.0.1"]).write(tmp_path / "job-tls")
+    job_tls = flower.Tls(job_certs["ca.crt"], job_certs["tls.crt"], job_certs["tls.key"])
+    _, registered = identity.make().write(tmp_path / "keys" / "registered")
+    wrong = identity.make()
+    wrong_key, _ = wrong.write(tmp_path / "keys" / "wrong")
+    data = tmp_path / "unused.csv"
+    data.write_text("a,y\n1,0\n")
+    processes = flower.Processes(tmp_path / "logs")
+    server = Server({"metadata": {"name": "job"}, "spec": {}}, tmp_path / "out", job_tls, processes, public_keys={"hospital-a": registered})
+    site = [
+        sys.executable,
+        "-m",
+        "bouquet",
+        "site",
+        str(EXAMPLE),
+        "--site",
+        "hospital-a",
+        "--data",
+        str(data),
+        "--ca",
+        str(job_certs["ca.crt"]),
+    ]
+    try:
+        server.start()
+        site += ["--server", server.address, "--runtime-port"]
+        for extra, why in [
+            (
+                ["--key", str(wrong_key)],
+                f"the server does not admit site hospital-a's key (public key sha256 {identity.fingerprint(wrong.public)[:16]}...)",
+            ),
+            ([], "site hospital-a has no key, and the server admits only the job's registered site keys"),
+        ]:
+            result = subprocess.run(
+                [*site, str(flower.free_port()), *extra], capture_output=True, text=True, timeout=120, env=flower.process_env()
+            )
+            assert result.returncode != 0
+            assert result.stderr.strip().splitlines()[-1].startswith(f"error: {why}"), result.stderr[-3000:]
     finally:
         processes.stop()
         server.stop()

@@ -126,6 +126,23 @@ def _unschedulable(pods: list[Mapping]) -> str:
     return ""
 
 
+ERROR_PREFIX = "error: "
+
+
+def _site_error(pods: list[Mapping]) -> str:
+    """Why the newest of a site's pods last stopped with an error, as `bouquet site` says it in
+    its last line ("error: ..."), which the pod's termination message holds (its container's
+    terminationMessagePolicy is FallbackToLogsOnError); '' if it did not."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
+        for container in pod.get("status", {}).get("containerStatuses", []):
+            for state in (container.get("state", {}), container.get("lastState", {})):
+                ended = state.get("terminated", {})
+                said = [line[len(ERROR_PREFIX) :] for line in ended.get("message", "").splitlines() if line.startswith(ERROR_PREFIX)]
+                if ended.get("exitCode") and said:
+                    return said[-1]
+    return ""
+
+
 def _restarts(pods: list[Mapping]) -> int:
     return max((s.get("restartCount", 0) for p in pods for s in p.get("status", {}).get("containerStatuses", [])), default=0)
 
@@ -163,6 +180,7 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
                 succeeded=_condition(found, "Complete") is not None,
                 failed=_condition(found, "Failed") is not None,
                 unschedulable=_unschedulable(site_pods),
+                error=_site_error(site_pods),
             )
     if spec["mode"] == "SitesOnly":
         server_ready = True  # the server is another cluster's; the sites say how it goes
@@ -187,6 +205,7 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
         model=model,
         failure=failure,
         deadline_exceeded=_deadline_passed(job, now),
+        refused_runs=progress.get("refusedRuns", {}),
     )
 
 
@@ -310,6 +329,17 @@ def _transition_events(client: kube.Client, job: Mapping, before: Mapping, after
         else:
             moved = f"phase {before['phase']} -> {after['phase']}" if before.get("phase") else f"phase {after['phase']}"
             _event(client, job, "Normal", after["phase"], moved)
+    refused_before = {s["name"]: s.get("refusedRuns", 0) for s in before.get("sites", [])}
+    for site in after["sites"]:
+        if site.get("refusedRuns", 0) > refused_before.get(site["name"], 0):
+            _event(
+                client,
+                job,
+                "Warning",
+                "ForeignRunRefused",
+                f"site {site['name']} has refused {site['refusedRuns']} run(s) of an app that is not the job's: "
+                "someone who reaches its server submitted other code; nothing of it ran at the site",
+            )
     for c in after["conditions"]:
         if c["type"] == status.UNSCHEDULABLE and c["status"] == "True":
             old = was.get(c["type"], {})
@@ -341,6 +371,43 @@ def _apply_children(client: kube.Client, job: Mapping, children: list[dict], sit
     return requeue
 
 
+def _prune(client: kube.Client, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict]) -> dict[str, list[str]]:
+    """Deletes the site Jobs and site key Secrets the job has and render no longer gives (a
+    site taken out of spec.sites, sites or keys no longer kept here); returns what it deleted,
+    by site. Only the job's own objects are deleted. The candidates are the sites of the job's
+    Jobs, of its status and of its spec, so that no Secret needs listing."""
+    meta = job["metadata"]
+    namespace, uid = meta["namespace"], meta["uid"]
+    wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
+    sites = {j["metadata"].get("labels", {}).get("bouquet.dev/site") for j in site_jobs.values()}
+    sites |= {s["name"] for s in job.get("status", {}).get("sites", [])} | {s["name"] for s in job["spec"]["sites"]}
+    deleted: dict[str, list[str]] = {}
+    for site in sorted(s for s in sites if s):
+        for api_version, kind, name in (
+            ("batch/v1", "Job", render.site_job_name(job, site)),
+            ("v1", "Secret", render.site_key_secret_name(job, site)),
+        ):
+            if (kind, name) in wanted:
+                continue
+            obj = site_jobs.get(name) if kind == "Job" else client.get(api_version, kind, namespace, name)
+            if obj is None or uid not in {o.get("uid") for o in obj["metadata"].get("ownerReferences", [])}:
+                continue
+            if client.delete(api_version, kind, namespace, name, uid=obj["metadata"]["uid"]):
+                deleted.setdefault(site, []).append(f"{kind} {name}")
+    return deleted
+
+
+def _pruned_events(client: kube.Client, job: Mapping, deleted: Mapping[str, list[str]]) -> None:
+    named = {s["name"] for s in job["spec"]["sites"]}
+    for site, objects in deleted.items():
+        if site in named:
+            _event(client, job, "Normal", "Pruned", f"site {site}: deleted {' and '.join(objects)}, which the job's spec no longer needs")
+        else:
+            message = f"site {site} was removed from spec.sites: deleted {' and '.join(objects)}; the server no longer admits its key"
+            log.info("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
+            _event(client, job, "Normal", "SiteRemoved", message)
+
+
 def reconcile(client: kube.Client, config: Config, namespace: str, name: str, memory: Memory, force: bool) -> Outcome:
     job = client.get(API_VERSION, KIND, namespace, name)
     if job is None or job["metadata"].get("deletionTimestamp"):
@@ -369,6 +436,7 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
     requeue = None
     if force or digest != memory.applied:
         requeue = _apply_children(client, job, children, site_jobs)
+        _pruned_events(client, job, _prune(client, job, children, site_jobs))
         memory.applied = "" if requeue else digest
 
     # When to look again without being told: the deadline, the time to live, a replaced Job.

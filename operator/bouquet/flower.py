@@ -152,6 +152,9 @@ class Processes:
         first rather than trusting process groups."""
         chosen = {n: p for n, p in self.running.items() if names is None or n in names}
         pids = {pid for p in chosen.values() for pid in (p.pid, *descendants(p.pid))}
+        # A process whose parent has exited is no one's descendant any more, but it is still
+        # in the group it was started in (the SuperExec of a SuperNode that gave up).
+        pids |= group_members({p.pid for p in chosen.values()})
         _signal_all(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for process in chosen.values():
@@ -197,6 +200,19 @@ def descendants(pid: int) -> set[int]:
             if child not in found:
                 found.add(child)
                 todo.append(child)
+    return found
+
+
+def group_members(groups: set[int]) -> set[int]:
+    """Every process whose process group is one of groups, from /proc."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in groups:
+            found.add(int(stat.parent.name))
     return found
 
 
@@ -253,6 +269,7 @@ class SiteIdentity:
     app_sha256: str
     key: Path | None = None
     refusals: Path | None = None
+    connection_error: Path | None = None  # where the SuperNode leaves why the SuperLink refused it
 
 
 def supernode_command(
@@ -262,9 +279,13 @@ def supernode_command(
     node_config = f'site="{site}" data-path="{_absolute(data)}"'
     if data_format:
         node_config += f' data-format="{data_format}"'
+    if identity.refusals:  # the job's ClientApp reports how many runs the site refused
+        node_config += f' refusals-path="{_absolute(identity.refusals)}"'
     command = [sys.executable, "-m", "bouquet_workloads.supernode", "--app-sha256", identity.app_sha256]
     if identity.refusals:
         command += ["--refusals", _absolute(identity.refusals)]
+    if identity.connection_error:
+        command += ["--connection-error", _absolute(identity.connection_error)]
     command += [
         "--",
         "--superlink", server,
@@ -348,6 +369,10 @@ def sync_site_keys(
             _reply(out, err, f"supernode unregister (node {node})")
         except LaunchError as error:  # a node the SuperLink no longer knows is gone already
             print(f"warning: {error}", file=sys.stderr)
+            continue
+        site = registered[node]["site"]
+        why = "its key was replaced" if site in wanted else "it is no longer one of the job's sites"
+        print(f"site {site}: its old key (node {node}) is no longer admitted: {why}", file=sys.stderr)
     replies = _side_by_side(
         {site: ["supernode", "register", _absolute(path), "job", "--name", site] for site, path in fresh.items()}, flwr_home, env
     )

@@ -9,6 +9,7 @@ SuperNode says about itself does not count.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def make() -> SiteKey:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n",
     )
+
+
+def fingerprint(public: bytes) -> str:
+    """The sha256 of a public key line, as the server's nodes.json records it (keySha256)."""
+    return hashlib.sha256(public.strip()).hexdigest()
+
+
+def public_of(private: bytes) -> bytes:
+    """The public key line of an OpenSSH private key."""
+    key = serialization.load_ssh_private_key(private, password=None)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
 
 
 def placeholder() -> SiteKey:

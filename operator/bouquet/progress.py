@@ -48,6 +48,9 @@ def read(out: Path) -> dict:
         progress["metrics"] = {
             k: float(v) for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_METRICS
         }
+    refused = outputs.refused_runs(history)
+    if refused:
+        progress[outputs.REFUSED_RUNS] = refused
     if progress["state"] == "Failed":
         progress["message"] = state.get("message") or "training failed"
     if model and progress["state"] == "Succeeded":

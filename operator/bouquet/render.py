@@ -467,6 +467,9 @@ def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
         **({"env": [{"name": e["name"], "value": e.get("value", "")} for e in site["env"]]} if site.get("env") else {}),
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
+        # `bouquet site` says in its last line why it stopped (the server refused its key):
+        # the operator reads it from the termination message into the job's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         **({"resources": resources} if resources else {}),
     }
     pod_spec = {

@@ -11,18 +11,38 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bouquet_workloads.client_app import DONE_FILE_VARIABLE
 
-from . import flower
+from . import flower, identity
 
 POLL_SECONDS = 0.5
 # After the run-over message the SuperNode still has to send its reply: stopping it at once
 # left the server waiting minutes for a reply whose content never came.
 REPLY_GRACE_SECONDS = 5.0
+
+
+# Flower's error codes for a SuperNode the SuperLink will not have (flwr.supercore.error).
+NO_KEY, KEY_NOT_REGISTERED = "[code: 2001]", "[code: 2004]"
+
+
+def not_admitted(site: str, key: Path | None, flower_message: str) -> str:
+    """What Flower's connection error means for the site, as the site's log and (on
+    Kubernetes, from its pod's termination message) the job's status say it."""
+    if NO_KEY in flower_message:
+        return f"site {site} has no key, and the server admits only the job's registered site keys: give the site its key (--key)"
+    if KEY_NOT_REGISTERED in flower_message and key is not None:
+        held = identity.fingerprint(identity.public_of(key.read_bytes()))
+        return (
+            f"the server does not admit site {site}'s key (public key sha256 {held[:16]}...): it is not a key the job registered, "
+            "so it is a wrong key, a key replaced since (revoked), or the key of a site no longer in the job"
+        )
+    reason = flower_message.removeprefix("Failed to initialize the connection to the SuperLink.").strip().replace("\n", " ")
+    return f"site {site} could not connect to the server: {reason}"
 
 
 def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, runtime_port: int, key: Path | None = None) -> int:
@@ -31,18 +51,22 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
     settings = next(s for s in job["spec"]["sites"] if s["name"] == site)
     data_format = settings.get("data", {}).get("format")
     with tempfile.TemporaryDirectory(prefix="bouquet-site-") as state:
-        identity = flower.SiteIdentity(flower.app_sha256(job), key, Path(state) / "refused.json")
-        command = flower.supernode_command(server, site, data.resolve(), data_format, runtime_port, ca, identity)
+        connection_error = Path(state) / "connection-error"
+        pinned = flower.SiteIdentity(flower.app_sha256(job), key, Path(state) / "refused.json", connection_error)
+        command = flower.supernode_command(server, site, data.resolve(), data_format, runtime_port, ca, pinned)
         done = Path(state) / "run-finished"
         env = {**flower.process_env(), DONE_FILE_VARIABLE: str(done)}
         processes = flower.Processes(Path(state) / "logs", env)
         # The SuperNode writes to this process's own output, where a pod's log is read.
         supernode = processes.start_attached("supernode", command)
         stop = signal.signal(signal.SIGTERM, flower.raise_interrupt)
+        verdict = ""
         try:
             while not done.exists():
                 code = supernode.poll()
                 if code is not None:
+                    if connection_error.exists():
+                        verdict = not_admitted(site, key, connection_error.read_text())
                     return code
                 time.sleep(POLL_SECONDS)
             print(f"site {site}: the run is over", flush=True)
@@ -56,3 +80,5 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
         finally:
             processes.stop()
             signal.signal(signal.SIGTERM, stop)
+            if verdict:  # the last line of the site's log: its pod's termination message
+                print(f"error: {verdict}", file=sys.stderr, flush=True)

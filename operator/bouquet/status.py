@@ -31,6 +31,7 @@ class Site:
     succeeded: bool = False
     failed: bool = False
     unschedulable: str = ""  # the scheduler's message for a pod it cannot place
+    error: str = ""  # why its last attempt stopped, as the site said it (the server refused its key)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Observation:
     model: Mapping | None = None  # set once the final model is written
     failure: str = ""  # why training failed, if it did (the server's report, or its restarts)
     deadline_exceeded: bool = False
+    refused_runs: Mapping[str, int] = field(default_factory=dict)  # site -> runs of other apps it refused
 
 
 def derive(job: Mapping, seen: Observation, now: str) -> dict:
@@ -59,7 +61,10 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
         "totalRounds": rounds,
         "round": f"{seen.current_round}/{rounds}",
         "sitesReady": sum(1 for s in seen.sites.values() if s.active),
-        "sites": [_site_status(name, seen.sites.get(name, Site())) for name in (s["name"] for s in spec["sites"])],
+        "sites": [
+            _site_status(name, seen.sites.get(name, Site()), seen.refused_runs.get(name, 0)) for name in (s["name"] for s in spec["sites"])
+        ]
+        + _removed(spec, previous),
     }
     if seen.round_sites is not None:
         status["roundSites"] = seen.round_sites
@@ -112,7 +117,8 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
         return "Failed", "TrainingFailed", seen.failure
     failed = sorted(name for name, s in seen.sites.items() if s.failed)
     if failed:
-        return "Failed", "SiteFailed", f"site {', '.join(failed)} failed more than runPolicy.backoffLimit times"
+        why = "".join(f"; site {name}: {seen.sites[name].error}" for name in failed if seen.sites[name].error)
+        return "Failed", "SiteFailed", f"site {', '.join(failed)} failed more than runPolicy.backoffLimit times{why}"
     if spec["runPolicy"]["suspend"]:
         return "Suspended", "Suspended", "runPolicy.suspend is true"
     if seen.server_ready:
@@ -120,14 +126,34 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
     return "Pending", "Pending", "waiting for the server"
 
 
-def _site_status(name: str, site: Site) -> dict:
+def _site_status(name: str, site: Site, refused_runs: int = 0) -> dict:
+    entry = _site_state(name, site)
+    if refused_runs:
+        entry["refusedRuns"] = refused_runs
+    return entry
+
+
+def _site_state(name: str, site: Site) -> dict:
     if site.succeeded:
         return {"name": name, "state": "Succeeded"}
     if site.failed:
-        return {"name": name, "state": "Failed", "message": "failed more than runPolicy.backoffLimit times"}
+        why = f": {site.error}" if site.error else ""
+        return {"name": name, "state": "Failed", "message": f"failed more than runPolicy.backoffLimit times{why}"}
     if site.unschedulable:
         return {"name": name, "state": "Pending", "message": site.unschedulable}
-    return {"name": name, "state": "Running" if site.active else "Pending"}
+    if site.active:
+        return {"name": name, "state": "Running"}
+    return {"name": name, "state": "Pending", **({"message": f"its last attempt stopped: {site.error}"} if site.error else {})}
+
+
+REMOVED = "removed from spec.sites: its Job and key are deleted, and the server no longer admits it"
+
+
+def _removed(spec: Mapping, previous: Mapping) -> list[dict]:
+    """The sites the job had and has no more (consent withdrawn): kept in the status, as
+    Removed, for as long as the job lives; a site named again is the job's again."""
+    named = {s["name"] for s in spec["sites"]}
+    return [{"name": s["name"], "state": "Removed", "message": REMOVED} for s in previous.get("sites", []) if s["name"] not in named]
 
 
 def condition(existing: list[Mapping], kind: str, is_true: bool, reason: str, message: str, generation: int, now: str) -> dict:

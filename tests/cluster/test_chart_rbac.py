@@ -74,6 +74,14 @@ def test_the_operator_does_its_work_with_the_charts_rbac_alone(cluster, client, 
         assert running["status"]["phase"] == "Running"
         secret = client.get("v1", "Secret", namespace, f"{name}-tls")
         assert base64.b64decode(secret["data"]["ca.crt"]).startswith(b"-----BEGIN CERTIFICATE-----")
+        # A site withdrawn mid-run: its Job and key Secret deleted with the chart's rules.
+        kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/2"}]')
+        gone = (("batch/v1", "Job", f"{name}-hospital-c"), ("v1", "Secret", f"{name}-hospital-c-key"))
+        wait_for(
+            lambda: all(client.get(*kind, namespace, child) is None for *kind, child in gone),
+            timeout=30,
+            what="hospital-c's Job and key deleted",
+        )
         model = {"path": "/model.safetensors", "sizeBytes": 1, "sha256": "00" * 32}
         progress.apply(server_identity(namespace, name), namespace, name, {"state": "Succeeded", "round": 10, "model": model})
         wait_for(lambda: get_job(client, namespace, name) is None, timeout=60, what="Succeeded, then deleted by ttlSecondsAfterFinished")
@@ -88,7 +96,7 @@ def test_the_operator_does_its_work_with_the_charts_rbac_alone(cluster, client, 
             "-o",
             "jsonpath={.items[*].reason}",
         )
-        assert {"Running", "TrainingComplete", "Deleted"} <= set(reasons.stdout.split()), reasons.stdout
+        assert {"Running", "SiteRemoved", "TrainingComplete", "Deleted"} <= set(reasons.stdout.split()), reasons.stdout
         assert "ReconcileFailed" not in reasons.stdout, "no request was refused"
     finally:
         operator.stop()

@@ -6,6 +6,7 @@ way the server pod reports it (bouquet.progress.apply, as the server's service a
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -325,6 +326,56 @@ def test_a_deleted_site_key_is_replaced_and_the_server_restarts_admitting_the_ne
     wait_for(lambda: keys_hash() != hash_before, what="the server's pod template to change with the keys")
 
 
+def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, client, namespace):
+    """Consent withdrawn: one reconcile after hospital-c leaves spec.sites, its Job and key are
+    gone, the server's public keys and pod template no longer have it, and the status and an
+    Event say so. Reconciled by hand (no operator running), to count the reconciles."""
+    job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    config, memory = controller.Config(), controller.Memory()
+    controller.reconcile(client, config, namespace, name, memory, force=False)
+    server = client.get("apps/v1", "Deployment", namespace, f"{name}-server")
+    hash_before = server["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/site-keys-hash"]
+    assert client.get("batch/v1", "Job", namespace, f"{name}-hospital-c") and client.get(
+        "v1", "Secret", namespace, f"{name}-hospital-c-key"
+    )
+    assert [s["name"] for s in get_job(client, namespace, name)["status"]["sites"]] == ["hospital-a", "hospital-b", "hospital-c"]
+    key_a_before = client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")
+
+    kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/2"}]')
+    controller.reconcile(client, config, namespace, name, memory, force=False)
+
+    assert client.get("batch/v1", "Job", namespace, f"{name}-hospital-c") is None
+    assert client.get("v1", "Secret", namespace, f"{name}-hospital-c-key") is None
+    key_a = client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")
+    assert key_a and key_a["metadata"]["uid"] == key_a_before["metadata"]["uid"] and key_a["data"] == key_a_before["data"]
+    assert sorted(client.get("v1", "ConfigMap", namespace, f"{name}-site-keys")["data"]) == ["hospital-a.pub", "hospital-b.pub"]
+    server = client.get("apps/v1", "Deployment", namespace, f"{name}-server")
+    assert server["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/site-keys-hash"] != hash_before
+    sites = get_job(client, namespace, name)["status"]["sites"]
+    assert [(s["name"], s["state"]) for s in sites] == [("hospital-a", "Pending"), ("hospital-b", "Pending"), ("hospital-c", "Removed")]
+    assert "no longer admits it" in sites[2]["message"]
+    events = json.loads(
+        kubectl(cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
+    )
+    removed = [e["message"] for e in events["items"] if e["reason"] == "SiteRemoved"]
+    assert removed == [
+        f"site hospital-c was removed from spec.sites: deleted Job {name}-hospital-c and Secret {name}-hospital-c-key; "
+        "the server no longer admits its key"
+    ], removed
+
+    # The withdrawal stays on record, and nothing more is deleted or announced. (The other
+    # sites' Jobs were replaced, as for any change of spec: they restart, and the run goes on
+    # from the server's checkpoint.)
+    controller.reconcile(client, config, namespace, name, memory, force=True)
+    assert get_job(client, namespace, name)["status"]["sites"][2]["state"] == "Removed"
+    events = json.loads(
+        kubectl(cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
+    )
+    assert [e["reason"] for e in events["items"]].count("SiteRemoved") == 1
+    assert sum(1 for kind, _ in children(client, namespace, name) if kind == "Job") == 2
+
+
 def gpu_job() -> dict:
     job = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
     job["metadata"]["name"] = "gpus"
@@ -398,10 +449,17 @@ def test_a_site_failing_past_the_backoff_limit_fails_the_job(cluster, client, na
     job["metadata"]["name"] = "backoff"
     job["spec"]["runPolicy"] = {"backoffLimit": 0}
     start_and_run(cluster, client, namespace, job)
-    assert kubelet.finish(namespace, "bouquet.dev/job=backoff,bouquet.dev/site=hospital-b", phase="Failed", exit_code=1) == 1
+    # The site's last line, as `bouquet site` prints it when the server refuses its key (the
+    # termination message of a container with FallbackToLogsOnError: the end of its log).
+    why = "the server does not admit site hospital-b's key (public key sha256 0123456789abcdef...): it is not a key the job registered"
+    log_tail = f"WARNING :   Connection attempt failed, retrying in 0.85 seconds\nerror: {why}\n"
+    assert kubelet.finish(namespace, "bouquet.dev/job=backoff,bouquet.dev/site=hospital-b", "Failed", 1, log_tail) == 1
     job = wait_for(lambda: (j := get_job(client, namespace, "backoff"))["status"]["phase"] == "Failed" and j, timeout=30, what="Failed")
-    assert condition(job, "Failed")["reason"] == "SiteFailed" and "hospital-b" in condition(job, "Failed")["message"]
-    assert next(s for s in job["status"]["sites"] if s["name"] == "hospital-b")["state"] == "Failed"
+    failed = condition(job, "Failed")
+    assert failed["reason"] == "SiteFailed"
+    assert failed["message"] == f"site hospital-b failed more than runPolicy.backoffLimit times; site hospital-b: {why}", failed["message"]
+    site = next(s for s in job["status"]["sites"] if s["name"] == "hospital-b")
+    assert site == {"name": "hospital-b", "state": "Failed", "message": f"failed more than runPolicy.backoffLimit times: {why}"}
 
 
 def test_a_finished_job_is_deleted_after_its_time_to_live(cluster, client, namespace, operator, server_identity):
@@ -469,11 +527,20 @@ def test_the_servers_reporter_turns_its_committed_files_into_the_status(cluster,
     assert "progress" not in get_job(client, namespace, name)["status"]
 
     history = [{"round": r, "durationSeconds": 1.5, "sites": ["hospital-a"], "loss": 0.3 / r, "accuracy": 0.9} for r in (1, 2)]
+    history[1]["refusedRuns"] = {"hospital-a": 2}  # hospital-a said it had refused two runs of other apps
     outputs.write_json(tmp_path / outputs.HISTORY, history)
     outputs.write_json(tmp_path / outputs.PROGRESS, {"state": "Running", "round": 3, "rounds": 10})
     reporter.start()
     seen = wait_for(lambda: (j := get_job(client, namespace, name))["status"].get("currentRound") == 2 and j, what="round 2 reported")
     assert seen["status"]["progress"]["metrics"] == {"loss": 0.15, "accuracy": 0.9}
+    assert seen["status"]["progress"]["refusedRuns"] == {"hospital-a": 2}
+    assert seen["status"]["sites"][0] == {"name": "hospital-a", "state": "Running", "refusedRuns": 2}
+    assert "refusedRuns" not in seen["status"]["sites"][1]
+    events = json.loads(
+        kubectl(cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
+    )
+    refused = [e["message"] for e in events["items"] if e["reason"] == "ForeignRunRefused"]
+    assert len(refused) == 1 and refused[0].startswith("site hospital-a has refused 2 run(s) of an app that is not the job's"), refused
 
     meta = outputs.save_model(tmp_path, {"w": np.ones(3, dtype=np.float32)}, {"job": name})
     outputs.write_json(tmp_path / outputs.PROGRESS, {"state": "Succeeded", "round": 2, "rounds": 10})

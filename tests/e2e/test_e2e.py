@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from support import readme
-from support.cluster import kubectl
+from support.cluster import ROOT, kubectl
 from support.dashboards import empty_panels
 from support.e2e import RELEASE, RELEASE_NAMESPACE, diagnose, host_state, job_status, leftovers, read_claim, wait_for_round
 from support.kubelet import wait_for
@@ -223,6 +223,71 @@ def test_gpu_site_placed_on_gpu_node_and_server_pod_deleted_mid_run_resumes(e2e_
     assert waited.returncode == 0, f"{waited.output}\n{diagnose(e2e_cluster, 'default')}"
     history = json.loads(read_claim(e2e_cluster, "default", "gpu-output", ["history.json"])["history.json"])
     assert [entry["round"] for entry in history] == list(range(1, 7)), "every round exactly once"
+
+
+def test_a_site_withdrawn_mid_run_is_stopped_and_left_out_of_later_rounds(e2e_cluster, release):
+    """Consent withdrawn: hospital-c taken out of a running job's spec. Its Job (and Pod) and
+    its key are deleted, the restarted server no longer admits that key, the rounds after it
+    are trained by the other two sites alone, and the run completes with every round once."""
+    job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
+    job["metadata"] = {"name": "withdrawal", "namespace": "default"}
+    job["spec"]["rounds"] = 8
+    kubectl(e2e_cluster, "apply", "-f", "-", input=yaml.safe_dump(job))
+    try:
+        wait_for_round(e2e_cluster, "default", "withdrawal", 2)
+        (old_server,) = server_pods(e2e_cluster, "default", "withdrawal")
+        kubectl(e2e_cluster, "patch", "fj", "withdrawal", "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/2"}]')
+        removed_at = job_status(e2e_cluster, "default", "withdrawal")["progress"]["round"]
+        assert removed_at < 8, "the run ended before a site could be withdrawn"
+
+        def leftovers_of_c() -> list[str]:
+            found = kubectl(
+                e2e_cluster, "get", "jobs,secrets,pods", "-l", "bouquet.dev/site=hospital-c,bouquet.dev/job=withdrawal", "-o", "name"
+            )
+            return found.stdout.split()
+
+        wait_for(
+            lambda: leftovers_of_c() == [], timeout=60, interval=1, what=f"hospital-c's Job, Pod and key gone (left: {leftovers_of_c()})"
+        )
+
+        def new_server_log() -> str:
+            pods = [p for p in server_pods(e2e_cluster, "default", "withdrawal") if p["metadata"]["uid"] != old_server["metadata"]["uid"]]
+            logs = kubectl(e2e_cluster, "logs", pods[0]["metadata"]["name"], check=False) if pods else None
+            return logs.stdout if logs and logs.returncode == 0 else ""
+
+        wait_for(
+            lambda: "from its checkpoint" in new_server_log(),
+            timeout=300,
+            interval=2,
+            what="the restarted server to resume from its checkpoint",
+        )
+        assert "site hospital-c: its old key" in new_server_log() and "no longer one of the job's sites" in new_server_log()
+        waited = release.run("kubectl wait --for=condition=Succeeded fj/withdrawal --timeout=15m", timeout=1000, check=False)
+        assert waited.returncode == 0, waited.output
+        status = job_status(e2e_cluster, "default", "withdrawal")
+        assert [(s["name"], s["state"]) for s in status["sites"]] == [
+            ("hospital-a", "Succeeded"),
+            ("hospital-b", "Succeeded"),
+            ("hospital-c", "Removed"),
+        ], status["sites"]
+        reasons = kubectl(
+            e2e_cluster, "get", "events", "--field-selector", "involvedObject.name=withdrawal", "-o", "jsonpath={.items[*].reason}"
+        ).stdout.split()
+        assert "SiteRemoved" in reasons, reasons
+
+        history = json.loads(read_claim(e2e_cluster, "default", "withdrawal-output", ["history.json"])["history.json"])
+        assert [entry["round"] for entry in history] == list(range(1, 9)), "every round exactly once"
+        taking_part = [sorted(entry["sites"]) for entry in history]
+        # Rounds the old server finished (before the change reached it) had all three sites;
+        # every round the restarted server trained had the other two alone.
+        left = next(i for i, sites in enumerate(taking_part) if "hospital-c" not in sites)
+        assert removed_at <= left < 8, (removed_at, taking_part)
+        assert taking_part[:left] == [["hospital-a", "hospital-b", "hospital-c"]] * left, taking_part
+        assert taking_part[left:] == [["hospital-a", "hospital-b"]] * (8 - left), taking_part
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
+    finally:
+        kubectl(e2e_cluster, "delete", "fj", "withdrawal", "--wait=false", check=False)
 
 
 def test_the_chart_ships_both_dashboards(release):

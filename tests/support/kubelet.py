@@ -139,8 +139,9 @@ class Kubelet:
             elif status.get("phase") == "Pending" and not any(key.startswith(h) for h in self.held):
                 self.set_phase(pod, "Running")
 
-    def set_phase(self, pod: dict, phase: str, exit_code: int = 0) -> None:
-        """Reports pod as Running (and ready), or as Succeeded or Failed with exit_code."""
+    def set_phase(self, pod: dict, phase: str, exit_code: int = 0, message: str = "") -> None:
+        """Reports pod as Running (and ready), or as Succeeded or Failed with exit_code and its
+        containers' termination message."""
         now, running = _now(), phase == "Running"
         state = (
             {"running": {"startedAt": now}}
@@ -149,6 +150,7 @@ class Kubelet:
                 "terminated": {
                     "exitCode": exit_code,
                     "reason": "Completed" if exit_code == 0 else "Error",
+                    **({"message": message} if message else {}),
                     "startedAt": now,
                     "finishedAt": now,
                 }
@@ -182,12 +184,12 @@ class Kubelet:
             "PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body={"status": status}, content_type=kube.MERGE
         )
 
-    def finish(self, namespace: str, selector: str, phase: str = "Succeeded", exit_code: int = 0) -> int:
+    def finish(self, namespace: str, selector: str, phase: str = "Succeeded", exit_code: int = 0, message: str = "") -> int:
         """Ends the running pods that match selector; returns how many."""
         pods = self.client.list("v1", "Pod", namespace, selector)
         ended = [p for p in pods if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
         for pod in ended:
-            self.set_phase(pod, phase, exit_code)
+            self.set_phase(pod, phase, exit_code, message)
         return len(ended)
 
     def _bind_claims(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from bouquet import flower
@@ -38,13 +39,15 @@ class InProcessGrid:
     calling the ClientApp with the destination site's context."""
 
     def __init__(self, job: dict, out: Path, files: dict[str, Path], nodes: list[int] | None = None, newest_first: bool = False) -> None:
-        self.sites = {node: (name, path) for node, (name, path) in zip(nodes or range(1, len(files) + 1), files.items(), strict=True)}
+        # Flower's node 1 is the SuperLink itself (SUPERLINK_NODE_ID): SuperNodes get others.
+        self.sites = {node: (name, path) for node, (name, path) in zip(nodes or range(101, 101 + len(files)), files.items(), strict=True)}
         self.run_config = flower.run_config(job, out, "claims")
         self.replies: dict[str, Message] = {}
         self.seen: list[Message] = []
         self.newest_first = newest_first  # replies in another order than the messages went out
         self.fail_from: dict[str, int] = {}  # site -> the round from which its training fails
         self.stop_at: int | None = None  # the round whose training messages stop the server (SIGTERM)
+        self.away_once: dict[str, int] = {}  # site -> the round whose first training message finds it gone
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
@@ -63,7 +66,12 @@ class InProcessGrid:
                 config = message.content.config_records.get("config", {})
                 if message.metadata.message_type == "train" and int(config.get("server-round", 0)) >= self.fail_from.get(name, 10**9):
                     raise RuntimeError(f"site {name} went away")
-                reply = client_app.app(message, context)
+                if message.metadata.message_type == "train" and int(config.get("server-round", 0)) == self.away_once.get(name):
+                    # The site's node went offline (its pod restarted): the SuperLink answers for it.
+                    del self.away_once[name]
+                    reply = create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+                else:
+                    reply = client_app.app(message, context)
             except Exception as error:  # as Flower's site runtime reports a failed ClientApp
                 reply = Message(Error(0, f"{type(error)}:<'{error}'>"), reply_to=message)
             self.replies[message.metadata.message_id] = reply
@@ -223,6 +231,23 @@ def test_a_site_dropping_out_mid_run_stops_it_unless_min_sites_allows(tmp_path):
     assert [e["sites"] for e in json.loads((tmp_path / "two" / "history.json").read_text())] == [["a", "b", "c"], ["a", "c"], ["a", "c"]]
 
 
+def test_a_site_whose_node_goes_away_mid_round_has_the_round_start_again_without_a_failure(tmp_path):
+    """A site's pod restarted mid-round (a removed site's neighbours restart with the new
+    spec): the SuperLink answers in the site's place; that is no failure of the round, which
+    starts again from the same weights once the site is back, and is committed once."""
+    job = make_job("FedAvg", rounds=3)
+    grid = InProcessGrid(job, tmp_path, sites_and_files(job, tmp_path))
+    grid.away_once["b"] = 2
+    server_app.train_federated(grid, job, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [(e["round"], e["sites"]) for e in history] == [(r, ["a", "b", "c"]) for r in (1, 2, 3)]
+    trained = [m.metadata.dst_node_id for m in grid.seen if m.metadata.message_type == "train"]
+    assert len(trained) == 3 * 3 + 3, "round 2 was sent out twice"
+    reference = tmp_path / "reference"
+    server_app.train_federated(InProcessGrid(job, reference, sites_and_files(job, reference)), job, reference)
+    assert json.loads((tmp_path / "model.json").read_text())["sha256"] == json.loads((reference / "model.json").read_text())["sha256"]
+
+
 def test_a_saved_training_that_left_out_a_required_site_is_not_continued(tmp_path):
     job = make_job("FedAvg", rounds=2, settings={"minSites": 2})
     grid = InProcessGrid(job, tmp_path, sites_and_files(job, tmp_path))
@@ -331,13 +356,13 @@ def test_with_a_site_to_spare_the_run_waits_for_the_one_still_connecting(tmp_pat
     files = sites_and_files(job, tmp_path)
     break_file(files["a"], 3, "diagnosis", "maybe")
     grid = InProcessGrid(job, tmp_path, files)
-    late = grid.sites.pop(3)
+    late = grid.sites.pop(103)  # site c's node
     asked = []
 
     def get_node_ids() -> list[int]:
         asked.append(1)
         if len(asked) > 20:  # c connects a moment later
-            grid.sites[3] = late
+            grid.sites[103] = late
         return list(grid.sites)
 
     grid.get_node_ids = get_node_ids

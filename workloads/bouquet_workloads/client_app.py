@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from .outputs import REFUSED_RUNS
 from .roster import DATA_CHECK
 from .strategies import AUROC_WEIGHT_KEY, WEIGHT_KEY
 from .tables import DataError, Table, read_task_table
@@ -40,16 +41,26 @@ class Site:
     name: str
     data_path: Path
     data_format: str | None
+    refusals_path: Path | None = None  # the runs of other apps this site's SuperNode refused
 
     @classmethod
     def from_context(cls, context: Context) -> Site:
         fmt = str(context.node_config.get("data-format", "")) or None
+        refusals = str(context.node_config.get("refusals-path", "")) or None
         return cls(
             json.loads(str(context.run_config["job"])),
             str(context.node_config["site"]),
             Path(str(context.node_config["data-path"])),
             fmt,
+            Path(refusals) if refusals else None,
         )
+
+    def refused_runs(self) -> int:
+        """How many runs of another app than the job's this site has refused (its SuperNode
+        lists them, bouquet_workloads.supernode), for the server to count on the job."""
+        if self.refusals_path is None or not self.refusals_path.exists():
+            return 0
+        return len(json.loads(self.refusals_path.read_text() or "[]"))
 
     @property
     def spec(self) -> dict:
@@ -81,7 +92,7 @@ class Site:
 
 
 def _reply(message: Message, site: Site, metrics: dict, arrays: dict[str, np.ndarray] | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, REFUSED_RUNS: site.refused_runs()})})
     if arrays is not None:
         content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
     return Message(content=content, reply_to=message)

@@ -59,6 +59,14 @@ class JobCollector(Collector):
             "bouquet_bytes_received", "Model bytes the server received from sites.", sum(e.get("bytesReceived", 0) for e in history)
         )
         yield self._histogram([e["durationSeconds"] for e in history if "durationSeconds" in e])
+        refused = GaugeMetricFamily(
+            "bouquet_site_refused_runs",
+            "Runs of another app than the job's that a site refused (as its replies said; a site that restarts counts from 0).",
+            labels=[*LABELS, "site"],
+        )
+        for site, count in outputs.refused_runs(history).items():
+            refused.add_metric([*self.labels, site], float(count))
+        yield refused
 
     def _gauge(self, name: str, help_text: str, value: float | None) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, help_text, labels=LABELS)

@@ -40,6 +40,8 @@ AUDIT = "audit.jsonl"
 NODES = "nodes.json"
 REPORT = "report.png"
 CHECKPOINTS = "checkpoints"
+# In a history entry, and in a site's replies: site -> runs of other apps it has refused.
+REFUSED_RUNS = "refusedRuns"
 _CHECKPOINT_FORMAT = "bouquet-checkpoint/1"
 
 
@@ -151,3 +153,13 @@ def save_model(out: Path, weights: Mapping[str, np.ndarray], info: Mapping) -> d
 
 def load_model_weights(out: Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(out / MODEL)
+
+
+def refused_runs(history: list[Mapping]) -> dict[str, int]:
+    """site -> the most runs of other apps it said it had refused, over the rounds of history
+    (a site that restarts counts again from 0)."""
+    refused: dict[str, int] = {}
+    for entry in history:
+        for site, count in entry.get(REFUSED_RUNS, {}).items():
+            refused[site] = max(refused.get(site, 0), int(count))
+    return dict(sorted(refused.items()))

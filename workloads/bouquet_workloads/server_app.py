@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
 from . import datasets, outputs, report
+from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, min_sites, resume_problem
 from .strategies import make_strategy, restore_strategy_state, strategy_state
 from .tables import class_names
@@ -139,18 +141,33 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     history entry (without the server's own test)."""
     started = time.monotonic()
     timeout = spec["strategy"]["roundTimeoutSeconds"]
-    grid = roster.participants(round_)
-    record = _to_record(weights)
-    messages = list(strategy.configure_train(round_, record, ConfigRecord(), grid))
-    replies = _in_site_order(roster, _exchange(grid, messages, timeout))
-    _audit(out, round_, "train", replies)
-    updates = [r for r in replies if not r.has_error()]
-    if len(updates) < min_sites(spec):
+    while True:
+        grid = roster.participants(round_)
+        record = _to_record(weights)
+        messages = list(strategy.configure_train(round_, record, ConfigRecord(), grid))
+        gone: set[int] = set()
+        replies = _in_site_order(roster, _exchange(grid, messages, timeout, gone))
+        _audit(out, round_, "train", replies)
+        updates = [r for r in replies if not r.has_error()]
+        if len(updates) >= min_sites(spec):
+            break
         asked = {m.metadata.dst_node_id for m in messages}
         missing = sorted(roster.site(n) for n in asked - {r.metadata.src_node_id for r in updates})
+        if gone and time.monotonic() - started < timeout:
+            # A site that went away mid-round (its pod restarted or was moved) is not a
+            # failed round: the round starts again, from the same weights, once enough
+            # sites are connected (Roster.participants waits for them).
+            log.warning(
+                "round %d: site %s went away during the round; the round starts again once %d sites are connected",
+                round_,
+                ", ".join(sorted(roster.site(n) for n in gone)),
+                min_sites(spec),
+            )
+            continue
+        why = _errors(replies) if not gone else f"{', '.join(sorted(roster.site(n) for n in gone))} went away"
         raise RoundFailed(
             f"round {round_}: {len(updates)} of the {len(messages)} sites asked returned an update (not {', '.join(missing)}: "
-            f"{_errors(replies)}), fewer than strategy.minSites ({min_sites(spec)})"
+            f"{why}), fewer than strategy.minSites ({min_sites(spec)})"
         )
     sent = record.count_bytes() * len(messages)
     received = sum(r.content.array_records["arrays"].count_bytes() for r in updates)
@@ -165,7 +182,7 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     _audit(out, round_, "evaluate", eval_replies)
     sent += record.count_bytes() * len(eval_messages)
     site_metrics = strategy.aggregate_evaluate(round_, eval_replies)
-    return weights, {
+    entry = {
         "round": round_,
         "sites": sorted(roster.site(r.metadata.src_node_id) for r in updates),
         "train": dict(train_metrics or {}),
@@ -175,6 +192,24 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
         "bytesReceived": received,
         "finishedAt": _now(),
     }
+    refused = _refused_runs(roster, [*updates, *eval_replies])
+    if refused:
+        entry[REFUSED_RUNS] = refused
+    return weights, entry
+
+
+def _refused_runs(roster: Roster, replies: list[Message]) -> dict[str, int]:
+    """site -> how many runs of another app it has refused so far, as its replies say (only
+    sites that have refused one; a site's own app may not say)."""
+    counts: dict[str, int] = {}
+    for reply in replies:
+        if reply.has_error() or "site" not in reply.content.config_records:
+            continue
+        refused = int(reply.content.config_records["site"].get(REFUSED_RUNS, 0) or 0)
+        if refused:
+            site = roster.site(reply.metadata.src_node_id)
+            counts[site] = max(counts.get(site, 0), refused)
+    return dict(sorted(counts.items()))
 
 
 def _identities(site_names: str, out: Path) -> Callable[[], dict[int, str]] | None:
@@ -260,17 +295,29 @@ def _audit(out: Path, round_: int, phase: str, replies: list[Message]) -> None:
         f.write("".join(line + "\n" for line in lines))
 
 
-def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Sends messages and collects the replies that arrive within timeout seconds."""
+def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int] | None = None) -> list[Message]:
+    """Sends messages and collects the sites' replies that arrive within timeout seconds.
+    When a site's node goes away before it replies, Flower's SuperLink answers in its place
+    (an error from node SUPERLINK_NODE_ID): that is no reply of the site's, so it is left
+    out, and the node is added to gone."""
     if not messages:
         return []
-    pending = set(grid.push_messages(messages))
+    # Flower returns the ids in the order of messages, "" or None for one it could not push.
+    ids = list(grid.push_messages(messages))
+    destination = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=False) if i}
+    pending = set(destination)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
-            replies.append(reply)
             pending.discard(reply.metadata.reply_to_message_id)
+            if reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error():
+                node = destination.get(reply.metadata.reply_to_message_id)
+                log.warning("node %s did not reply: %s", node, reply.error.reason)
+                if gone is not None and node is not None:
+                    gone.add(node)
+                continue
+            replies.append(reply)
         if pending:
             time.sleep(POLL_SECONDS)
     if pending:

@@ -10,7 +10,11 @@ the run's bundle hash with the pin; a run of any other app is refused before its
 downloaded: nothing of it is stored or started at the site, the refusal is logged, and it is
 counted in the file the site's metrics are read from.
 
-    python -m bouquet_workloads.supernode --app-sha256 HEX --refusals FILE -- FLOWER-SUPERNODE-ARGS...
+When the SuperLink will not have the SuperNode (no key, a key it does not hold), Flower exits
+with its connection error; with --connection-error the SuperNode leaves Flower's message in
+that file, for `bouquet site` to say what it means for the site.
+
+    python -m bouquet_workloads.supernode --app-sha256 HEX [--refusals FILE] [--connection-error FILE] -- FLOWER-SUPERNODE-ARGS...
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from flwr.supercore.exit import ExitCode
 from flwr.supercore.run import Run, RunNotRunningException
-from flwr.supernode import start_client_internal
+from flwr.supernode import fleet_http_connection, start_client_internal
 
 log = logging.getLogger("bouquet.site")
 
@@ -78,10 +83,24 @@ def install(pin: Pin) -> None:
     setattr(start_client_internal, PATCHED, pull_and_store_message)
 
 
+def record_connection_error(path: Path) -> None:
+    """Leaves Flower's message in path when the SuperNode cannot open its connection to the
+    SuperLink (Flower's connection then calls flwr_exit, which ends the process)."""
+    original = fleet_http_connection.flwr_exit
+
+    def flwr_exit(code, message=None, *args, **kwargs):
+        if code == ExitCode.SUPERNODE_CONNECTION_ERROR:
+            path.write_text(message or "")
+        return original(code, message, *args, **kwargs)
+
+    fleet_http_connection.flwr_exit = flwr_exit
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bouquet_workloads.supernode", description=__doc__.splitlines()[0])
     parser.add_argument("--app-sha256", required=True, help="sha256 of the job's app bundle: the only app this site runs")
     parser.add_argument("--refusals", type=Path, help="file that lists the runs this site refused")
+    parser.add_argument("--connection-error", type=Path, help="file to leave Flower's message in if the SuperLink refuses the SuperNode")
     parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = parser.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
@@ -90,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     install(Pin(args.app_sha256, args.refusals))
+    if args.connection_error:
+        record_connection_error(args.connection_error)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]
