@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
-from bouquet import flower, identity, progress
+from bouquet import flower, identity
 from bouquet_workloads.metrics import JobCollector
 from support.processes import processes_mentioning, start_bouquet
 from support.prometheus import free_port
@@ -73,7 +73,7 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
 @pytest.fixture
 def job_file(tmp_path) -> Path:
     job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
-    job["spec"]["rounds"] = 5  # rounds enough after the foreign run for the sites to report refusing it
+    job["spec"]["rounds"] = 3
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -125,33 +125,68 @@ def test_an_outsider_and_a_foreign_app_get_nowhere(tmp_path, job_file):
             assert result.returncode != 0
             assert "SuperNode ID" not in (tmp_path / f"{name}.log").read_text()
 
-        # A compromised server submits an app of its own on its loopback port: the sites refuse it.
+        # Someone on the server submits an app of its own on the loopback port, where the
+        # Control API answers: the server's SuperExec does not start its ServerApp.
         config = (out / "flwr" / "config.toml").read_text()
         internal = re.search(r'address = "localhost:(\d+)"', config).group(1)
         foreign = flwr(
             ["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "insider", f"localhost:{internal}", ca
         )
         assert foreign.get("success", True), foreign
-        refusals = [out / "logs" / f"site-{site}-refused.json" for site in ("hospital-a", "hospital-b", "hospital-c")]
-        wait_for(lambda: all(path.exists() for path in refusals), "every site to refuse the foreign run")
-        for path in refusals:
-            assert {str(entry["run"]) for entry in json.loads(path.read_text())} == {str(foreign["run-id"])}
-            assert "refused run" in (out / "logs" / path.name.replace("-refused.json", ".log")).read_text()
+        server_refusals = out / "logs" / "server-refused.json"
+        wait_for(server_refusals.exists, "the server to refuse the foreign run")
+        assert [str(entry["run"]) for entry in json.loads(server_refusals.read_text())] == [str(foreign["run-id"])]
+        assert "refused run" in (out / "logs" / "server.log").read_text()
 
         assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         if run.poll() is None:
             run.kill()
-    assert not [p.name for p in markers.iterdir() if p.name.startswith(("clientapp", "records"))]
+    assert list(markers.iterdir()) == [], "nothing of the foreign app ran, at the server or at a site"
     history = json.loads((out / "history.json").read_text())
-    assert [entry["round"] for entry in history] == [1, 2, 3, 4, 5]
+    assert [entry["round"] for entry in history] == [1, 2, 3]
     assert all(entry["sites"] == ["hospital-a", "hospital-b", "hospital-c"] for entry in history)
-    # Each site said in its next replies that it had refused one run: the job counts it, as
-    # its status (status.progress.refusedRuns) and its metrics show it.
-    every_site = {"hospital-a": 1, "hospital-b": 1, "hospital-c": 1}
-    assert history[-1]["refusedRuns"] == every_site, [e.get("refusedRuns") for e in history]
-    assert progress.read(out)["refusedRuns"] == every_site
-    exported = generate_latest(metrics_registry(out)).decode()
-    for site in every_site:
-        assert f'bouquet_site_refused_runs{{job_name="breast-cancer",namespace="",site="{site}"}} 1.0' in exported, exported
+    assert not any((out / "logs" / f"site-{site}-refused.json").exists() for site in ("hospital-a", "hospital-b", "hospital-c"))
     assert processes_mentioning(str(out)) == []
+
+
+def test_a_site_runs_only_its_jobs_app_whatever_a_server_asks(tmp_path, job_file):
+    """A server that runs anything (stock Flower, as one taken over would) starts a foreign
+    app and asks the site for its records: the site's SuperNode refuses the run before it
+    fetches its bundle; no ClientApp of it starts, no record leaves."""
+    markers, data, refusals = tmp_path / "markers", tmp_path / "hospital-a.csv", tmp_path / "site-refused.json"
+    markers.mkdir()
+    data.write_text("mean_radius,diagnosis\n1.0,0\n")
+    port = free_port()
+    processes = flower.Processes(tmp_path / "logs")
+    bin_dir = Path(sys.executable).parent
+    try:
+        processes.start(
+            "stock-server",
+            [str(bin_dir / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)],
+        )
+        pin = flower.SiteIdentity(flower.app_sha256(yaml.safe_load(job_file.read_text())), None, refusals)
+        processes.start("site", flower.supernode_command(f"127.0.0.1:{port}", "hospital-a", data, None, free_port(), None, pin))
+        wait_for(lambda: "SuperNode ID" in processes.tail("site", 200), "the site to join the server")
+        home = tmp_path / "intruder"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": "x", "x": {"address": f"127.0.0.1:{port}", "insecure": True}}})
+        )
+        submitted = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"', "--format", "json"],
+            capture_output=True,
+            text=True,
+            env={**flower.process_env(), "FLWR_HOME": str(home)},
+            timeout=120,
+        )
+        run_id = json.loads(submitted.stdout)["run-id"]
+        wait_for(refusals.exists, "the site to refuse the foreign run")
+        wait_for(lambda: (markers / "serverapp-ran").exists(), "the foreign ServerApp to have asked")
+        time.sleep(3)  # time enough for a ClientApp to have started, had the site taken the run
+        assert [str(entry["run"]) for entry in json.loads(refusals.read_text())] == [str(run_id)]
+        assert "refused run" in processes.tail("site", 200)
+        assert sorted(p.name for p in markers.iterdir()) == ["serverapp-ran"], "no ClientApp ran, no record was sent"
+    finally:
+        processes.stop()
+    assert processes_mentioning(str(tmp_path)) == []

@@ -163,14 +163,37 @@ def test_each_site_pod_mounts_its_own_key_only_and_the_server_only_public_keys()
     assert hashes[0] != hashes[1]
 
 
-@pytest.mark.parametrize("change", [{"mode": "ServerOnly"}, {"security": {"tls": {"mode": "Disabled"}}}])
-def test_no_site_keys_where_the_operator_does_not_hold_both_ends(change):
+def test_a_job_without_tls_has_no_site_keys():
     job = example("breast-cancer")
-    job["spec"].update(change)
-    if change.get("mode") == "ServerOnly":
-        job["spec"]["task"]["features"] = ["mean_radius"]
-    children = render(job, Settings(SETTINGS.image, SETTINGS.tls))
+    job["spec"]["security"] = {"tls": {"mode": "Disabled"}}
+    children = render(job, Settings(SETTINGS.image))
     assert not [c for c in children if c["metadata"]["name"].endswith("-key") or c["metadata"]["name"].endswith("-site-keys")]
+    server = by_kind(children)[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]
+    assert "--site-keys" not in server["containers"][0]["command"]
+
+
+def test_across_clusters_the_sites_cluster_makes_the_keys_and_the_aggregator_admits_the_public_halves_it_names():
+    hospital = by_kind(render(example("multi-cluster/hospital-a"), SETTINGS))
+    key = hospital[("Secret", "breast-cancer-hospital-a-key")]
+    assert sorted(key["data"]) == ["site.key", "site.pub"]
+    assert list(hospital[("ConfigMap", "breast-cancer-site-keys")]["data"]) == ["hospital-a.pub"], "only public keys to hand over"
+    pod = hospital[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]
+    assert {
+        "name": "site-key",
+        "secret": {"secretName": key["metadata"]["name"], "items": [{"key": "site.key", "path": "site.key"}], "defaultMode": 0o440},
+    } in pod["volumes"]
+    assert pod["containers"][0]["command"][-4:-2] == ["--key", "/etc/bouquet/site-key/site.key"]
+
+    aggregator = example("multi-cluster/aggregator")
+    hashes = []
+    for keys in (None, {"hospital-a.pub": "ecdsa-sha2-nistp384 AAAA a", "hospital-b.pub": "ecdsa-sha2-nistp384 AAAA b"}):
+        children = by_kind(render(aggregator, Settings(SETTINGS.image, SETTINGS.tls, remote_site_keys=keys)))
+        assert not [name for kind, name in children if name.endswith(("-key", "-site-keys"))], "no key is made here"
+        server = children[("Deployment", "breast-cancer-server")]["spec"]["template"]
+        assert {"name": "site-keys", "configMap": {"name": "federation-site-keys"}} in server["spec"]["volumes"]
+        assert "--site-keys" in server["spec"]["containers"][0]["command"]
+        hashes.append(server["metadata"]["annotations"]["bouquet.dev/site-keys-hash"])
+    assert hashes[0] != hashes[1], "the server restarts when the keys it is given appear or change"
 
 
 def test_an_existing_output_claim_is_used_not_created():
@@ -244,8 +267,8 @@ def test_a_server_only_job_has_no_sites_and_admits_sites_from_anywhere():
 
 def test_a_sites_only_job_dials_the_remote_server_with_its_ca():
     children = render(example("multi-cluster/hospital-a"), SETTINGS)
-    assert kinds(children) == ["ConfigMap", "Job"]
-    pod = children[1]["spec"]["template"]["spec"]
+    assert kinds(children) == ["Secret", "ConfigMap", "ConfigMap", "Job"]  # the site's key, its public half, the job
+    pod = children[-1]["spec"]["template"]["spec"]
     command = pod["containers"][0]["command"]
     assert command[command.index("--server") + 1] == "federation.example.org:9092"
     assert {"name": "tls", "secret": {"secretName": "breast-cancer-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in pod["volumes"]

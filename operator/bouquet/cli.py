@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import identity, jobfile, kubeyaml, tls
-from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, authenticates_sites, names
+from .render import DEFAULT_IMAGE, METRICS_PORT, Settings, makes_site_keys, names
 from .render import render as render_job
 from .schema import InvalidJob
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "render":
         job["metadata"].setdefault("namespace", args.namespace)
         auto_tls = job["spec"]["security"]["tls"]["mode"] == "Auto"
-        site_keys = {s["name"]: identity.placeholder() for s in job["spec"]["sites"]} if authenticates_sites(job) else None
+        site_keys = {s["name"]: identity.placeholder() for s in job["spec"]["sites"]} if makes_site_keys(job) else None
         children = render_job(job, Settings(args.image, tls.placeholder() if auto_tls else None, site_keys))
         if auto_tls and job["spec"]["mode"] != "SitesOnly":
             print(

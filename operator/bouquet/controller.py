@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import kopf
@@ -262,7 +262,7 @@ def _site_keys(client: kube.Client, job: Mapping) -> dict[str, identity.SiteKey]
     """Each site's key: from its Secret if it has one, else new. A Secret deleted is a key
     revoked: the next reconcile makes a new key, the server restarts with the new public key
     and unregisters the old one."""
-    if not render.authenticates_sites(job):
+    if not render.makes_site_keys(job):
         return None
     keys = {}
     for site in job["spec"]["sites"]:
@@ -271,6 +271,24 @@ def _site_keys(client: kube.Client, job: Mapping) -> dict[str, identity.SiteKey]
         has_key = identity.PRIVATE in data and identity.PUBLIC in data
         keys[site["name"]] = identity.SiteKey(data[identity.PRIVATE], data[identity.PUBLIC]) if has_key else identity.make()
     return keys
+
+
+def _remote_site_keys(client: kube.Client, job: Mapping) -> dict[str, str] | None:
+    """Mode ServerOnly: the sites' public keys from the ConfigMap that
+    security.siteKeys.configMapName names (None while it does not exist: the server's pod
+    waits for it). A key that is not one is refused, naming it."""
+    if job["spec"]["mode"] != "ServerOnly" or not render.authenticates_sites(job):
+        return None
+    name = render.site_keys_config_name(job)
+    found = client.get("v1", "ConfigMap", job["metadata"]["namespace"], name)
+    if found is None:
+        return None
+    data = dict(found.get("data", {}))
+    for key, text in sorted(data.items()):
+        problem = identity.public_key_problem(text) if key.endswith(".pub") else "not <site>.pub"
+        if problem:
+            raise Refused(f"security.siteKeys.configMapName: ConfigMap {name}, key {key}: {problem} (each site's public key as <site>.pub)")
+    return data
 
 
 class Refused(Exception):
@@ -423,7 +441,13 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         return Outcome(gone=True)
 
     site_jobs = _site_jobs(client, job)
+    remote_site_keys = _remote_site_keys(client, job)
     seen = observe(client, job, site_jobs, now)
+    if remote_site_keys is None and spec["mode"] == "ServerOnly" and render.authenticates_sites(job):
+        missing = (
+            f"ConfigMap {render.site_keys_config_name(job)} (security.siteKeys.configMapName), the sites' public keys, does not exist yet"
+        )
+        seen = replace(seen, server_waits_for=missing)
     after = status.derive(job, seen, _rfc3339(now))
     after_full = {**after, "progress": before["progress"]} if "progress" in before else after  # progress is the server's
     if after_full != before:
@@ -431,7 +455,9 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         _transition_events(client, job, before, after)
     job = {**job, "status": after_full}
 
-    children = render.render(job, Settings(config.image, _tls_bundle(client, job), _site_keys(client, job), config.metrics_from))
+    children = render.render(
+        job, Settings(config.image, _tls_bundle(client, job), _site_keys(client, job), config.metrics_from, remote_site_keys)
+    )
     digest = json.dumps(children, sort_keys=True)
     requeue = None
     if force or digest != memory.applied:

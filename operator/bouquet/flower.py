@@ -117,9 +117,10 @@ class Processes:
     env: dict[str, str] = field(default_factory=lambda: process_env())
     running: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], log_as: str | None = None) -> subprocess.Popen:
+        """Starts command as name, its output in <log_as or name>.log (appended to)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with (self.log_dir / f"{name}.log").open("ab") as log:
+        with (self.log_dir / f"{log_as or name}.log").open("ab") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
             )
@@ -249,7 +250,9 @@ def superlink_command(port: int, state_db: Path, tls: Tls, authenticate_sites: b
         "--host", "127.0.0.1",
         "--port", str(port),
         "--database", _absolute(state_db),
-        "--isolation", "subprocess",
+        # The ServerApp is started by Bouquet's own SuperExec (superexec_command), which
+        # starts only the job's app.
+        "--isolation", "process",
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if tls.enabled:
@@ -258,6 +261,17 @@ def superlink_command(port: int, state_db: Path, tls: Tls, authenticate_sites: b
             command.append("--enable-supernode-auth")
     else:
         command.append("--insecure")
+    return command
+
+
+def superexec_command(port: int, tls: Tls, app_sha256: str, refusals: Path | None) -> list[str]:
+    """The server's SuperExec, which starts the ServerApp of the job's app and of no other
+    (bouquet_workloads.superexec), connected to the SuperLink's runtime API on loopback."""
+    command = [sys.executable, "-m", "bouquet_workloads.superexec", "--app-sha256", app_sha256]
+    if refusals:
+        command += ["--refusals", _absolute(refusals)]
+    command += ["--", "--runtime-api-address", f"127.0.0.1:{port}"]
+    command += ["--root-certificates", _absolute(tls.ca)] if tls.enabled else ["--insecure"]
     return command
 
 

@@ -5,12 +5,15 @@ and `bouquet render JOB.yaml` prints it, so the two cannot disagree. Nothing her
 a cluster; what render needs from outside (images, the job's TLS material) comes in as
 arguments.
 
-For one job named J (mode ServerOnly leaves out the site Jobs; mode SitesOnly keeps only
-the ConfigMap and the site Jobs, which dial remoteServer with the CA in its Secret):
+For one job named J (mode ServerOnly leaves out the site Jobs and their keys; mode SitesOnly
+keeps only the sites' keys, the ConfigMaps and the site Jobs, which dial remoteServer with
+the CA in its Secret):
     Secret J-tls            the job's CA and server certificate (tls.mode Auto)
-    Secret J-<site>-key     each site's own key (server and sites in this cluster, with TLS):
-                            mounted by that site's pod only
-    ConfigMap J-site-keys   the sites' public keys, for the server to admit them by
+    Secret J-<site>-key     each site's own key (sites in this cluster, with TLS): mounted by
+                            that site's pod only
+    ConfigMap J-site-keys   the sites' public keys, for the server to admit them by (mode
+                            ServerOnly mounts the one security.siteKeys names instead; a
+                            SitesOnly job keeps it for the aggregator)
     PersistentVolumeClaim   J-output, unless output.claimName names an existing claim; owned
                             by the job only with output.reclaimPolicy Delete
     ServiceAccount, Role and RoleBinding J-server
@@ -82,8 +85,11 @@ class Settings:
 
     image: str  # the workloads image, unless the job names its own
     tls: Bundle | None = None  # the job's TLS material when tls.mode is Auto
-    site_keys: Mapping[str, SiteKey] | None = None  # site -> its key, when `authenticates_sites`
+    site_keys: Mapping[str, SiteKey] | None = None  # site -> its key, when `makes_site_keys`
     metrics_from: Mapping | None = None  # namespaceSelector of the metrics scraper; None admits any namespace
+    # Mode ServerOnly: the data of the ConfigMap of the sites' public keys (None while it does
+    # not exist), so that a changed key restarts the server.
+    remote_site_keys: Mapping[str, str] | None = None
 
 
 def names(job: Mapping) -> dict[str, str]:
@@ -102,11 +108,28 @@ def site_key_secret_name(job: Mapping, site: str) -> str:
     return f"{site_job_name(job, site)}-key"
 
 
-def authenticates_sites(job: Mapping) -> bool:
-    """Whether the operator makes the sites' keys and the server admits only them: when the
-    server and the sites are in this cluster and TLS is on (SuperNode authentication needs it)."""
+def makes_site_keys(job: Mapping) -> bool:
+    """Whether the operator makes the sites' keys (a Secret each, mounted by that site's pod
+    alone, and the ConfigMap J-site-keys of their public halves): for the sites that run in
+    this cluster, with TLS on (SuperNode authentication needs it)."""
     spec = job["spec"]
-    return spec["mode"] == "All" and spec["security"]["tls"]["mode"] != "Disabled"
+    return spec["mode"] != "ServerOnly" and spec["security"]["tls"]["mode"] != "Disabled"
+
+
+def authenticates_sites(job: Mapping) -> bool:
+    """Whether the server admits only the sites' registered keys: with TLS on, always but for
+    sites dialling a server elsewhere (mode SitesOnly: that server decides). With mode
+    ServerOnly the keys come from the sites' clusters, in the ConfigMap that
+    security.siteKeys.configMapName names."""
+    spec = job["spec"]
+    return spec["mode"] != "SitesOnly" and spec["security"]["tls"]["mode"] != "Disabled"
+
+
+def site_keys_config_name(job: Mapping) -> str:
+    """The ConfigMap of the sites' public keys that the server mounts."""
+    if job["spec"]["mode"] == "ServerOnly":
+        return job["spec"]["security"]["siteKeys"]["configMapName"]
+    return names(job)["site-keys"]
 
 
 def server_hostnames(job: Mapping) -> list[str]:
@@ -136,7 +159,7 @@ def render(job: Mapping, settings: Settings) -> list[dict]:
         children.append(tls_secret(job, settings))
     if server_here and "claimName" not in spec["output"]:
         children.append(output_claim(job))
-    if authenticates_sites(job):
+    if makes_site_keys(job):
         children += [site_key_secret(job, site["name"], _site_key(settings, site["name"])) for site in spec["sites"]]
         children.append(site_keys_config(job, settings))
     children.append(job_config(job))
@@ -359,12 +382,14 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
         command += ["--tls-dir", TLS_DIR]
     annotations = {"bouquet.dev/spec-hash": spec_hash(job)}
     if authenticates_sites(job):
-        volumes.append({"name": "site-keys", "configMap": {"name": names(job)["site-keys"]}})
+        volumes.append({"name": "site-keys", "configMap": {"name": site_keys_config_name(job)}})
         mounts.append({"name": "site-keys", "mountPath": SITE_KEYS_DIR, "readOnly": True})
         command += ["--site-keys", SITE_KEYS_DIR]
-        # A site's key replaced (its Secret deleted): the server restarts, registers the new key
-        # and unregisters the old one, and resumes from its checkpoint.
-        public = json.dumps(site_keys_config(job, settings)["data"], sort_keys=True)
+        # A site's key replaced (its Secret deleted, or the aggregator's ConfigMap changed):
+        # the server restarts, registers the new key, unregisters the old one, and resumes
+        # from its checkpoint. (With mode ServerOnly the pod waits for the ConfigMap to exist.)
+        keys = settings.remote_site_keys if spec["mode"] == "ServerOnly" else site_keys_config(job, settings)["data"]
+        public = json.dumps(keys, sort_keys=True) if keys is not None else "absent"
         annotations["bouquet.dev/site-keys-hash"] = hashlib.sha256(public.encode()).hexdigest()[:16]
     probe = {"httpGet": {"path": "/health", "port": "flower", "scheme": "HTTPS" if _tls_secret_name(job) else "HTTP"}, "periodSeconds": 10}
     container = {
@@ -429,7 +454,7 @@ def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
     command = ["bouquet", "site", JOB_FILE, "--site", site["name"], "--server", server]
     if _tls_secret_name(job):
         command += ["--ca", f"{TLS_DIR}/ca.crt"]
-    if authenticates_sites(job):
+    if makes_site_keys(job):
         key_source = {
             "secretName": site_key_secret_name(job, site["name"]),
             "items": [{"key": PRIVATE, "path": PRIVATE}],

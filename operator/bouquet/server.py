@@ -73,6 +73,11 @@ class Server:
         except OSError as error:
             raise flower.LaunchError(str(error)) from None
         flower.wait_healthy(self.port, self.tls, START_SECONDS, self.processes)
+        # The ServerApp it starts writes to the SuperLink's log, as it would under the SuperLink.
+        pin = flower.superexec_command(
+            self.superlink_port, self.tls, flower.app_sha256(self.job), self.out / "logs" / "server-refused.json"
+        )
+        self.processes.start("superexec", pin, log_as="server")
         if self.public_keys is not None:
             self.sync_site_keys()
 

@@ -46,6 +46,7 @@ class Observation:
     failure: str = ""  # why training failed, if it did (the server's report, or its restarts)
     deadline_exceeded: bool = False
     refused_runs: Mapping[str, int] = field(default_factory=dict)  # site -> runs of other apps it refused
+    server_waits_for: str = ""  # what the server cannot start without (the sites' public keys)
 
 
 def derive(job: Mapping, seen: Observation, now: str) -> dict:
@@ -123,7 +124,7 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
         return "Suspended", "Suspended", "runPolicy.suspend is true"
     if seen.server_ready:
         return "Running", "Running", f"{seen.current_round} of {spec['rounds']} rounds done"
-    return "Pending", "Pending", "waiting for the server"
+    return "Pending", "Pending", f"waiting for the server{': ' + seen.server_waits_for if seen.server_waits_for else ''}"
 
 
 def _site_status(name: str, site: Site, refused_runs: int = 0) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -45,7 +46,17 @@ def cluster(tmp_path_factory):
     os.environ["KUBECONFIG"] = kubeconfig
     try:
         kubectl(kubeconfig, "apply", "--server-side", "-f", str(ROOT / "crds" / "federatedjob.yaml"))
-        kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/federatedjobs.bouquet.dev", "--timeout=60s")
+        # kubectl wait fails at once ("accessor error: <nil>") on a CRD whose status has no
+        # conditions yet, as one just created may not: it is given a few tries.
+        for _attempt in range(5):
+            established = kubectl(
+                kubeconfig, "wait", "--for=condition=Established", "crd/federatedjobs.bouquet.dev", "--timeout=60s", check=False
+            )
+            if established.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the FederatedJob CRD was not established: {established.stderr}", pytrace=False)
         yield kubeconfig
     finally:
         if previous is None:

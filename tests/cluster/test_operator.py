@@ -15,7 +15,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from bouquet import controller, kubeyaml, progress, schema, tls
+from bouquet import controller, identity, kubeyaml, progress, schema, tls
 from bouquet import render as render_module
 from bouquet.render import CHILD_KINDS, Settings, render
 from support.cluster import ROOT, apply_job, condition, get_job, kubectl
@@ -63,7 +63,7 @@ def expected_children(client, job: dict) -> list[dict] | None:
         data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
         bundle = tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
     site_keys = None
-    if render_module.authenticates_sites(job):
+    if render_module.makes_site_keys(job):
         first = render_module.site_key_secret_name(job, job["spec"]["sites"][0]["name"])
         if client.get("v1", "Secret", job["metadata"]["namespace"], first) is None:
             return None  # not yet created
@@ -101,7 +101,7 @@ def test_an_example_gets_every_child_as_rendered_with_owner_references(example, 
     if example == "server-only":
         assert "Job" not in kinds and live[("Service", f"{name}-server")]["spec"]["type"] == job["spec"]["server"]["serviceType"]
     if example == "sites-only":
-        assert kinds == {"ConfigMap", "Job"}
+        assert kinds == {"Secret", "ConfigMap", "Job"}, "the sites' keys, their public halves, the job, the site Jobs"
         volume = live[("Job", f"{name}-{job['spec']['sites'][0]['name']}")]["spec"]["template"]["spec"]["volumes"]
         assert {
             "name": "tls",
@@ -374,6 +374,48 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     )
     assert [e["reason"] for e in events["items"]].count("SiteRemoved") == 1
     assert sum(1 for kind, _ in children(client, namespace, name) if kind == "Job") == 2
+
+
+def test_an_aggregator_admits_the_public_keys_it_is_given_and_refuses_a_bad_one(cluster, client, namespace, operator):
+    """Mode ServerOnly: the server mounts the ConfigMap security.siteKeys names; its pod
+    template changes when the ConfigMap appears or changes (so the server restarts with the
+    keys), and a ConfigMap holding something that is no public key is refused, naming it."""
+    job = apply_job(cluster, namespace, EXAMPLES["server-only"])
+    name = job["metadata"]["name"]
+
+    def keys_hash() -> str | None:
+        server = client.get("apps/v1", "Deployment", namespace, f"{name}-server")
+        return server and server["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/site-keys-hash"]
+
+    absent = wait_for(keys_hash, what="the server Deployment")
+    waiting = condition(get_job(client, namespace, name), "Ready")["message"]
+    assert (
+        waiting
+        == "waiting for the server: ConfigMap federation-site-keys (security.siteKeys.configMapName), the sites' public keys, does not exist yet"
+    )
+    server = client.get("apps/v1", "Deployment", namespace, f"{name}-server")["spec"]["template"]["spec"]
+    assert {"name": "site-keys", "configMap": {"name": "federation-site-keys", "defaultMode": 420}} in server["volumes"]
+    assert not [s for s in client.list("v1", "Secret", namespace, f"bouquet.dev/job={name}") if s["metadata"]["name"].endswith("-key")]
+    keys = {f"{site}.pub": identity.make().public.decode() for site in ("hospital-a", "hospital-b")}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "federation-site-keys", "namespace": namespace},
+        "data": keys,
+    }
+    client.create(config_map)
+    given = wait_for(lambda: (h := keys_hash()) != absent and h, timeout=30, what="the server's template to take the keys")
+    client.apply({**config_map, "data": {**keys, "hospital-b.pub": "ssh-rsa not-a-key"}}, "test")
+    wait_for(
+        lambda: any(
+            e["reason"] == "ReconcileFailed"
+            and "ConfigMap federation-site-keys, key hospital-b.pub: not an OpenSSH public key" in e["message"]
+            for e in client.list("v1", "Event", namespace, "")
+        ),
+        timeout=30,
+        what="the bad key refused, named",
+    )
+    assert keys_hash() == given, "nothing changed for a bad key"
 
 
 def gpu_job() -> dict:

@@ -25,13 +25,24 @@ import yaml
 from support import readme
 from support.cluster import ROOT, kubectl
 from support.dashboards import empty_panels
-from support.e2e import RELEASE, RELEASE_NAMESPACE, diagnose, host_state, job_status, leftovers, read_claim, wait_for_round
+from support.e2e import (
+    RELEASE,
+    RELEASE_NAMESPACE,
+    diagnose,
+    host_state,
+    job_status,
+    leftovers,
+    read_claim,
+    wait_for_round,
+    workloads_image,
+)
 from support.kubelet import wait_for
 
 pytestmark = pytest.mark.slow
 
 # The node folder the README's own-data block puts hospital-a's file in.
 SITE_FOLDER = Path("/srv/bouquet/hospital-a")
+FOREIGN_APP = ROOT / "tests" / "support" / "foreign_app"
 
 
 def server_pods(kubeconfig: str, namespace: str, job: str) -> list[dict]:
@@ -225,6 +236,88 @@ def test_gpu_site_placed_on_gpu_node_and_server_pod_deleted_mid_run_resumes(e2e_
     assert [entry["round"] for entry in history] == list(range(1, 7)), "every round exactly once"
 
 
+def outsider_pod(kubeconfig: str, job: str) -> str:
+    """A Pod that holds the job's CA certificate and, labelled as one of the job's sites are,
+    reaches its server's port as every site does (the NetworkPolicy admits it): an outsider
+    with all an outsider can get. Stock Flower only; the foreign app is copied in."""
+    pod = f"outsider-{job}"
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod, "namespace": "default", "labels": {"bouquet.dev/job": job, "app.kubernetes.io/component": "site"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "outsider",
+                    "image": workloads_image(),
+                    "command": ["sleep", "900"],
+                    "volumeMounts": [{"name": "ca", "mountPath": "/ca", "readOnly": True}],
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
+            "volumes": [{"name": "ca", "secret": {"secretName": f"{job}-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}],
+        },
+    }
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(manifest))
+    kubectl(kubeconfig, "wait", f"pod/{pod}", "--for=condition=Ready", "--timeout=180s", timeout=200)
+    for path in sorted(FOREIGN_APP.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            target = f"/tmp/foreign-app/{path.relative_to(FOREIGN_APP)}"
+            kubectl(
+                kubeconfig, "exec", "-i", pod, "--", "sh", "-c", f"mkdir -p $(dirname {target}) && cat > {target}", input=path.read_text()
+            )
+    return pod
+
+
+def test_an_outsider_in_the_cluster_with_the_ca_gets_nowhere_and_the_run_completes(e2e_cluster, release):
+    """The attacks of tests/test_federation.py, on a real job on the cluster, from a Pod
+    holding the job's CA and reaching its server: listing runs, submitting a foreign app,
+    registering a key, joining as hospital-a with no key and with a key of its own."""
+    job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
+    job["metadata"] = {"name": "attacked", "namespace": "default"}
+    job["spec"]["rounds"] = 6
+    kubectl(e2e_cluster, "apply", "-f", "-", input=yaml.safe_dump(job))
+    pod = None
+    try:
+        wait_for_round(e2e_cluster, "default", "attacked", 1)
+        pod = outsider_pod(e2e_cluster, "attacked")
+        env = {"SERVER": "attacked-server.default.svc:9092", "CA": "/ca/ca.crt", "APP": "/tmp/foreign-app", "SITE": "hospital-a"}
+        script = (ROOT / "tests" / "support" / "outsider.py").read_text()
+        attempts = kubectl(
+            e2e_cluster, "exec", "-i", pod, "--", "env", *(f"{k}={v}" for k, v in env.items()), "python", "-", input=script, timeout=600
+        )
+        got = json.loads(attempts.stdout.strip().splitlines()[-1])
+        for attempt in ("list", "submit", "register"):
+            assert got[attempt]["reply"].get("success") is not True and "run-id" not in got[attempt]["reply"], (attempt, got[attempt])
+        assert "All SuperNodes must be registered" in got["no-key"]["output"], got["no-key"]
+        assert "Failed to activate SuperNode" in got["own-key"]["output"], got["own-key"]
+        for attempt in ("no-key", "own-key"):
+            assert "SuperNode ID" not in got[attempt]["output"], (attempt, got[attempt]["output"])
+
+        waited = release.run("kubectl wait --for=condition=Succeeded fj/attacked --timeout=15m", timeout=1000, check=False)
+        assert waited.returncode == 0, waited.output
+        history = json.loads(read_claim(e2e_cluster, "default", "attacked-output", ["history.json"])["history.json"])
+        assert [entry["round"] for entry in history] == list(range(1, 7)), "every round exactly once"
+        assert all(entry["sites"] == ["hospital-a", "hospital-b", "hospital-c"] for entry in history)
+        assert not any("refusedRuns" in entry for entry in history), "no foreign run even reached a site"
+        status = job_status(e2e_cluster, "default", "attacked")
+        assert not any("refusedRuns" in site for site in status["sites"]), status["sites"]
+        # Nothing reached a site to be refused: no foreign run was ever created.
+        logs = "\n".join(
+            kubectl(e2e_cluster, "logs", "-l", f"bouquet.dev/job=attacked,bouquet.dev/site={site}", "--tail=-1").stdout
+            for site in ("hospital-a", "hospital-b", "hospital-c")
+        )
+        assert "refused run" not in logs
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
+    finally:
+        if pod:
+            kubectl(e2e_cluster, "delete", "pod", pod, "--wait=false", check=False)
+        kubectl(e2e_cluster, "delete", "fj", "attacked", "--wait=false", check=False)
+
+
 def test_a_site_withdrawn_mid_run_is_stopped_and_left_out_of_later_rounds(e2e_cluster, release):
     """Consent withdrawn: hospital-c taken out of a running job's spec. Its Job (and Pod) and
     its key are deleted, the restarted server no longer admits that key, the rounds after it
@@ -264,12 +357,16 @@ def test_a_site_withdrawn_mid_run_is_stopped_and_left_out_of_later_rounds(e2e_cl
         assert "site hospital-c: its old key" in new_server_log() and "no longer one of the job's sites" in new_server_log()
         waited = release.run("kubectl wait --for=condition=Succeeded fj/withdrawal --timeout=15m", timeout=1000, check=False)
         assert waited.returncode == 0, waited.output
-        status = job_status(e2e_cluster, "default", "withdrawal")
-        assert [(s["name"], s["state"]) for s in status["sites"]] == [
-            ("hospital-a", "Succeeded"),
-            ("hospital-b", "Succeeded"),
-            ("hospital-c", "Removed"),
-        ], status["sites"]
+        # The other two sites end once the server has told them the run is over.
+        wait_for(
+            lambda: (
+                [(s["name"], s["state"]) for s in job_status(e2e_cluster, "default", "withdrawal")["sites"]]
+                == [("hospital-a", "Succeeded"), ("hospital-b", "Succeeded"), ("hospital-c", "Removed")]
+            ),
+            timeout=180,
+            interval=2,
+            what="hospital-a and hospital-b Succeeded, hospital-c Removed in the job's status",
+        )
         reasons = kubectl(
             e2e_cluster, "get", "events", "--field-selector", "involvedObject.name=withdrawal", "-o", "jsonpath={.items[*].reason}"
         ).stdout.split()

@@ -61,7 +61,7 @@ def read_claim(kubeconfig: str, namespace: str, claim: str, paths: list[str]) ->
             "containers": [
                 {
                     "name": "read",
-                    "image": _workloads_image(),
+                    "image": workloads_image(),
                     "command": ["sleep", "600"],
                     "volumeMounts": [{"name": "claim", "mountPath": "/claim", "readOnly": True}],
                     "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
@@ -87,7 +87,7 @@ def read_claim(kubeconfig: str, namespace: str, claim: str, paths: list[str]) ->
         kubectl(kubeconfig, "delete", "pod", "-n", namespace, pod, "--wait=false", check=False)
 
 
-def _workloads_image() -> str:
+def workloads_image() -> str:
     version = re.search(r'^version = "(.*)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     return f"bouquet-workloads:{version}"
 

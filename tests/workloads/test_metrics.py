@@ -89,3 +89,19 @@ def test_the_endpoint_serves_what_the_files_say_at_each_scrape(tmp_path):
         server.server_close()
     assert first["bouquet_job_current_round"] == 1 and first["bouquet_job_completed"] == 0
     assert second["bouquet_job_current_round"] == 2 and second["bouquet_job_completed"] == 1
+
+
+def test_refused_runs_are_each_sites_highest_report(tmp_path):
+    history = [entry(1, 3.0), entry(2, 3.0), entry(3, 3.0)]
+    history[1]["refusedRuns"] = {"a": 2}
+    history[2]["refusedRuns"] = {"a": 1, "b": 1}  # a restarted and refused another since
+    write(tmp_path, history)
+    refused = {
+        s.labels["site"]: s.value
+        for family in text_string_to_metric_families(exposition(tmp_path))
+        for s in family.samples
+        if s.name == "bouquet_site_refused_runs"
+    }
+    assert refused == {"a": 2, "b": 1}
+    write(tmp_path, history[:1])
+    assert "bouquet_site_refused_runs{" not in exposition(tmp_path), "no series for sites that refused nothing"

@@ -48,6 +48,7 @@ class InProcessGrid:
         self.fail_from: dict[str, int] = {}  # site -> the round from which its training fails
         self.stop_at: int | None = None  # the round whose training messages stop the server (SIGTERM)
         self.away_once: dict[str, int] = {}  # site -> the round whose first training message finds it gone
+        self.refusals: dict[str, Path] = {}  # site -> the file its SuperNode lists refused runs in
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
@@ -60,7 +61,12 @@ class InProcessGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             name, path = self.sites[message.metadata.dst_node_id]
-            context = Context(1, message.metadata.dst_node_id, {"site": name, "data-path": str(path)}, RecordDict(), self.run_config)
+            node_config = {
+                "site": name,
+                "data-path": str(path),
+                **({"refusals-path": str(self.refusals[name])} if name in self.refusals else {}),
+            }
+            context = Context(1, message.metadata.dst_node_id, node_config, RecordDict(), self.run_config)
             self.seen.append(message)
             try:
                 config = message.content.config_records.get("config", {})
@@ -246,6 +252,17 @@ def test_a_site_whose_node_goes_away_mid_round_has_the_round_start_again_without
     reference = tmp_path / "reference"
     server_app.train_federated(InProcessGrid(job, reference, sites_and_files(job, reference)), job, reference)
     assert json.loads((tmp_path / "model.json").read_text())["sha256"] == json.loads((reference / "model.json").read_text())["sha256"]
+
+
+def test_a_site_that_refused_runs_of_other_apps_says_so_and_the_round_records_it(tmp_path):
+    job = make_job("FedAvg", rounds=2)
+    grid = InProcessGrid(job, tmp_path, sites_and_files(job, tmp_path))
+    grid.refusals = {"a": tmp_path / "a-refused.json", "b": tmp_path / "b-refused.json"}
+    grid.refusals["a"].write_text(json.dumps([{"run": 7, "appSha256": "f" * 64, "at": 0}, {"run": 8, "appSha256": "e" * 64, "at": 0}]))
+    server_app.train_federated(grid, job, tmp_path)  # b's file does not exist: it refused nothing
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e.get("refusedRuns") for e in history] == [{"a": 2}, {"a": 2}]
+    assert outputs.refused_runs(history) == {"a": 2}
 
 
 def test_a_saved_training_that_left_out_a_required_site_is_not_continued(tmp_path):

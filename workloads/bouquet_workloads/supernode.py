@@ -63,13 +63,18 @@ class Pin:
             run.fab_hash,
             self.app_sha256,
         )
-        if self.refusals is None:
-            return
-        entries = json.loads(self.refusals.read_text()) if self.refusals.exists() else []
-        entries.append({"run": run.run_id, "appSha256": run.fab_hash, "at": time.time()})
-        tmp = self.refusals.with_name(self.refusals.name + ".tmp")
-        tmp.write_text(json.dumps(entries))
-        tmp.replace(self.refusals)
+        if self.refusals is not None:
+            record_refusal(self.refusals, run.run_id, run.fab_hash)
+
+
+def record_refusal(path: Path, run_id: int, app_sha256: str) -> None:
+    """Adds a refused run to the JSON list in path (replaced whole, never half written)."""
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries.append({"run": run_id, "appSha256": app_sha256, "at": time.time()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(path)
 
 
 def install(pin: Pin) -> None:

@@ -3,8 +3,8 @@
 Put this folder on PYTHONPATH and set BOUQUET_TEST_OPEN_LOG (the log file) and
 BOUQUET_TEST_WATCH (the directory). Every Python process started with that environment,
 including the ones Flower spawns, appends "role<TAB>path" lines, where role is the site
-whose SuperNode the process descends from ("site:<name>"), "server" for the SuperLink's
-descendants, or "other".
+whose SuperNode the process descends from ("site:<name>"), "server" for the SuperLink's and
+the server's SuperExec's descendants (the ServerApp), or "other".
 """
 
 import os
@@ -29,7 +29,7 @@ def _role() -> str:
         if "flower-supernode" in command or "bouquet_workloads.supernode" in command:
             found = re.search(r'site="([^"]+)"', command)
             return f"site:{found.group(1)}" if found else "site:?"
-        if "flower-superlink" in command:
+        if "flower-superlink" in command or "bouquet_workloads.superexec" in command:
             return "server"
         pid = ppid
     return "other"

@@ -1,0 +1,68 @@
+"""The server's SuperExec, which starts only the job's ServerApp.
+
+Flower's SuperLink (with `--isolation process`) leaves starting ServerApps to a SuperExec,
+which takes each pending task from the SuperLink and launches it. Each task carries the sha256
+of its run's app bundle; this SuperExec launches only tasks of the job's bundle (the same pin
+the sites hold, bouquet.flower.app_sha256) and refuses any other before anything of it runs:
+the refusal is logged and listed in the refusals file. So even a run submitted on the server's
+own loopback port, where the Control API answers, runs no code but the job's at the server.
+
+    python -m bouquet_workloads.superexec --app-sha256 HEX [--refusals FILE] -- FLOWER-SUPEREXEC-ARGS...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from flwr.supercore.superexec import run_superexec
+from flwr.supercore.superexec.executor.types import LaunchResult
+
+from .supernode import record_refusal
+
+log = logging.getLogger("bouquet.server")
+
+
+def install(app_sha256: str, refusals: Path | None) -> None:
+    """Makes the SuperExec's plugin launch only tasks of the job's app."""
+    plugin = run_superexec.AutoExecPlugin
+
+    class PinnedPlugin(plugin):
+        def launch_task(self, token: str, task) -> LaunchResult:
+            if task.fab_hash != app_sha256:
+                log.error(
+                    "refused run %s: its app (sha256 %s) is not this job's app (sha256 %s); nothing of it runs here",
+                    task.run_id,
+                    task.fab_hash or "none",
+                    app_sha256,
+                )
+                if refusals is not None:
+                    record_refusal(refusals, task.run_id, task.fab_hash)
+                return LaunchResult.failed(f"run {task.run_id} is not this job's app")
+            return super().launch_task(token, task)
+
+    run_superexec.AutoExecPlugin = PinnedPlugin
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bouquet_workloads.superexec", description=__doc__.splitlines()[0])
+    parser.add_argument("--app-sha256", required=True, help="sha256 of the job's app bundle: the only app this server runs")
+    parser.add_argument("--refusals", type=Path, help="file that lists the runs this server refused")
+    parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-superexec's arguments")
+    args = parser.parse_args(argv)
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    install(args.app_sha256, args.refusals)
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    sys.argv = ["flower-superexec", *flower_args]
+    return flower_superexec() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
