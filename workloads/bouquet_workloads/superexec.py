@@ -12,7 +12,6 @@ own loopback port, where the Control API answers, runs no code but the job's at 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from flwr.supercore.superexec import run_superexec
 from flwr.supercore.superexec.executor.types import LaunchResult
 
-from .supernode import record_refusal
+from .supernode import pinned_parser, record_refusal, run_flower
 
 log = logging.getLogger("bouquet.server")
 
@@ -47,21 +46,11 @@ def install(app_sha256: str, refusals: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bouquet_workloads.superexec", description=__doc__.splitlines()[0])
-    parser.add_argument("--app-sha256", required=True, help="sha256 of the job's app bundle: the only app this server runs")
-    parser.add_argument("--refusals", type=Path, help="file that lists the runs this server refused")
-    parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-superexec's arguments")
-    args = parser.parse_args(argv)
-    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    args = pinned_parser("bouquet_workloads.superexec", __doc__, "this server", "flower-superexec").parse_args(argv)
     install(args.app_sha256, args.refusals)
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
-    sys.argv = ["flower-superexec", *flower_args]
-    return flower_superexec() or 0
+    return run_flower(log, "flower-superexec", args.flower_args, flower_superexec)
 
 
 if __name__ == "__main__":

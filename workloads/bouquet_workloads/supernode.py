@@ -101,25 +101,37 @@ def record_connection_error(path: Path) -> None:
     fleet_http_connection.flwr_exit = flwr_exit
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bouquet_workloads.supernode", description=__doc__.splitlines()[0])
-    parser.add_argument("--app-sha256", required=True, help="sha256 of the job's app bundle: the only app this site runs")
-    parser.add_argument("--refusals", type=Path, help="file that lists the runs this site refused")
-    parser.add_argument("--connection-error", type=Path, help="file to leave Flower's message in if the SuperLink refuses the SuperNode")
-    parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
-    args = parser.parse_args(argv)
-    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+def pinned_parser(module: str, doc: str, runs_at: str, flower_command: str) -> argparse.ArgumentParser:
+    """The arguments of a pinned Flower process (this SuperNode, the server's SuperExec):
+    the pin, where refusals are listed, then -- and the Flower command's own arguments."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    parser.add_argument("--app-sha256", required=True, help=f"sha256 of the job's app bundle: the only app {runs_at} runs")
+    parser.add_argument("--refusals", type=Path, help=f"file that lists the runs {runs_at} refused")
+    parser.add_argument("flower_args", nargs=argparse.REMAINDER, help=f"-- then {flower_command}'s arguments")
+    return parser
+
+
+def run_flower(logger: logging.Logger, command: str, flower_args: list[str], entry) -> int:
+    """Runs Flower's command entry (its console script's function) with flower_args, after
+    the caller's patches, this process's refusals logged to stderr by logger."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    sys.argv = [command, *(flower_args[1:] if flower_args[:1] == ["--"] else flower_args)]
+    return entry() or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = pinned_parser("bouquet_workloads.supernode", __doc__, "this site", "flower-supernode")
+    parser.add_argument("--connection-error", type=Path, help="file to leave Flower's message in if the SuperLink refuses the SuperNode")
+    args = parser.parse_args(argv)
     install(Pin(args.app_sha256, args.refusals))
     if args.connection_error:
         record_connection_error(args.connection_error)
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv = ["flower-supernode", *flower_args]
-    return flower_supernode() or 0
+    return run_flower(log, "flower-supernode", args.flower_args, flower_supernode)
 
 
 if __name__ == "__main__":

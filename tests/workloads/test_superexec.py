@@ -1,0 +1,44 @@
+"""The server starts only its job's ServerApp: the server's SuperExec refuses a task of any
+other app before launching anything (a real server refuses a foreign run in
+tests/test_federation.py)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+from flwr.proto.task_pb2 import Task
+from flwr.supercore.superexec import run_superexec
+from flwr.supercore.superexec.executor.types import LaunchResult, LaunchResultStatus
+
+from bouquet_workloads import superexec
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Flower's plugin, with its launch replaced by a record of what it was asked to launch."""
+    calls = []
+    monkeypatch.setattr(
+        run_superexec.AutoExecPlugin, "launch_task", lambda self, token, task: calls.append(task.run_id) or LaunchResult.accepted()
+    )
+    monkeypatch.setattr(run_superexec, "AutoExecPlugin", run_superexec.AutoExecPlugin)  # restored after the test
+    return calls
+
+
+def test_only_tasks_of_the_jobs_app_are_launched_and_others_are_listed(launched, tmp_path):
+    refusals = tmp_path / "server-refused.json"
+    superexec.install("a" * 64, refusals)
+    plugin = run_superexec.AutoExecPlugin.__new__(run_superexec.AutoExecPlugin)
+    assert plugin.launch_task("token", Task(task_id=1, run_id=11, fab_hash="a" * 64)).status == LaunchResultStatus.ACCEPTED
+    for run_id, fab_hash in ((12, "b" * 64), (13, "")):
+        assert plugin.launch_task("token", Task(task_id=2, run_id=run_id, fab_hash=fab_hash)).status == LaunchResultStatus.FAILED
+    assert launched == [11]
+    assert [(e["run"], e["appSha256"]) for e in json.loads(refusals.read_text())] == [(12, "b" * 64), (13, "")]
+
+
+def test_flowers_superexec_still_launches_tasks_through_the_plugin_the_pin_wraps():
+    # A Flower upgrade that moves this breaks the pin: this test says so before anything runs.
+    source = inspect.getsource(run_superexec.run_superexec)
+    assert "AutoExecPlugin(" in source and "plugin.launch_task(" in source
+    assert "fab_hash" in Task.DESCRIPTOR.fields_by_name
