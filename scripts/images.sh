@@ -131,6 +131,9 @@ for image in "${images[@]}"; do
         say "Building $name"
         docker build --network none --build-arg "BASE=$base" -f "$root/$image/Dockerfile" -t "$name" "$context" >&2
         echo "$key $(docker image inspect -f '{{.Id}}' "$name")" >"$cache/images/$image"
+        # The build this one replaces (and its intermediate layers) is left untagged: removed,
+        # or every rebuild would keep gigabytes more.
+        docker image prune --force >/dev/null
     fi
     if [[ -n $containerd ]] && ! loaded "$image"; then
         say "Loading $name into containerd"
