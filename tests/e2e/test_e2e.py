@@ -274,14 +274,20 @@ def outsider_pod(kubeconfig: str, job: str) -> str:
 def test_an_outsider_in_the_cluster_with_the_ca_gets_nowhere_and_the_run_completes(e2e_cluster, release):
     """The attacks of tests/test_federation.py, on a real job on the cluster, from a Pod
     holding the job's CA and reaching its server: listing runs, submitting a foreign app,
-    registering a key, joining as hospital-a with no key and with a key of its own."""
+    registering a key, joining as hospital-a with no key and with a key of its own. The
+    server is held up for as long as the attacks take: the job has a fourth site that no node
+    can place, and the server waits for every site; that site is then taken out of the job,
+    and the three others train every round."""
     job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
     job["metadata"] = {"name": "attacked", "namespace": "default"}
-    job["spec"]["rounds"] = 6
+    job["spec"]["rounds"] = 4
+    job["spec"]["sites"].append({"name": "hospital-d", "gpus": 16})  # the GPU node has 2
     kubectl(e2e_cluster, "apply", "-f", "-", input=yaml.safe_dump(job))
     pod = None
     try:
-        wait_for_round(e2e_cluster, "default", "attacked", 1)
+        wait_for(
+            lambda: job_status(e2e_cluster, "default", "attacked").get("phase") == "Running", timeout=300, interval=2, what="the server up"
+        )
         pod = outsider_pod(e2e_cluster, "attacked")
         env = {"SERVER": "attacked-server.default.svc:9092", "CA": "/ca/ca.crt", "APP": "/tmp/foreign-app", "SITE": "hospital-a"}
         script = (ROOT / "tests" / "support" / "outsider.py").read_text()
@@ -295,11 +301,15 @@ def test_an_outsider_in_the_cluster_with_the_ca_gets_nowhere_and_the_run_complet
         assert "Failed to activate SuperNode" in got["own-key"]["output"], got["own-key"]
         for attempt in ("no-key", "own-key"):
             assert "SuperNode ID" not in got[attempt]["output"], (attempt, got[attempt]["output"])
+        assert job_status(e2e_cluster, "default", "attacked").get("progress", {}).get("round", 0) == 0, (
+            "the server was up all along, waiting"
+        )
+        kubectl(e2e_cluster, "patch", "fj", "attacked", "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/3"}]')
 
         waited = release.run("kubectl wait --for=condition=Succeeded fj/attacked --timeout=15m", timeout=1000, check=False)
         assert waited.returncode == 0, waited.output
         history = json.loads(read_claim(e2e_cluster, "default", "attacked-output", ["history.json"])["history.json"])
-        assert [entry["round"] for entry in history] == list(range(1, 7)), "every round exactly once"
+        assert [entry["round"] for entry in history] == list(range(1, 5)), "every round exactly once"
         assert all(entry["sites"] == ["hospital-a", "hospital-b", "hospital-c"] for entry in history)
         assert not any("refusedRuns" in entry for entry in history), "no foreign run even reached a site"
         status = job_status(e2e_cluster, "default", "attacked")

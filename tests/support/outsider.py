@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -54,14 +55,15 @@ key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.
 key.chmod(0o600)
 public.write_bytes(private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
 
-print(
-    json.dumps(
-        {
-            "list": flwr("ls", "x"),
-            "submit": flwr("run", str(app), "x", "--run-config", 'marker-dir="/tmp"'),
-            "register": flwr("supernode", "register", str(public), "x"),
-            "no-key": supernode(None),
-            "own-key": supernode(key),
-        }
-    )
-)
+attempts = {
+    "no-key": lambda: supernode(None),
+    "own-key": lambda: supernode(key),
+    "list": lambda: flwr("ls", "x"),
+    "submit": lambda: flwr("run", str(app), "x", "--run-config", 'marker-dir="/tmp"'),
+    "register": lambda: flwr("supernode", "register", str(public), "x"),
+}
+results = {}
+for name, attempt in attempts.items():
+    started = time.monotonic()
+    results[name] = {**attempt(), "seconds": round(time.monotonic() - started, 1)}
+print(json.dumps(results))
