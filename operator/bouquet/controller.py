@@ -421,7 +421,12 @@ def _pruned_events(client: kube.Client, job: Mapping, deleted: Mapping[str, list
         if site in named:
             _event(client, job, "Normal", "Pruned", f"site {site}: deleted {' and '.join(objects)}, which the job's spec no longer needs")
         else:
-            message = f"site {site} was removed from spec.sites: deleted {' and '.join(objects)}; the server no longer admits its key"
+            server = (
+                "the aggregator's server admits its key until it is taken out of the ConfigMap its security.siteKeys names"
+                if job["spec"]["mode"] == "SitesOnly"
+                else "the server no longer admits its key"
+            )
+            message = f"site {site} was removed from spec.sites: deleted {' and '.join(objects)}; {server}"
             log.info("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
             _event(client, job, "Normal", "SiteRemoved", message)
 
