@@ -178,7 +178,10 @@ def test_server_received_weights_and_metrics_only(run):
     assert {e["phase"] for e in entries} == {"data-check", "train", "run-finished"}
     for entry in entries:
         assert "error" not in entry, entry
-        assert entry["configs"] == {"site": ["name"]}
+        if entry["phase"] in ("train", "evaluate"):  # the site's name, and how many runs of other apps it refused
+            assert entry["configs"] == {"site": ["name", "refusedRuns"]}
+        else:
+            assert entry["configs"] == {"site": ["name"]}
         if entry["phase"] == "run-finished":  # an acknowledgement: nothing else
             assert entry["arrays"] == {} and entry["metrics"] == {}
         elif entry["phase"] == "train":
