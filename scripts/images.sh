@@ -129,11 +129,16 @@ for image in "${images[@]}"; do
     # Built from these sources already (only loading was missing)?
     if [[ $(stamp "$image") != "$key $(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null)" ]]; then
         say "Building $name"
+        replaced=$(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null || true)
         docker build --network none --build-arg "BASE=$base" -f "$root/$image/Dockerfile" -t "$name" "$context" >&2
-        echo "$key $(docker image inspect -f '{{.Id}}' "$name")" >"$cache/images/$image"
-        # The build this one replaces (and its intermediate layers) is left untagged: removed,
-        # or every rebuild would keep gigabytes more.
-        docker image prune --force >/dev/null
+        built=$(docker image inspect -f '{{.Id}}' "$name")
+        echo "$key $built" >"$cache/images/$image"
+        # The image this build replaces is left untagged: removed (with the layers no other
+        # image has), or every rebuild would keep gigabytes more. The build stage's cached
+        # layers stay, so that the next build reuses them.
+        if [[ -n $replaced && $replaced != "$built" ]]; then
+            docker rmi "$replaced" >/dev/null 2>&1 || true
+        fi
     fi
     if [[ -n $containerd ]] && ! loaded "$image"; then
         say "Loading $name into containerd"
