@@ -47,9 +47,27 @@ def test_the_default_install_watches_every_namespace(helm):
         "ConfigMap",
         "CustomResourceDefinition",
         "Deployment",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
+    # The only Roles: the jobs' records in the operator's own namespace, and reading where
+    # the cluster DNS and the API server listen, for the jobs' NetworkPolicies.
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r["rules"] for r in kinds["Role"]}
+    endpoints = [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}]
+    assert roles == {
+        ("bouquet-system", "bouquet-records"): [
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "patch", "delete"]}
+        ],
+        ("default", "bouquet-cluster-network"): endpoints,
+        ("kube-system", "bouquet-cluster-network"): endpoints,
+    }
+    # Everywhere else, Secrets are made and deleted, never read.
+    [cluster_role] = kinds["ClusterRole"]
+    assert [r["verbs"] for r in cluster_role["rules"] if "secrets" in r["resources"]] == [["create", "delete"]]
     [crd] = kinds["CustomResourceDefinition"]
     assert crd == yaml.safe_load((ROOT / "crds" / "federatedjob.yaml").read_text()), "the chart's CRD is crds/federatedjob.yaml"
     [binding] = kinds["ClusterRoleBinding"]
@@ -79,8 +97,10 @@ def test_pods_meet_the_restricted_pod_security_standard(helm):
 def test_listed_namespaces_get_a_role_each_and_no_cluster_role(helm):
     kinds = by_kind(template(helm, 'watchNamespaces=["hospital-a","hospital-b"]'))
     assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
-    assert sorted(r["metadata"]["namespace"] for r in kinds["Role"]) == ["hospital-a", "hospital-b"]
-    assert sorted(b["metadata"]["namespace"] for b in kinds["RoleBinding"]) == ["hospital-a", "hospital-b"]
+    roles = [r for r in kinds["Role"] if r["metadata"]["name"] == "bouquet"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["hospital-a", "hospital-b"]
+    bindings = [b for b in kinds["RoleBinding"] if b["metadata"]["name"] == "bouquet"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["hospital-a", "hospital-b"]
     command = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert [a for a in command if a.startswith("--namespace")] == ["--namespace=hospital-a", "--namespace=hospital-b"]
 
@@ -98,10 +118,20 @@ def test_a_service_monitor_when_asked(helm):
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "interval": "30s"}]
 
 
-def test_the_scrapers_namespace_reaches_every_jobs_network_policy(helm):
-    [deployment] = by_kind(template(helm, 'metrics.scraperNamespaceLabels={"name":"monitoring"}'))["Deployment"]
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert '--metrics-namespace-selector={"matchLabels":{"name":"monitoring"}}' in command
+def test_only_the_releases_namespace_and_the_named_scrapers_reach_job_metrics(helm):
+    def scrapers(*values: str) -> list:
+        [deployment] = by_kind(template(helm, *values))["Deployment"]
+        command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+        [flag] = [a for a in command if a.startswith("--metrics-scrapers=")]
+        return json.loads(flag.split("=", 1)[1])
+
+    own = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "bouquet-system"}}}
+    assert scrapers() == [own]
+    monitoring = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app": "prometheus"}},
+    }
+    assert scrapers(f"metrics.scrapers={json.dumps([monitoring])}") == [own, monitoring]
 
 
 def test_dashboards_are_config_maps_for_grafanas_sidecar(helm):
@@ -158,3 +188,24 @@ def test_every_metric_a_dashboard_queries_is_one_bouquet_exports(tmp_path):
     }
     series |= {line.split("{")[0].split()[0] for line in exported.splitlines() if line.startswith("bouquet_")}
     assert dashboard_metrics() - series == set()
+
+
+def test_the_admission_policies_carry_the_allowed_images_and_node_folders(helm):
+    kinds = by_kind(template(helm, 'admission.allowedImages=["registry.example.org/fl/"]', 'admission.allowedHostPaths=["/srv/bouquet/"]'))
+    policies = {p["metadata"]["name"]: p for p in kinds["ValidatingAdmissionPolicy"]}
+    assert sorted(policies) == ["bouquet-federatedjobs", "bouquet-job-pods"]
+    variables = {v["name"]: v["expression"] for v in policies["bouquet-federatedjobs"]["spec"]["variables"]}
+    # The workloads image's repository always, trailing slashes dropped.
+    assert json.loads(variables["images"]) == ["bouquet-workloads", "registry.example.org/fl"]
+    assert json.loads(variables["hostPaths"]) == ["/srv/bouquet"]
+    bindings = {b["spec"]["policyName"]: b["spec"]["validationActions"] for b in kinds["ValidatingAdmissionPolicyBinding"]}
+    assert bindings == {"bouquet-federatedjobs": ["Deny"], "bouquet-job-pods": ["Deny"]}
+    makers = next(v["expression"] for v in policies["bouquet-job-pods"]["spec"]["variables"] if v["name"] == "makers")
+    assert "'system:serviceaccount:bouquet-system:bouquet'" in makers
+    assert json.loads(by_kind(template(helm))["ValidatingAdmissionPolicy"][0]["spec"]["variables"][1]["expression"]) == []
+    assert "ValidatingAdmissionPolicy" not in by_kind(template(helm, "admission.enabled=false"))
+
+
+def test_a_host_path_allowed_must_be_a_plain_absolute_folder(helm):
+    refused = template(helm, 'admission.allowedHostPaths=["/srv/../var/log"]', check=False)
+    assert refused.returncode != 0 and "allowedHostPaths" in refused.stderr

@@ -14,7 +14,7 @@ import yaml
 
 from bouquet import cli, jobfile, kubeyaml
 from bouquet.identity import SiteKey
-from bouquet.render import GPU_TOLERATION, Settings, render
+from bouquet.render import CLUSTER_DNS, GPU_TOLERATION, Destination, Settings, render
 from bouquet.tls import Bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,9 +256,9 @@ def test_a_server_only_job_has_no_sites_and_admits_sites_from_anywhere():
         "ServiceAccount",
         "Role",
         "RoleBinding",
+        "NetworkPolicy",
         "Deployment",
         "Service",
-        "NetworkPolicy",
     ]
     flower_rule = by_kind(children)[("NetworkPolicy", "breast-cancer-server")]["spec"]["ingress"][0]
     assert "from" not in flower_rule and flower_rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
@@ -267,7 +267,8 @@ def test_a_server_only_job_has_no_sites_and_admits_sites_from_anywhere():
 
 def test_a_sites_only_job_dials_the_remote_server_with_its_ca():
     children = render(example("multi-cluster/hospital-a"), SETTINGS)
-    assert kinds(children) == ["Secret", "ConfigMap", "ConfigMap", "Job"]  # the site's key, its public half, the job
+    # the site's key, its public half, the job, the sites' policy
+    assert kinds(children) == ["Secret", "ConfigMap", "ConfigMap", "NetworkPolicy", "Job"]
     pod = children[-1]["spec"]["template"]["spec"]
     command = pod["containers"][0]["command"]
     assert command[command.index("--server") + 1] == "federation.example.org:9092"
@@ -347,3 +348,70 @@ def test_the_servers_certificate_names_what_sites_dial():
 
     names = server_hostnames(example("multi-cluster/aggregator"))
     assert "breast-cancer-server.aggregator.svc" in names and "federation.example.org" in names
+
+
+NETWORK = Settings(
+    image="bouquet-workloads:test",
+    tls=SETTINGS.tls,
+    site_keys=AnySitesKey(),
+    metrics_scrapers=({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},),
+    dns=Destination(("192.0.2.10",), ((5353, "UDP"), (5353, "TCP"))),
+    api_server=Destination(("192.0.2.1",), ((6443, "TCP"),)),
+)
+
+
+def test_the_servers_pod_is_reached_only_by_its_sites_and_scrapers_and_reaches_only_dns_and_the_api_server():
+    policy = by_kind(render(example("breast-cancer"), NETWORK))[("NetworkPolicy", "breast-cancer-server")]["spec"]
+    server = {"bouquet.dev/job": "breast-cancer", "app.kubernetes.io/component": "server"}
+    sites = {"bouquet.dev/job": "breast-cancer", "app.kubernetes.io/component": "site"}
+    assert policy["podSelector"] == {"matchLabels": server}
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": sites}}], "ports": [{"port": 9092, "protocol": "TCP"}]},
+        {"from": list(NETWORK.metrics_scrapers), "ports": [{"port": 9400, "protocol": "TCP"}]},
+    ]
+    assert policy["egress"] == [
+        CLUSTER_DNS,
+        {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [{"port": 5353, "protocol": "UDP"}, {"port": 5353, "protocol": "TCP"}]},
+        {"to": [{"ipBlock": {"cidr": "192.0.2.1/32"}}], "ports": [{"port": 6443, "protocol": "TCP"}]},
+    ]
+
+
+def test_without_scrapers_nothing_may_open_the_metrics_port():
+    policy = by_kind(render(example("breast-cancer"), SETTINGS))[("NetworkPolicy", "breast-cancer-server")]["spec"]
+    assert [rule["ports"] for rule in policy["ingress"]] == [[{"port": 9092, "protocol": "TCP"}]]
+
+
+def test_the_sites_pods_admit_nothing_and_reach_only_their_server_and_dns():
+    policy = by_kind(render(example("breast-cancer"), NETWORK))[("NetworkPolicy", "breast-cancer-sites")]["spec"]
+    server = {"bouquet.dev/job": "breast-cancer", "app.kubernetes.io/component": "server"}
+    assert policy["podSelector"] == {"matchLabels": {"bouquet.dev/job": "breast-cancer", "app.kubernetes.io/component": "site"}}
+    assert policy["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy
+    assert policy["egress"] == [
+        {"to": [{"podSelector": {"matchLabels": server}}], "ports": [{"port": 9092, "protocol": "TCP"}]},
+        CLUSTER_DNS,
+        {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [{"port": 5353, "protocol": "UDP"}, {"port": 5353, "protocol": "TCP"}]},
+    ]
+
+
+def test_sites_dialling_another_cluster_reach_only_the_remote_servers_port():
+    policy = by_kind(render(example("multi-cluster/hospital-a"), NETWORK))[("NetworkPolicy", "breast-cancer-sites")]["spec"]
+    assert policy["egress"][0] == {"ports": [{"port": 9092, "protocol": "TCP"}]}
+    assert len(policy["egress"]) == 3  # the server's port, then DNS
+
+
+def test_a_server_only_job_admits_only_the_source_ranges_it_names():
+    job = example("multi-cluster/aggregator")
+    job["spec"]["server"]["sourceRanges"] = ["198.51.100.0/24", "2001:db8::/32"]
+    children = by_kind(render(job, NETWORK))
+    flower = children[("NetworkPolicy", "breast-cancer-server")]["spec"]["ingress"][0]
+    assert flower["from"] == [{"ipBlock": {"cidr": "198.51.100.0/24"}}, {"ipBlock": {"cidr": "2001:db8::/32"}}]
+    assert children[("Service", "breast-cancer-server")]["spec"]["loadBalancerSourceRanges"] == ["198.51.100.0/24", "2001:db8::/32"]
+    assert ("NetworkPolicy", "breast-cancer-sites") not in children
+
+
+def test_no_pod_of_a_job_is_rendered_before_its_network_policies():
+    for name in ("breast-cancer", "multi-cluster/aggregator", "multi-cluster/hospital-a"):
+        order = kinds(render(example(name), NETWORK))
+        first_pod = min(order.index(kind) for kind in ("Deployment", "Job") if kind in order)
+        assert "NetworkPolicy" in order[:first_pod] and "NetworkPolicy" not in order[first_pod:], name

@@ -82,10 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     operator.add_argument("--resync-seconds", type=float, default=60.0, metavar="S", help="look at every job at least this often")
     operator.add_argument("--workers", type=int, default=4, help="jobs reconciled at once (default: %(default)s)")
     operator.add_argument(
-        "--metrics-namespace-selector",
-        type=json.loads,
+        "--metrics-scrapers",
+        type=_peers,
+        default=(),
         metavar="JSON",
-        help='labels of the namespace whose pods may scrape job metrics, e.g. \'{"matchLabels": {"name": "monitoring"}}\' (default: any)',
+        help="the NetworkPolicy peers (a JSON list) whose pods may scrape each job server's metrics, e.g. "
+        '\'[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]\' (default: none)',
+    )
+    operator.add_argument(
+        "--own-namespace",
+        default="bouquet-system",
+        metavar="NS",
+        help="the operator's own namespace, where it keeps each job's private keys, readable by it alone (default: %(default)s)",
+    )
+    operator.add_argument(
+        "--dns-service",
+        default="kube-system/kube-dns",
+        metavar="NS/NAME",
+        help="the cluster DNS Service, whose endpoints job pods may reach (default: %(default)s)",
     )
     render = commands.add_parser("render", help="print the Kubernetes objects the operator creates for a job")
     render.add_argument("job", type=Path, metavar="JOB.yaml")
@@ -278,6 +292,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def _peers(text: str) -> tuple[dict, ...]:
+    peers = json.loads(text)
+    if not isinstance(peers, list) or not all(isinstance(p, dict) and p for p in peers):
+        raise argparse.ArgumentTypeError("a JSON list of NetworkPolicy peers (objects with podSelector, namespaceSelector or ipBlock)")
+    return tuple(peers)
+
+
 def _operator(args) -> int:
     import kopf
 
@@ -285,7 +306,9 @@ def _operator(args) -> int:
 
     controller.configured = controller.Config(
         image=args.image,
-        metrics_from=args.metrics_namespace_selector,
+        metrics_scrapers=args.metrics_scrapers,
+        dns_service=args.dns_service,
+        own_namespace=args.own_namespace,
         resync_seconds=args.resync_seconds,
         workers=args.workers,
         port=args.port,

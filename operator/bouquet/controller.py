@@ -25,10 +25,10 @@ references.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -38,7 +38,7 @@ import kopf
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from . import identity, kube, render, status, tls
+from . import identity, keep, kube, render, status, tls
 from .render import API_VERSION, KIND, Settings, names
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -56,7 +56,13 @@ class Config:
     from the environment (BOUQUET_IMAGE, ...)."""
 
     image: str = render.DEFAULT_IMAGE
-    metrics_from: Mapping | None = None  # namespaceSelector of the metrics scraper
+    # NetworkPolicy peers that may scrape the job servers' metrics (none: nothing in the
+    # cluster but the server's own node)
+    metrics_scrapers: tuple[Mapping, ...] = ()
+    dns_service: str = "kube-system/kube-dns"  # the cluster DNS Service, whose endpoints job pods may reach
+    # Where the jobs' records (their private material, see keep.py) are kept: the operator's
+    # own namespace.
+    own_namespace: str = "bouquet-system"
     resync_seconds: float = 60.0
     workers: int = 4
     port: int = 8080  # /metrics and /healthz; 0 for none
@@ -65,10 +71,11 @@ class Config:
     @classmethod
     def from_environment(cls) -> Config:
         env = os.environ
-        selector = env.get("BOUQUET_METRICS_NAMESPACE_SELECTOR")
         return cls(
             image=env.get("BOUQUET_IMAGE", cls.image),
-            metrics_from=json.loads(selector) if selector else None,
+            metrics_scrapers=tuple(json.loads(env.get("BOUQUET_METRICS_SCRAPERS", "[]"))),
+            dns_service=env.get("BOUQUET_DNS_SERVICE", cls.dns_service),
+            own_namespace=env.get("BOUQUET_OWN_NAMESPACE", cls.own_namespace),
             resync_seconds=float(env.get("BOUQUET_RESYNC_SECONDS", cls.resync_seconds)),
             workers=int(env.get("BOUQUET_WORKERS", cls.workers)),
             port=int(env.get("BOUQUET_OPERATOR_PORT", cls.port)),
@@ -234,43 +241,66 @@ def _ttl_remaining(ttl: int | None, job_status: Mapping, now: datetime) -> float
     return (_parse(job_status["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds()
 
 
-def _own_secret(client: kube.Client, job: Mapping, name: str, remedy: str) -> dict[str, bytes]:
-    """The decoded data of the job's own Secret `name` ({} if there is none). A Secret of that
-    name that the job does not own is refused, with remedy as the way out."""
-    secret = client.get("v1", "Secret", job["metadata"]["namespace"], name)
-    if secret is None:
-        return {}
-    owners = {o.get("uid") for o in secret["metadata"].get("ownerReferences", [])}
-    if job["metadata"]["uid"] not in owners:
-        raise Refused(f"Secret {name} exists and is not this job's: delete it, or {remedy}")
-    return {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
-
-
-def _tls_bundle(client: kube.Client, job: Mapping) -> tls.Bundle | None:
-    """The job's TLS material: from its Secret if it has one, else new (issued once; the
-    Secret then keeps it)."""
+def _material(
+    client: kube.Client, config: Config, job: Mapping
+) -> tuple[tls.Bundle | None, dict[str, identity.SiteKey] | None, keep.Record]:
+    """The job's TLS material and its sites' keys, from its record (see keep.py), or new.
+    A copy that the operator made and that is gone was deleted by someone: a key revoked
+    (or the TLS material, withdrawn); it is made again from new material, and the server
+    restarts with it (a new site key is registered, the old one unregistered). A Secret of
+    a copy's name that the operator did not make is refused."""
     spec = job["spec"]
-    if spec["mode"] == "SitesOnly" or spec["security"]["tls"]["mode"] != "Auto":
-        return None
-    data = _own_secret(client, job, names(job)["tls"], "name your own with spec.security.tls.mode Secret and secretName")
-    if all(k in data for k in ("ca.crt", "tls.crt", "tls.key")):
-        return tls.Bundle(data["ca.crt"], data["tls.crt"], data["tls.key"])
-    return tls.issue(job["metadata"]["name"], render.server_hostnames(job))
+    record = keep.load(client, config.own_namespace, job)
+    before = record.snapshot() if record.exists else ""
+    wants_tls = spec["mode"] != "SitesOnly" and spec["security"]["tls"]["mode"] == "Auto"
+    sites = [s["name"] for s in spec["sites"]] if render.makes_site_keys(job) else []
+    tls_name = names(job)["tls"]
 
+    def revoked(name: str) -> bool:
+        """Whether the copy `name` was made and has since been deleted (its material is to be
+        replaced); a Secret of that name that the operator did not make is refused."""
+        namespace = job["metadata"]["namespace"]
+        probe = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
+        if name not in record.copies:
+            if keep.taken(client, probe):
+                remedy = (
+                    "name your own with spec.security.tls.mode Secret and secretName"
+                    if name == tls_name
+                    else f"rename site {name.removeprefix(job['metadata']['name'] + '-').removesuffix('-key')}"
+                )
+                raise Refused(f"Secret {name} exists and is not this job's: delete it, or {remedy}")
+            return False
+        if record.copies[name] == "":  # being made when the operator stopped: made again
+            client.delete("v1", "Secret", namespace, name)
+            del record.copies[name]
+            return False
+        if keep.taken(client, probe):
+            return False
+        del record.copies[name]
+        return True
 
-def _site_keys(client: kube.Client, job: Mapping) -> dict[str, identity.SiteKey] | None:
-    """Each site's key: from its Secret if it has one, else new. A Secret deleted is a key
-    revoked: the next reconcile makes a new key, the server restarts with the new public key
-    and unregisters the old one."""
-    if not render.makes_site_keys(job):
-        return None
-    keys = {}
-    for site in job["spec"]["sites"]:
-        name = render.site_key_secret_name(job, site["name"])
-        data = _own_secret(client, job, name, f"rename site {site['name']}")
-        has_key = identity.PRIVATE in data and identity.PUBLIC in data
-        keys[site["name"]] = identity.SiteKey(data[identity.PRIVATE], data[identity.PUBLIC]) if has_key else identity.make()
-    return keys
+    bundle = None
+    if wants_tls:
+        replace_it = revoked(tls_name)
+        if not replace_it and all(k in record.data for k in ("tls.ca.crt", "tls.tls.crt", "tls.tls.key")):
+            bundle = tls.Bundle(record.data["tls.ca.crt"], record.data["tls.tls.crt"], record.data["tls.tls.key"])
+        else:
+            bundle = tls.issue(job["metadata"]["name"], render.server_hostnames(job))
+            record.data.update({f"tls.{k}": v for k, v in bundle.files().items()})
+    keys = None
+    if render.makes_site_keys(job):
+        keys = {}
+        for site in sites:
+            private, public = f"site.{site}.{identity.PRIVATE}", f"site.{site}.{identity.PUBLIC}"
+            replace_it = revoked(render.site_key_secret_name(job, site))
+            if not replace_it and private in record.data and public in record.data:
+                keys[site] = identity.SiteKey(record.data[private], record.data[public])
+            else:
+                keys[site] = identity.make()
+                record.data.update({private: keys[site].private, public: keys[site].public})
+    if record.snapshot() != before:
+        keep.save(client, config.own_namespace, job, record)
+    return bundle, keys, record
 
 
 def _remote_site_keys(client: kube.Client, job: Mapping) -> dict[str, str] | None:
@@ -365,14 +395,63 @@ def _transition_events(client: kube.Client, job: Mapping, before: Mapping, after
                 _event(client, job, "Warning", "Unschedulable", c["message"])
 
 
-def _apply_children(client: kube.Client, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict]) -> float | None:
+def _network(client: kube.Client, namespace: str, service: str) -> render.Destination | None:
+    """The addresses and ports of a Service's endpoints, from its EndpointSlices (None when
+    it has none)."""
+    slices = client.list("discovery.k8s.io/v1", "EndpointSlice", namespace, f"kubernetes.io/service-name={service}")
+    addresses = sorted(
+        {a for s in slices if s.get("addressType") in ("IPv4", "IPv6") for e in s.get("endpoints") or [] for a in e["addresses"]}
+    )
+    ports = sorted({(p["port"], p.get("protocol", "TCP")) for s in slices for p in s.get("ports") or [] if p.get("port")})
+    return render.Destination(tuple(addresses), tuple(ports)) if addresses and ports else None
+
+
+class ClusterNetwork:
+    """Where the cluster's DNS and API server listen, as a NetworkPolicy sees them: the
+    endpoints of the DNS Service and of the `kubernetes` Service, read at most every
+    `seconds` (they change seldom, and a change reaches every job's policies within that)."""
+
+    def __init__(self, seconds: float = 30.0) -> None:
+        self.seconds, self.read_at, self.value = seconds, float("-inf"), (None, None)
+        self.lock = threading.Lock()
+
+    def get(self, client: kube.Client, dns_service: str) -> tuple[render.Destination | None, render.Destination | None]:
+        with self.lock:
+            if time.monotonic() - self.read_at > self.seconds:
+                namespace, service = dns_service.split("/", 1)
+                self.value = (_network(client, namespace, service), _network(client, "default", "kubernetes"))
+                self.read_at = time.monotonic()
+            return self.value
+
+
+cluster_network = ClusterNetwork()
+
+
+def _apply_children(
+    client: kube.Client, config: Config, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict], record: keep.Record
+) -> float | None:
     """Applies every child but finished site Jobs; returns seconds to requeue after when one
-    had to be replaced."""
+    had to be replaced. No pod of the job is created unguarded: the job's NetworkPolicies are
+    applied first, and each is read back before the server's Deployment or a site's Job is
+    applied."""
     finished = {name for name, site_job in site_jobs.items() if _finished(site_job)}
     requeue = None
+    guarded = False
     for child in children:
         if child["kind"] == "Job" and child["metadata"]["name"] in finished:
             continue
+        if child["kind"] == "Secret":
+            # A copy of the job's record, made once and never read back (see keep.py).
+            if child["metadata"]["name"] not in record.copies:
+                keep.make_copy(client, config.own_namespace, job, record, child)
+            continue
+        if child["kind"] in ("Deployment", "Job") and not guarded:
+            for policy in (c for c in children if c["kind"] == "NetworkPolicy"):
+                if client.get("networking.k8s.io/v1", "NetworkPolicy", policy["metadata"]["namespace"], policy["metadata"]["name"]) is None:
+                    raise Refused(
+                        f"NetworkPolicy {policy['metadata']['name']} does not exist after it was applied: no pod of the job starts without it"
+                    )
+            guarded = True
         try:
             client.apply(child, FIELD_MANAGER)
         except kube.ApiError as error:
@@ -389,7 +468,9 @@ def _apply_children(client: kube.Client, job: Mapping, children: list[dict], sit
     return requeue
 
 
-def _prune(client: kube.Client, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict]) -> dict[str, list[str]]:
+def _prune(
+    client: kube.Client, config: Config, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict], record: keep.Record
+) -> dict[str, list[str]]:
     """Deletes the site Jobs and site key Secrets the job has and render no longer gives (a
     site taken out of spec.sites, sites or keys no longer kept here); returns what it deleted,
     by site. Only the job's own objects are deleted. The candidates are the sites of the job's
@@ -407,11 +488,21 @@ def _prune(client: kube.Client, job: Mapping, children: list[dict], site_jobs: M
         ):
             if (kind, name) in wanted:
                 continue
-            obj = site_jobs.get(name) if kind == "Job" else client.get(api_version, kind, namespace, name)
+            if kind == "Secret":  # a copy of the record's (never read: see keep.py)
+                if keep.delete_copy(client, config.own_namespace, job, record, name):
+                    deleted.setdefault(site, []).append(f"{kind} {name}")
+                continue
+            obj = site_jobs.get(name)
             if obj is None or uid not in {o.get("uid") for o in obj["metadata"].get("ownerReferences", [])}:
                 continue
             if client.delete(api_version, kind, namespace, name, uid=obj["metadata"]["uid"]):
                 deleted.setdefault(site, []).append(f"{kind} {name}")
+    kept = {s["name"] for s in job["spec"]["sites"]} if render.makes_site_keys(job) else set()
+    dropped = [k for k in record.data if k.startswith("site.") and k.split(".")[1] not in kept]
+    for k in dropped:
+        del record.data[k]
+    if dropped:
+        keep.save(client, config.own_namespace, job, record)
     return deleted
 
 
@@ -434,6 +525,7 @@ def _pruned_events(client: kube.Client, job: Mapping, deleted: Mapping[str, list
 def reconcile(client: kube.Client, config: Config, namespace: str, name: str, memory: Memory, force: bool) -> Outcome:
     job = client.get(API_VERSION, KIND, namespace, name)
     if job is None or job["metadata"].get("deletionTimestamp"):
+        keep.forget(client, config.own_namespace, namespace, name)
         return Outcome(gone=True)
     now = _now()
     spec, before = job["spec"], job.get("status", {})
@@ -460,14 +552,23 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         _transition_events(client, job, before, after)
     job = {**job, "status": after_full}
 
-    children = render.render(
-        job, Settings(config.image, _tls_bundle(client, job), _site_keys(client, job), config.metrics_from, remote_site_keys)
+    dns, api_server = cluster_network.get(client, config.dns_service)
+    bundle, site_keys, record = _material(client, config, job)
+    settings = Settings(
+        config.image,
+        bundle,
+        site_keys,
+        config.metrics_scrapers,
+        dns,
+        api_server,
+        remote_site_keys,
     )
+    children = render.render(job, settings)
     digest = json.dumps(children, sort_keys=True)
     requeue = None
     if force or digest != memory.applied:
-        requeue = _apply_children(client, job, children, site_jobs)
-        _pruned_events(client, job, _prune(client, job, children, site_jobs))
+        requeue = _apply_children(client, config, job, children, site_jobs, record)
+        _pruned_events(client, job, _prune(client, config, job, children, site_jobs, record))
         memory.applied = "" if requeue else digest
 
     # When to look again without being told: the deadline, the time to live, a replaced Job.
@@ -573,6 +674,7 @@ class Controller:
     queue: WorkQueue = field(default_factory=WorkQueue)
     jobs: dict = field(default_factory=dict)  # (namespace, name) -> phase, from the watch
     memory: dict = field(default_factory=dict)
+    uids: dict = field(default_factory=dict)  # (namespace, name) -> uid, from the watch
     tasks: list = field(default_factory=list)
     metrics: Metrics | None = None
 
@@ -597,12 +699,15 @@ class Controller:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
             self._forget(key)
+            self.queue.add(key)  # to find it gone, and delete its record
             return
         self.jobs[key] = body.get("status", {}).get("phase")
+        self.uids[key] = body["metadata"].get("uid")
         self.queue.add(key)
 
     def _forget(self, key: tuple[str, str]) -> None:
         self.jobs.pop(key, None)
+        self.uids.pop(key, None)
         self.memory.pop(key, None)
         self.queue.forget(key)
 
@@ -617,6 +722,16 @@ class Controller:
             await asyncio.sleep(self.config.resync_seconds)
             for key in list(self.jobs):
                 self.queue.add(key, force=True)
+            try:
+                await asyncio.to_thread(keep.collect, self.client, self.config.own_namespace, self._job_exists)
+            except kube.ApiError as error:
+                log.warning("could not look for the records of deleted jobs: %s", error)
+
+    def _job_exists(self, namespace: str, name: str, uid: str) -> bool:
+        if self.uids.get((namespace, name)) == uid:
+            return True
+        found = self.client.get(API_VERSION, KIND, namespace, name)
+        return found is not None and found["metadata"]["uid"] == uid
 
     async def _worker(self, number: int) -> None:
         while True:

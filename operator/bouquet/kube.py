@@ -27,6 +27,7 @@ PLURALS = {
     ("v1", "Event"): "events",
     ("apps/v1", "Deployment"): "deployments",
     ("batch/v1", "Job"): "jobs",
+    ("discovery.k8s.io/v1", "EndpointSlice"): "endpointslices",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
@@ -112,8 +113,11 @@ class Client:
         url = path(obj["apiVersion"], obj["kind"], metadata["namespace"], metadata["name"], subresource)
         return self.request("PATCH", url, body=obj, query={"fieldManager": manager, "force": "true"}, content_type=APPLY)
 
-    def create(self, obj: Mapping) -> dict:
-        return self.request("POST", path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"]), body=obj)
+    def create(self, obj: Mapping, dry_run: bool = False) -> dict:
+        """Creates obj; with dry_run, only asks the API server whether it would (nothing is
+        stored)."""
+        query = {"dryRun": "All"} if dry_run else None
+        return self.request("POST", path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"]), body=obj, query=query)
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
         """Deletes in the background (the garbage collector removes what the object owns);

@@ -21,8 +21,14 @@ the CA in its Secret):
     ConfigMap J-job         the job itself, for the server and the sites to read
     Deployment J-server     one replica, Recreate: the SuperLink and the ServerApp
     Service J-server        the port sites dial, and the metrics port
-    Job J-<site>            one per site: its SuperNode and ClientApp
-    NetworkPolicy J-server  only the job's sites (and the metrics scraper) reach the server
+    NetworkPolicy J-server  the server's pod: only the job's sites reach its port (mode
+                            ServerOnly: the server.sourceRanges), only the chart's scrapers
+                            its metrics; it reaches only DNS and the API server
+    NetworkPolicy J-sites   the sites' pods: nothing reaches them; they reach only their
+                            server (here, or remoteServer's port) and DNS
+
+Both NetworkPolicies come before the pods they guard, so that no pod of the job runs
+unguarded (the operator checks that they exist before it applies the Deployment and Jobs).
 
 The job's status takes part only where Kubernetes' own controllers need telling: once the
 job has succeeded or failed, or while runPolicy.suspend is true, the server Deployment has
@@ -79,6 +85,34 @@ CHILD_KINDS = (
 )
 
 
+# The cluster DNS as most clusters run it: CoreDNS pods labelled k8s-app=kube-dns in
+# kube-system, on port 53.
+CLUSTER_DNS = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Addresses and ports that a job's pods may connect to, as a NetworkPolicy sees them:
+    after a Service's address is translated to its endpoints'."""
+
+    addresses: tuple[str, ...]
+    ports: tuple[tuple[int, str], ...]  # (port, protocol)
+
+    def egress_rule(self) -> dict:
+        return {
+            "to": [{"ipBlock": {"cidr": f"{a}/{128 if ':' in a else 32}"}} for a in self.addresses],
+            "ports": [{"port": port, "protocol": protocol} for port, protocol in self.ports],
+        }
+
+
 @dataclass(frozen=True)
 class Settings:
     """What render needs besides the job."""
@@ -86,7 +120,14 @@ class Settings:
     image: str  # the workloads image, unless the job names its own
     tls: Bundle | None = None  # the job's TLS material when tls.mode is Auto
     site_keys: Mapping[str, SiteKey] | None = None  # site -> its key, when `makes_site_keys`
-    metrics_from: Mapping | None = None  # namespaceSelector of the metrics scraper; None admits any namespace
+    # Who may scrape the server's metrics port (NetworkPolicy peers); none: nothing in the
+    # cluster but the server's own node.
+    metrics_scrapers: tuple[Mapping, ...] = ()
+    # The endpoints of the cluster's DNS Service and of the API server (the `kubernetes`
+    # Service), which the pods may reach besides CLUSTER_DNS; None: unknown (`bouquet render`
+    # without a cluster), so the server's policy has no rule for the API server.
+    dns: Destination | None = None
+    api_server: Destination | None = None
     # Mode ServerOnly: the data of the ConfigMap of the sites' public keys (None while it does
     # not exist), so that a changed key restarts the server.
     remote_site_keys: Mapping[str, str] | None = None
@@ -100,6 +141,7 @@ def names(job: Mapping) -> dict[str, str]:
         "output": job["spec"]["output"].get("claimName", f"{name}-output"),
         "config": f"{name}-job",
         "server": f"{name}-server",
+        "sites": f"{name}-sites",
         "site-keys": f"{name}-site-keys",
     }
 
@@ -164,11 +206,15 @@ def render(job: Mapping, settings: Settings) -> list[dict]:
         children.append(site_keys_config(job, settings))
     children.append(job_config(job))
     if server_here:
-        children += [*server_identity(job), server_deployment(job, settings), server_service(job)]
+        children += server_identity(job)
+    if server_here:
+        children.append(server_network_policy(job, settings))
+    if sites_here:
+        children.append(sites_network_policy(job, settings))
+    if server_here:
+        children += [server_deployment(job, settings), server_service(job)]
     if sites_here:
         children += [site_job(job, site, settings) for site in spec["sites"]]
-    if server_here:
-        children.append(network_policy(job, settings))
     # Callers get plain objects of their own: no part shared with the job, with this module
     # or between two places (a JSON round trip undoes all sharing, as deepcopy would not).
     return json.loads(json.dumps(children))
@@ -429,12 +475,15 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
 
 
 def server_service(job: Mapping) -> dict:
+    server = job["spec"]["server"]
+    ranges = server.get("sourceRanges") if server["serviceType"] == "LoadBalancer" else None
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(job, names(job)["server"], "server"),
         "spec": {
-            "type": job["spec"]["server"]["serviceType"],
+            "type": server["serviceType"],
+            **({"loadBalancerSourceRanges": list(ranges)} if ranges else {}),
             "selector": {"bouquet.dev/job": job["metadata"]["name"], "app.kubernetes.io/component": "server"},
             "ports": [
                 {"name": "flower", "port": SERVER_PORT, "targetPort": "flower"},
@@ -533,23 +582,57 @@ def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
     }
 
 
-def network_policy(job: Mapping, settings: Settings) -> dict:
-    name = job["metadata"]["name"]
-    scraper = {"namespaceSelector": dict(settings.metrics_from or {})}
-    # Sites in other clusters reach the server from outside: TLS, not the network, keeps
-    # out whoever lacks the job's CA.
-    sites = [{"podSelector": {"matchLabels": {"bouquet.dev/job": name, "app.kubernetes.io/component": "site"}}}]
-    flower_from = {} if job["spec"]["mode"] == "ServerOnly" else {"from": sites}
+def _pod_selector(job: Mapping, component: str) -> dict:
+    return {"matchLabels": {"bouquet.dev/job": job["metadata"]["name"], "app.kubernetes.io/component": component}}
+
+
+def _dns_rules(settings: Settings) -> list[dict]:
+    return [CLUSTER_DNS, *([settings.dns.egress_rule()] if settings.dns else [])]
+
+
+def server_network_policy(job: Mapping, settings: Settings) -> dict:
+    """The server's pod: its Flower port admits the job's own site pods (mode ServerOnly: the
+    sites dial in from other clusters, from server.sourceRanges if given, else from anywhere,
+    each proving its key); its metrics port the scrapers the operator was installed with;
+    nothing else comes in. It reaches DNS and the API server (to report progress) alone."""
+    spec = job["spec"]
+    if spec["mode"] == "ServerOnly":
+        ranges = spec["server"].get("sourceRanges")
+        flower_from = {"from": [{"ipBlock": {"cidr": cidr}} for cidr in ranges]} if ranges else {}
+    else:
+        flower_from = {"from": [{"podSelector": _pod_selector(job, "site")}]}
+    ingress = [{**flower_from, "ports": [{"port": SERVER_PORT, "protocol": "TCP"}]}]
+    if settings.metrics_scrapers:
+        ingress.append({"from": [dict(p) for p in settings.metrics_scrapers], "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]})
+    egress = _dns_rules(settings) + ([settings.api_server.egress_rule()] if settings.api_server else [])
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": _metadata(job, names(job)["server"], "server"),
+        "spec": {"podSelector": _pod_selector(job, "server"), "policyTypes": ["Ingress", "Egress"], "ingress": ingress, "egress": egress},
+    }
+
+
+def remote_server_port(job: Mapping) -> int:
+    return int(job["spec"]["remoteServer"]["address"].rsplit(":", 1)[1])
+
+
+def sites_network_policy(job: Mapping, settings: Settings) -> dict:
+    """The sites' pods, which hold the patient data: nothing connects to them, and they
+    connect to their server alone (this job's server pod, or for mode SitesOnly the
+    remote server's port, at whatever address its name resolves to), and to DNS. They have
+    no use for the API server (their pods mount no service account token)."""
+    if job["spec"]["mode"] == "SitesOnly":
+        server = {"ports": [{"port": remote_server_port(job), "protocol": "TCP"}]}
+    else:
+        server = {"to": [{"podSelector": _pod_selector(job, "server")}], "ports": [{"port": SERVER_PORT, "protocol": "TCP"}]}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, names(job)["sites"], "site"),
         "spec": {
-            "podSelector": {"matchLabels": {"bouquet.dev/job": name, "app.kubernetes.io/component": "server"}},
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {**flower_from, "ports": [{"port": SERVER_PORT, "protocol": "TCP"}]},
-                {"from": [scraper], "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]},
-            ],
+            "podSelector": _pod_selector(job, "site"),
+            "policyTypes": ["Ingress", "Egress"],
+            "egress": [server, *_dns_rules(settings)],
         },
     }

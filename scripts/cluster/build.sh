@@ -2,7 +2,7 @@
 # Builds the test cluster's Kubernetes from the upstream Go modules and prints the folder
 # that holds the binaries: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet
 # and kube-proxy of one pinned Kubernetes release, etcd of one pinned 3.5 release, CoreDNS,
-# and `pause` (the sandbox program every Pod's first container runs, from pause.go here). No
+# crictl, kube-router (the node's NetworkPolicy implementation) and `pause` (the sandbox program every Pod's first container runs, from pause.go here). No
 # registry ships these binaries, so they are compiled here: a small Go module in the cache folder requires
 # k8s.io/kubernetes and points every staging module it names (k8s.io/api, k8s.io/client-go,
 # ...) at the published v0.Y.Z of the same release, which is what upstream's own build does
@@ -29,6 +29,14 @@ ETCD_VERSION=v3.5.35
 COREDNS_VERSION=v1.12.4
 # crictl of the same minor: down.sh removes a node's Pods through containerd's CRI with it.
 CRI_TOOLS_VERSION=v1.34.0
+# The node's NetworkPolicy implementation: kube-router's firewall (its network policy
+# controller alone, next to kube-proxy), iptables and ipsets. kube-network-policies would
+# be the smaller choice, but it queues packets with nftables' `queue` expression, which this
+# kernel lacks (CONFIG_NFT_QUEUE is not set: `nft add rule ... queue num 100` fails with "No
+# such file or directory"). v2.1.0 is the only release the module proxy here serves; the
+# advisory reported against it (GHSA-phqm-jgc3-qf8g: Services' external and load-balancer
+# IPs copied into the node's network) is in its service proxy, which the node does not run.
+KUBE_ROUTER_VERSION=v2.1.0
 # go.mod of Kubernetes 1.34.10 says `go 1.24.0`; go.mod's tool directive needs 1.24 too.
 GO_MINIMUM=1.24
 
@@ -43,7 +51,7 @@ go_version=$(go env GOVERSION)
 
 cache=${BOUQUET_CACHE:-$HOME/.cache/bouquet}/kubernetes-$KUBERNETES_VERSION
 bin=$cache/bin
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd coredns crictl pause)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd coredns crictl kube-router pause)
 mkdir -p "$bin" "$cache/src-kubernetes" "$cache/src-etcd"
 
 # One build at a time per cache folder: two test runs that start together share one build.
@@ -52,7 +60,7 @@ flock 9
 
 # What the binaries depend on besides the Go sources: a change to any of them rebuilds.
 here=$(cd "$(dirname "$0")" && pwd)
-key="kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION coredns=$COREDNS_VERSION cri-tools=$CRI_TOOLS_VERSION $go_version script=$(cat "$0" "$here/pause.go" | sha256sum | cut -c1-16)"
+key="kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION coredns=$COREDNS_VERSION cri-tools=$CRI_TOOLS_VERSION kube-router=$KUBE_ROUTER_VERSION $go_version script=$(cat "$0" "$here/pause.go" | sha256sum | cut -c1-16)"
 complete() {
     [[ -f $bin/.complete && $(<"$bin/.complete") == "$key" ]] || return 1
     local b
@@ -160,13 +168,15 @@ echo "Compiling etcd" >&2
 (cd "$cache/src-etcd" && go build -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3) >&2 ||
     die "building etcd $ETCD_VERSION failed"
 
-# The go.mod files of CoreDNS and cri-tools have no replace directives, so `go install
-# module@version` builds them exactly as their releases do.
-echo "Compiling CoreDNS and crictl" >&2
+# The go.mod files of CoreDNS, cri-tools and kube-router have no replace directives, so `go
+# install module@version` builds them exactly as their releases do.
+echo "Compiling CoreDNS, crictl and kube-router" >&2
 GOBIN=$bin GOFLAGS="-trimpath -buildvcs=false" go install -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION" >&2 ||
     die "building CoreDNS $COREDNS_VERSION failed"
 GOBIN=$bin GOFLAGS="-trimpath -buildvcs=false" go install -ldflags "-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION" >&2 ||
     die "building crictl $CRI_TOOLS_VERSION failed"
+GOBIN=$bin GOFLAGS="-trimpath -buildvcs=false" go install -ldflags "-s -w" "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@$KUBE_ROUTER_VERSION" >&2 ||
+    die "building kube-router $KUBE_ROUTER_VERSION failed"
 
 echo "Compiling pause" >&2
 (cd "$here" && GO111MODULE=off go build -ldflags "-s -w" -o "$bin/pause" pause.go) >&2 || die "building pause failed"

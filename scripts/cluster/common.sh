@@ -4,7 +4,7 @@
 
 # The cluster's programs, in the order up.sh starts them: the control plane, then (with
 # --node) the node's.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy coredns)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy kube-router coredns)
 # A file every state folder of ours holds, so that neither script clears a folder it did not
 # make (`down.sh /` must not remove anything).
 MARKER=.bouquet-cluster
@@ -20,13 +20,14 @@ state_dir() {
 
 # free_ports N: prints N TCP ports that nothing listens on, below the kernel's ephemeral
 # range (32768 and up) so that no outgoing connection takes one between this check and the
-# bind, and not the components' defaults (2379, 6443, 10250, ...): a second cluster, or a
-# real one, may hold those.
+# bind, below the NodePort range (30000-32767), which kube-router's firewall leaves open to
+# every Pod on the node's own addresses, and not the components' defaults (2379, 6443,
+# 10250, ...): a second cluster, or a real one, may hold those.
 free_ports() {
     local taken port count=0
     taken=" $(ss -Htuan | awk '{ sub(/.*:/, "", $5); printf "%s ", $5 }') "
     while ((count < $1)); do
-        port=$((20000 + RANDOM % 12000))
+        port=$((20000 + RANDOM % 10000))
         [[ $taken == *" $port "* ]] && continue
         taken+="$port "
         echo "$port"
@@ -52,7 +53,7 @@ cluster_pids() {
 }
 
 # The components that run only on a cluster with a node.
-NODE_COMPONENTS="containerd kubelet kube-proxy coredns"
+NODE_COMPONENTS="containerd kubelet kube-proxy kube-router coredns"
 
 # Stops the cluster in state folder $1, the last started first, so that no component spends
 # its shutdown retrying one already gone; a node's Pods are removed before containerd stops,
@@ -94,9 +95,10 @@ remove_pods() {
 # clean_host STATE: removes what the node of the cluster in STATE left on the host once its
 # components are stopped: containerd's shims and any process still in a Pod's cgroup, the
 # kubepods cgroups, every mount under the state folder or containerd's root, the bq0
-# bridge, the iptables rules and chains of kube-proxy, the kubelet and the CNI plugins
-# (KUBE-* and CNI-*: the node is the only one on this host, see node.sh), and ip_forward as
-# it was before. Each step is safe to repeat.
+# bridge, the iptables rules and chains of kube-proxy, kube-router, the kubelet and the CNI
+# plugins (KUBE-* and CNI-*: the node is the only one on this host, see node.sh), kube-router's
+# ipsets (KUBE-SRC-*, KUBE-DST-*), and ip_forward and bridge netfilter as they were before.
+# Each step is safe to repeat.
 clean_host() {
     local state=$1 node=$1/node bin pids pid cgroup i mounts table command chain chains rule
     bin=$(<"$node/bin")
@@ -147,7 +149,15 @@ clean_host() {
             for chain in $chains; do "$command" -t "$table" -X "$chain" 2>/dev/null || true; done
         done
     done
+    # Once no rule refers to them (an ipset in use cannot be destroyed).
+    if command -v ipset >/dev/null; then
+        for i in $(ipset list -n 2>/dev/null | grep -E '^(inet6:)?KUBE-(SRC|DST)-'); do
+            ipset destroy "$i" 2>/dev/null || true
+        done
+    fi
     [[ -f $node/ip_forward.before ]] && cat "$node/ip_forward.before" >/proc/sys/net/ipv4/ip_forward
+    [[ -f $node/bridge-nf-call-iptables.before ]] &&
+        cat "$node/bridge-nf-call-iptables.before" >/proc/sys/net/bridge/bridge-nf-call-iptables
     find /var/log/containers -maxdepth 1 -type l -lname "$state/*" -delete 2>/dev/null || true
     [[ -s /run/bouquet-node && $(</run/bouquet-node) == "$state" ]] && rm -f /run/bouquet-node
     return 0

@@ -8,16 +8,18 @@
 #   kubelet, configured for this host (cgroup v1 with the cgroupfs driver, no swap check,
 #   authentication and authorization through the API server, its serving certificate
 #   signed by the cluster's CA);
-#   kube-proxy (iptables mode) and CoreDNS as host processes: CoreDNS answers on the
-#   host's address, behind the kube-dns Service (10.0.0.10) and an EndpointSlice written
-#   here;
+#   kube-proxy (iptables mode), kube-router's firewall (the NetworkPolicy implementation:
+#   its network policy controller alone, iptables rules and ipsets, ingress and egress) and
+#   CoreDNS as host processes: CoreDNS answers on the host's address, behind the kube-dns
+#   Service (10.0.0.10) and an EndpointSlice written here;
 #   storage: a default StorageClass with hostPath PersistentVolumes in the state folder;
 #   the Node labelled as a site and a GPU node, with nvidia.com/gpu in its capacity, as a
 #   device plugin would report it (there is no accelerator here: a site that asks for one
 #   is scheduled, and trains on the CPU);
 #   Bouquet's images (scripts/images.sh) loaded into containerd.
 # The host keeps: ip_forward on while the node runs (restored by down.sh), the iptables
-# rules of kubelet, kube-proxy and the CNI plugins, the bq0 bridge and the kubepods cgroups;
+# rules of kubelet, kube-proxy, kube-router and the CNI plugins, kube-router's ipsets, the
+# bq0 bridge and the kubepods cgroups;
 # stop_node in common.sh removes all of them. One node per host: the bridge, the cgroups
 # and the KUBE-* chains are the host's, so a second would fight over them.
 # shellcheck disable=SC2154 # state, pki, bin, here, api_port, host_ip come from up.sh
@@ -54,7 +56,8 @@ start_node() {
     root=$(cd "$here/../.." && pwd)
     [[ $(id -u) -eq 0 ]] || die "--node needs root: containerd, the kubelet and kube-proxy manage cgroups, mounts and iptables"
     "$root/scripts/debian-packages.sh" containerd:containerd ctr:containerd runc:runc \
-        /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack
+        /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack \
+        ipset:ipset nft:nftables
     if [[ -s /run/bouquet-node ]]; then
         local other
         other=$(</run/bouquet-node)
@@ -71,17 +74,19 @@ start_node() {
     cat /proc/sys/net/ipv4/ip_forward >"$node/ip_forward.before"
     echo 1 >/proc/sys/net/ipv4/ip_forward
 
-    local ports kubelet_port kubelet_healthz_port proxy_metrics_port proxy_healthz_port dns_port dns_health_port
-    mapfile -t ports < <(free_ports 6)
+    local ports kubelet_port kubelet_healthz_port proxy_metrics_port proxy_healthz_port dns_port dns_health_port router_health_port
+    mapfile -t ports < <(free_ports 7)
     kubelet_port=${ports[0]} kubelet_healthz_port=${ports[1]} proxy_metrics_port=${ports[2]}
-    proxy_healthz_port=${ports[3]} dns_port=${ports[4]} dns_health_port=${ports[5]}
+    proxy_healthz_port=${ports[3]} dns_port=${ports[4]} dns_health_port=${ports[5]} router_health_port=${ports[6]}
 
     echo "Writing the node's certificates" >&2
     issue kubelet ca "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
     issue kubelet-serving ca "/CN=$NODE_NAME" serverAuth "IP:$host_ip,IP:127.0.0.1,DNS:$NODE_NAME"
     issue kube-proxy ca /CN=system:kube-proxy clientAuth
     issue coredns ca /CN=bouquet:coredns clientAuth
+    issue kube-router ca /CN=bouquet:kube-router clientAuth
     write_kubeconfig "$pki/kubelet.kubeconfig" kubelet
+    write_kubeconfig "$pki/kube-router.kubeconfig" kube-router
     write_kubeconfig "$pki/kube-proxy.kubeconfig" kube-proxy
     write_kubeconfig "$pki/coredns.kubeconfig" coredns
 
@@ -207,6 +212,36 @@ EOF
     start kube-proxy "$bin/kube-proxy" --config "$node/kube-proxy.yaml"
     proxy_healthy() { curl -sf --max-time 2 "http://127.0.0.1:$proxy_healthz_port/healthz" >/dev/null; }
     wait_until kube-proxy 60 proxy_healthy
+
+    # --- kube-router's firewall: the NetworkPolicy implementation ---
+    # What its network policy controller reads (upstream's own ClusterRole, less what its
+    # router and service proxy would write), and nothing else.
+    "$bin/kubectl" --kubeconfig "$state/kubeconfig" apply --server-side --field-manager bouquet-cluster -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "bouquet:kube-router"}
+rules:
+  - {apiGroups: [""], resources: [namespaces, pods, services, nodes, endpoints], verbs: [get, list, watch]}
+  - {apiGroups: [networking.k8s.io], resources: [networkpolicies], verbs: [get, list, watch]}
+  - {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [get, list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "bouquet:kube-router"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "bouquet:kube-router"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "bouquet:kube-router"}]
+EOF
+    # Pods on the bridge reach each other through it, which iptables sees only with bridge
+    # netfilter on (restored by down.sh).
+    if [[ -e /proc/sys/net/bridge/bridge-nf-call-iptables ]]; then
+        cat /proc/sys/net/bridge/bridge-nf-call-iptables >"$node/bridge-nf-call-iptables.before"
+        echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
+    fi
+    start kube-router "$bin/kube-router" --run-firewall=true --run-router=false --run-service-proxy=false \
+        --enable-cni=false --kubeconfig "$pki/kube-router.kubeconfig" --hostname-override "$NODE_NAME" \
+        --service-cluster-ip-range "$SERVICE_CIDR" --health-port "$router_health_port" --metrics-port 0
+    router_healthy() { curl -sf --max-time 2 "http://127.0.0.1:$router_health_port/healthz" >/dev/null; }
+    wait_until kube-router 60 router_healthy
 
     # --- CoreDNS, behind the kube-dns Service ---
     "$bin/kubectl" --kubeconfig "$state/kubeconfig" apply --server-side --field-manager bouquet-cluster -f - >/dev/null <<EOF

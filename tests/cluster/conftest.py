@@ -46,6 +46,8 @@ def cluster(tmp_path_factory):
     os.environ["KUBECONFIG"] = kubeconfig
     try:
         kubectl(kubeconfig, "apply", "--server-side", "-f", str(ROOT / "crds" / "federatedjob.yaml"))
+        # The operator's own namespace, where it keeps the jobs' records (keep.py).
+        kubectl(kubeconfig, "create", "namespace", "bouquet-system")
         # kubectl wait fails at once ("accessor error: <nil>") on a CRD whose status has no
         # conditions yet, as one just created may not: it is given a few tries.
         for _attempt in range(5):
@@ -114,5 +116,16 @@ def server_identity(cluster):
 
     def make(namespace: str, job_name: str):
         return _api_client(cluster, impersonate=f"system:serviceaccount:{namespace}:{job_name}-server")
+
+    return make
+
+
+@pytest.fixture
+def as_user(cluster):
+    """A client of the API server that is the given user (impersonated by the admin); for a
+    service account, with its groups, as a token of its own would give."""
+
+    def make(user: str) -> kube.Client:
+        return kube.Client(_api_client(cluster, impersonate=user))
 
     return make

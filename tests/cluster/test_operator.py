@@ -67,8 +67,18 @@ def expected_children(client, job: dict) -> list[dict] | None:
         first = render_module.site_key_secret_name(job, job["spec"]["sites"][0]["name"])
         if client.get("v1", "Secret", job["metadata"]["namespace"], first) is None:
             return None  # not yet created
-        site_keys = controller._site_keys(client, job)
-    return render(job, Settings("bouquet-workloads:0.1.0", bundle, site_keys))
+        site_keys = {}
+        for site in job["spec"]["sites"]:
+            secret = client.get("v1", "Secret", job["metadata"]["namespace"], render_module.site_key_secret_name(job, site["name"]))
+            if secret is None:
+                return None
+            data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+            site_keys[site["name"]] = identity.SiteKey(data[identity.PRIVATE], data[identity.PUBLIC])
+    # Where the API server listens (its `kubernetes` Service's endpoints), as the operator
+    # reads it for the jobs' NetworkPolicies; this control plane runs no DNS.
+    api_server = controller._network(client, "default", "kubernetes")
+    assert api_server is not None
+    return render(job, Settings("bouquet-workloads:0.1.0", bundle, site_keys, api_server=api_server))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=str)
@@ -101,7 +111,9 @@ def test_an_example_gets_every_child_as_rendered_with_owner_references(example, 
     if example == "server-only":
         assert "Job" not in kinds and live[("Service", f"{name}-server")]["spec"]["type"] == job["spec"]["server"]["serviceType"]
     if example == "sites-only":
-        assert kinds == {"Secret", "ConfigMap", "Job"}, "the sites' keys, their public halves, the job, the site Jobs"
+        assert kinds == {"Secret", "ConfigMap", "NetworkPolicy", "Job"}, (
+            "the sites' keys, their public halves, the job, their policy, the site Jobs"
+        )
         volume = live[("Job", f"{name}-{job['spec']['sites'][0]['name']}")]["spec"]["template"]["spec"]["volumes"]
         assert {
             "name": "tls",
@@ -233,7 +245,7 @@ def test_the_servers_role_reaches_only_its_own_jobs_status(cluster, client, name
 def test_deleting_the_job_lets_the_garbage_collector_remove_all_but_the_claim(cluster, client, namespace, operator):
     job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
     name = job["metadata"]["name"]
-    wait_for(lambda: len(children(client, namespace, name)) == 16, what="16 children")
+    wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
     kubectl(cluster, "delete", "fj", name, "-n", namespace, "--wait=true", "--timeout=30s")
     left = wait_for(
         lambda: (c := children(client, namespace, name)) and set(c) == {("PersistentVolumeClaim", f"{name}-output")} and c,
@@ -268,7 +280,7 @@ def test_restarting_the_operator_mid_job_changes_nothing(cluster, client, namesp
 def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace, operator):
     job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
     name = job["metadata"]["name"]
-    wait_for(lambda: len(children(client, namespace, name)) == 16, what="16 children")
+    wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
     for kind, api_version in (("Deployment", "apps/v1"), ("ConfigMap", "v1"), ("Job", "batch/v1")):
         child = f"{name}-server" if kind == "Deployment" else f"{name}-job" if kind == "ConfigMap" else f"{name}-hospital-a"
         uid = client.get(api_version, kind, namespace, child)["metadata"]["uid"]
@@ -292,13 +304,13 @@ def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace,
         what="the site's Job replaced",
     )
     live = children(client, namespace, name)
-    assert len(live) == 16 and sum(1 for k, _ in live if k == "Job") == 3
+    assert len(live) == 17 and sum(1 for k, _ in live if k == "Job") == 3
 
 
 def test_a_deleted_site_key_is_replaced_and_the_server_restarts_admitting_the_new_one(cluster, client, namespace, operator):
     job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
     name = job["metadata"]["name"]
-    wait_for(lambda: len(children(client, namespace, name)) == 16, what="16 children")
+    wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
 
     def public(site: str) -> str:
         return base64.b64decode(client.get("v1", "Secret", namespace, f"{name}-{site}-key")["data"]["site.pub"]).decode()

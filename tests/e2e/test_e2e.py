@@ -15,6 +15,8 @@ import hashlib
 import json
 import re
 import shutil
+import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +30,12 @@ from support.dashboards import empty_panels
 from support.e2e import (
     RELEASE,
     RELEASE_NAMESPACE,
+    connections,
     diagnose,
     host_state,
     job_status,
     leftovers,
+    plain_pod,
     read_claim,
     wait_for_round,
     workloads_image,
@@ -326,6 +330,103 @@ def test_an_outsider_in_the_cluster_with_the_ca_gets_nowhere_and_the_run_complet
         if pod:
             kubectl(e2e_cluster, "delete", "pod", pod, "--wait=false", check=False)
         kubectl(e2e_cluster, "delete", "fj", "attacked", "--wait=false", check=False)
+
+
+def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluster, release, local_node, namespace):
+    """The job's NetworkPolicies, enforced by the node's implementation (kube-router's firewall
+    on the local node, kindnet on kind): a Pod in another namespace and a Pod of the job's
+    namespace without a site's labels cannot open the server's port; a site's Pod cannot open
+    another Pod's port, the host's, or an address outside the cluster (on the local node: a
+    listener of this test's on the host's address, and on an address outside every network
+    of the cluster, which the host answers for). Then the same connections with the job's
+    policies deleted (the operator stopped meanwhile, so that it does not put them back at
+    once): every one opens, so each refusal above was the policy's. The server is held up
+    meanwhile by a fourth site that no node can place, then taken out of the job, and the run
+    trains to Succeeded under the policies, which the restarted operator has restored."""
+    name = "guarded"
+    job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
+    job["metadata"] = {"name": name, "namespace": "default"}
+    job["spec"]["rounds"] = 2
+    job["spec"]["sites"].append({"name": "hospital-d", "gpus": 16})  # the GPU node has 2
+    kubectl(e2e_cluster, "apply", "-f", "-", input=yaml.safe_dump(job))
+    pods = [f"{name}-listener", f"{name}-outsider"]
+    listener = outside = None
+    try:
+        wait_for(lambda: job_status(e2e_cluster, "default", name).get("phase") == "Running", timeout=300, interval=2, what="the server up")
+        (server,) = server_pods(e2e_cluster, "default", name)
+        server_port = f"{server['status']['podIP']}:9092"
+        service_port = f"{name}-server.default.svc:9092"
+        # In the job's namespace, without a site's labels.
+        listener_ip = plain_pod(e2e_cluster, "default", pods[0], {"app": "listener"}, 8080)
+        plain_pod(e2e_cluster, namespace, pods[1])
+        site = kubectl(
+            e2e_cluster, "get", "pods", "-l", f"bouquet.dev/job={name},bouquet.dev/site=hospital-a", "-o", "name"
+        ).stdout.split()[0]
+        site_targets = [f"{listener_ip}:8080"]
+        if local_node:
+            node_ip = kubectl(
+                e2e_cluster, "get", "nodes", "-o", 'jsonpath={.items[0].status.addresses[?(@.type=="InternalIP")].address}'
+            ).stdout
+            # Below the NodePort range, which kube-router leaves open to Pods on the node's
+            # addresses whatever the policies say.
+            listener = socket.create_server(("0.0.0.0", 0))
+            while listener.getsockname()[1] >= 30000:
+                listener.close()
+                listener = socket.create_server(("0.0.0.0", 0))
+            outside = "198.51.100.7"  # TEST-NET-2: no network of the cluster's
+            subprocess.run(["ip", "addr", "add", f"{outside}/32", "dev", "lo"], check=True)
+            port = listener.getsockname()[1]
+            site_targets += [f"{node_ip}:{port}", f"{outside}:{port}"]
+
+        def attempts() -> dict[str, dict[str, bool]]:
+            return {
+                "other namespace": connections(e2e_cluster, namespace, pods[1], [service_port, server_port]),
+                "no site labels": connections(e2e_cluster, "default", pods[0], [service_port, server_port]),
+                "site": connections(e2e_cluster, "default", site.split("/")[1], [*site_targets, service_port]),
+            }
+
+        guarded = attempts()
+        assert guarded == {
+            "other namespace": {service_port: False, server_port: False},
+            "no site labels": {service_port: False, server_port: False},
+            "site": {**dict.fromkeys(site_targets, False), service_port: True},
+        }, guarded
+
+        operator = ["-n", RELEASE_NAMESPACE, "deployment/bouquet"]
+        kubectl(e2e_cluster, "scale", *operator, "--replicas=0")
+        operator_pods = ["get", "pods", "-n", RELEASE_NAMESPACE, "-l", "app.kubernetes.io/component=operator", "-o", "name"]
+        wait_for(lambda: not kubectl(e2e_cluster, *operator_pods).stdout.split(), timeout=120, interval=1, what="the operator stopped")
+        kubectl(e2e_cluster, "delete", "networkpolicy", f"{name}-server", f"{name}-sites")
+        opened = {"other namespace": {service_port: True, server_port: True}, "no site labels": {service_port: True, server_port: True}}
+        opened["site"] = dict.fromkeys([*site_targets, service_port], True)
+        # The implementation takes a moment to drop the rules.
+        wait_for(
+            lambda: attempts() == opened, timeout=60, interval=3, what=f"every connection to open without the policies (last: {attempts()})"
+        )
+
+        kubectl(e2e_cluster, "scale", *operator, "--replicas=1")
+        kubectl(e2e_cluster, "rollout", "status", *operator, "--timeout=180s", timeout=200)
+        wait_for(
+            lambda: kubectl(e2e_cluster, "get", "networkpolicy", f"{name}-server", f"{name}-sites", check=False).returncode == 0,
+            timeout=120,
+            interval=2,
+            what="the operator to restore the job's NetworkPolicies",
+        )
+        wait_for(lambda: attempts() == guarded, timeout=60, interval=3, what=f"the restored policies enforced (last: {attempts()})")
+
+        kubectl(e2e_cluster, "patch", "fj", name, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/3"}]')
+        waited = release.run(f"kubectl wait --for=condition=Succeeded fj/{name} --timeout=15m", timeout=1000, check=False)
+        assert waited.returncode == 0, waited.output
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
+    finally:
+        if listener:
+            listener.close()
+        if outside:
+            subprocess.run(["ip", "addr", "del", f"{outside}/32", "dev", "lo"], check=False)
+        kubectl(e2e_cluster, "scale", "-n", RELEASE_NAMESPACE, "deployment/bouquet", "--replicas=1", check=False)
+        kubectl(e2e_cluster, "delete", "pod", pods[0], "--wait=false", check=False)
+        kubectl(e2e_cluster, "delete", "fj", name, "--wait=false", check=False)
 
 
 def test_a_site_withdrawn_mid_run_is_stopped_and_left_out_of_later_rounds(e2e_cluster, release):

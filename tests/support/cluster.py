@@ -56,7 +56,8 @@ def condition(job: dict | None, kind: str) -> dict:
 class Operator:
     """The operator under KopfRunner; restartable, as a pod restart would."""
 
-    def __init__(self, resync_seconds: float = 2.0, kubeconfig: str | None = None) -> None:
+    def __init__(self, resync_seconds: float = 2.0, kubeconfig: str | None = None, namespaces: list[str] | None = None) -> None:
+        self.namespaces = namespaces  # to watch; None: every namespace
         self.port = free_port()
         self.env = {
             "BOUQUET_RESYNC_SECONDS": str(resync_seconds),
@@ -71,7 +72,8 @@ class Operator:
     def start(self) -> Operator:
         self.previous = {key: os.environ.get(key) for key in self.env}
         os.environ.update(self.env)
-        self.runner = KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "bouquet.controller"], timeout=60)
+        scope = [f"--namespace={n}" for n in self.namespaces] if self.namespaces else ["--all-namespaces"]
+        self.runner = KopfRunner(["run", "--standalone", *scope, "-m", "bouquet.controller"], timeout=60)
         self.runner.__enter__()
         wait_for(self.healthy, timeout=30, what="the operator's /healthz")
         return self

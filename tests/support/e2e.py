@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -16,10 +17,12 @@ from support.processes import processes_mentioning
 RELEASE, RELEASE_NAMESPACE = "bouquet", "bouquet-system"
 COUNTERS = re.compile(r" \[\d+:\d+\]$")
 BUILT_IN_CHAINS = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
+IPTABLES_TABLES = {"filter", "nat", "mangle", "raw", "security"}
 
 
 def host_state() -> dict[str, set[str]]:
-    """What a node leaves on the host: network interfaces, mount points, iptables rules."""
+    """What a node leaves on the host: network interfaces, mount points, iptables rules,
+    ipsets and nft tables."""
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     rules: set[str] = set()
     for command in ("iptables-save", "ip6tables-save"):
@@ -31,7 +34,13 @@ def host_state() -> dict[str, set[str]]:
             for line in saved.stdout.splitlines()
             if line.startswith("-") or (line.startswith(":") and line.split()[0][1:] not in BUILT_IN_CHAINS)
         }
+    # kube-router's ipsets, and nft tables of anything but iptables itself (whose tables
+    # iptables-save lists, rule by rule, above).
+    ipsets = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True) if shutil.which("ipset") else None
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True) if shutil.which("nft") else None
     return {
+        "ipsets": set(ipsets.stdout.split()) if ipsets else set(),
+        "nft tables": {t for t in tables.stdout.splitlines() if t.split()[-1] not in IPTABLES_TABLES} if tables else set(),
         "kubepods cgroups": {str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")},
         "interfaces": {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()},
         "mounts": {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()},
@@ -115,3 +124,53 @@ def diagnose(kubeconfig: str, namespace: str) -> str:
         logs = kubectl(kubeconfig, "logs", "-n", namespace, pod, "--all-containers", "--tail=30", check=False)
         parts.append(f"--- {pod}\n{logs.stdout[-2500:]}{logs.stderr[-500:]}")
     return "\n".join(parts)
+
+
+def plain_pod(kubeconfig: str, namespace: str, name: str, labels: dict | None = None, listen: int | None = None) -> str:
+    """A Pod of the workloads image that runs nothing of Bouquet's: it sleeps, or with
+    `listen` accepts TCP connections on that port. Returns its address once it is Ready."""
+    command = ["python3", "-m", "http.server", str(listen)] if listen else ["sleep", "900"]
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "main",
+                    "image": workloads_image(),
+                    "command": command,
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
+        },
+    }
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(manifest))
+    kubectl(kubeconfig, "wait", "-n", namespace, f"pod/{name}", "--for=condition=Ready", "--timeout=180s", timeout=200)
+    return kubectl(kubeconfig, "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.podIP}").stdout
+
+
+# Run in a Pod: tries a TCP connection to each host:port of argv[1] (a JSON list) at once and
+# prints, for each, whether it opened.
+CONNECT = """
+import json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+def opens(target):
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=4).close()
+        return True
+    except OSError:
+        return False
+targets = json.loads(sys.argv[1])
+with ThreadPoolExecutor(len(targets)) as pool:
+    print(json.dumps(dict(zip(targets, pool.map(opens, targets)))))
+"""
+
+
+def connections(kubeconfig: str, namespace: str, pod: str, targets: list[str]) -> dict[str, bool]:
+    """Which of the host:port targets a TCP connection from the Pod's first container opens."""
+    done = kubectl(kubeconfig, "exec", "-n", namespace, pod, "--", "python3", "-c", CONNECT, json.dumps(targets), timeout=60)
+    return json.loads(done.stdout.strip().splitlines()[-1])

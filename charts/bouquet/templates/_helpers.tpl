@@ -45,9 +45,11 @@ app.kubernetes.io/component: operator
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+# The copies of each job's keys that its pods mount: made and deleted, never read, patched
+# or listed (the keys themselves are in the operator's own namespace; see keep.py).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create, patch, delete]
+  verbs: [create, delete]
 - apiGroups: [""]
   resources: [configmaps, services, serviceaccounts, persistentvolumeclaims]
   verbs: [get, create, patch]
@@ -60,4 +62,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- end -}}
+
+{{/* The NetworkPolicy peers that may scrape job servers' metrics: the release's namespace and metrics.scrapers. */}}
+{{- define "bouquet.scrapers" -}}
+{{- $own := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) -}}
+{{- prepend .Values.metrics.scrapers $own | toJson -}}
 {{- end -}}
