@@ -335,7 +335,8 @@ def test_an_outsider_in_the_cluster_with_the_ca_gets_nowhere_and_the_run_complet
 def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluster, release, local_node, namespace):
     """The job's NetworkPolicies, enforced by the node's implementation (kube-router's firewall
     on the local node, kindnet on kind): a Pod in another namespace and a Pod of the job's
-    namespace without a site's labels cannot open the server's port; a site's Pod cannot open
+    namespace without a site's labels cannot open the server's port, nor the one in another
+    namespace its metrics port, which a Pod of the chart's namespace can; a site's Pod cannot open
     another Pod's port, the host's, or an address outside the cluster (on the local node: a
     listener of this test's on the host's address, and on an address outside every network
     of the cluster, which the host answers for). Then the same connections with the job's
@@ -359,6 +360,9 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
         # In the job's namespace, without a site's labels.
         listener_ip = plain_pod(e2e_cluster, "default", pods[0], {"app": "listener"}, 8080)
         plain_pod(e2e_cluster, namespace, pods[1])
+        # A pod of the chart's namespace, whose pods may scrape the metrics (and nothing else).
+        plain_pod(e2e_cluster, RELEASE_NAMESPACE, f"{name}-scraper")
+        metrics_port = f"{server['status']['podIP']}:9400"
         site = kubectl(
             e2e_cluster, "get", "pods", "-l", f"bouquet.dev/job={name},bouquet.dev/site=hospital-a", "-o", "name"
         ).stdout.split()[0]
@@ -380,29 +384,42 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
 
         def attempts() -> dict[str, dict[str, bool]]:
             return {
-                "other namespace": connections(e2e_cluster, namespace, pods[1], [service_port, server_port]),
+                "other namespace": connections(e2e_cluster, namespace, pods[1], [service_port, server_port, metrics_port]),
                 "no site labels": connections(e2e_cluster, "default", pods[0], [service_port, server_port]),
+                "scraper": connections(e2e_cluster, RELEASE_NAMESPACE, f"{name}-scraper", [metrics_port, server_port]),
                 "site": connections(e2e_cluster, "default", site.split("/")[1], [*site_targets, service_port]),
             }
 
-        guarded = attempts()
-        assert guarded == {
-            "other namespace": {service_port: False, server_port: False},
+        def settle(expected: dict, what: str) -> None:
+            """Waits for the attempts to give `expected` (the implementation takes a moment
+            to add or drop its rules)."""
+            seen: list = []
+            try:
+                wait_for(lambda: seen.append(attempts()) or seen[-1] == expected, timeout=60, interval=3, what=what)
+            except AssertionError as error:
+                raise AssertionError(f"{error}; the last attempts: {seen[-1] if seen else None}") from None
+
+        guarded = {
+            "other namespace": {service_port: False, server_port: False, metrics_port: False},
             "no site labels": {service_port: False, server_port: False},
+            "scraper": {metrics_port: True, server_port: False},
             "site": {**dict.fromkeys(site_targets, False), service_port: True},
-        }, guarded
+        }
+        # (The scraper's address reaches the implementation's rules a moment after its Pod starts.)
+        settle(guarded, "the policies enforced")
 
         operator = ["-n", RELEASE_NAMESPACE, "deployment/bouquet"]
         kubectl(e2e_cluster, "scale", *operator, "--replicas=0")
         operator_pods = ["get", "pods", "-n", RELEASE_NAMESPACE, "-l", "app.kubernetes.io/component=operator", "-o", "name"]
         wait_for(lambda: not kubectl(e2e_cluster, *operator_pods).stdout.split(), timeout=120, interval=1, what="the operator stopped")
         kubectl(e2e_cluster, "delete", "networkpolicy", f"{name}-server", f"{name}-sites")
-        opened = {"other namespace": {service_port: True, server_port: True}, "no site labels": {service_port: True, server_port: True}}
+        opened = {
+            "other namespace": {service_port: True, server_port: True, metrics_port: True},
+            "no site labels": {service_port: True, server_port: True},
+            "scraper": {metrics_port: True, server_port: True},
+        }
         opened["site"] = dict.fromkeys([*site_targets, service_port], True)
-        # The implementation takes a moment to drop the rules.
-        wait_for(
-            lambda: attempts() == opened, timeout=60, interval=3, what=f"every connection to open without the policies (last: {attempts()})"
-        )
+        settle(opened, "every connection to open without the policies")
 
         kubectl(e2e_cluster, "scale", *operator, "--replicas=1")
         kubectl(e2e_cluster, "rollout", "status", *operator, "--timeout=180s", timeout=200)
@@ -412,7 +429,7 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
             interval=2,
             what="the operator to restore the job's NetworkPolicies",
         )
-        wait_for(lambda: attempts() == guarded, timeout=60, interval=3, what=f"the restored policies enforced (last: {attempts()})")
+        settle(guarded, "the restored policies enforced")
 
         kubectl(e2e_cluster, "patch", "fj", name, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/3"}]')
         waited = release.run(f"kubectl wait --for=condition=Succeeded fj/{name} --timeout=15m", timeout=1000, check=False)
@@ -426,6 +443,7 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
             subprocess.run(["ip", "addr", "del", f"{outside}/32", "dev", "lo"], check=False)
         kubectl(e2e_cluster, "scale", "-n", RELEASE_NAMESPACE, "deployment/bouquet", "--replicas=1", check=False)
         kubectl(e2e_cluster, "delete", "pod", pods[0], "--wait=false", check=False)
+        kubectl(e2e_cluster, "delete", "pod", "-n", RELEASE_NAMESPACE, f"{name}-scraper", "--wait=false", check=False)
         kubectl(e2e_cluster, "delete", "fj", name, "--wait=false", check=False)
 
 
