@@ -474,12 +474,15 @@ def _prune(
     """Deletes the site Jobs and site key Secrets the job has and render no longer gives (a
     site taken out of spec.sites, sites or keys no longer kept here); returns what it deleted,
     by site. Only the job's own objects are deleted. The candidates are the sites of the job's
-    Jobs, of its status and of its spec, so that no Secret needs listing."""
+    Jobs, of its status, of its spec and of the key copies its record lists, so that no
+    Secret needs listing."""
     meta = job["metadata"]
     namespace, uid = meta["namespace"], meta["uid"]
     wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
     sites = {j["metadata"].get("labels", {}).get("bouquet.dev/site") for j in site_jobs.values()}
     sites |= {s["name"] for s in job.get("status", {}).get("sites", [])} | {s["name"] for s in job["spec"]["sites"]}
+    prefix = f"{meta['name']}-"
+    sites |= {c.removeprefix(prefix).removesuffix("-key") for c in record.copies if c.startswith(prefix) and c.endswith("-key")}
     deleted: dict[str, list[str]] = {}
     for site in sorted(s for s in sites if s):
         for api_version, kind, name in (

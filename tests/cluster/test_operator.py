@@ -338,6 +338,53 @@ def test_a_deleted_site_key_is_replaced_and_the_server_restarts_admitting_the_ne
     wait_for(lambda: keys_hash() != hash_before, what="the server's pod template to change with the keys")
 
 
+def test_the_jobs_keys_are_kept_in_the_operators_namespace_and_a_secret_it_did_not_make_is_refused(cluster, client, namespace, operator):
+    """The job's private material is in its record, bouquet-job-<uid> in the operator's
+    namespace; the Secrets the pods mount are copies of it. A Secret of a copy's name that
+    the operator did not make holds the job up (it cannot tell what is in it, and does not
+    adopt it); a copy the operator was making when it stopped is made again."""
+    kubectl(cluster, "create", "secret", "generic", "breast-cancer-tls", "-n", namespace, "--from-literal=ca.crt=not-ours")
+    job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+
+    def messages() -> str:
+        return kubectl(cluster, "get", "events", "-n", namespace, "-o", "jsonpath={.items[*].message}").stdout
+
+    wait_for(lambda: "Secret breast-cancer-tls exists and is not this job's" in messages(), what="the job held up by the foreign Secret")
+    assert client.list("apps/v1", "Deployment", namespace, f"bouquet.dev/job={name}") == []
+    client.delete("v1", "Secret", namespace, "breast-cancer-tls")
+    wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
+
+    record = client.get("v1", "Secret", "bouquet-system", f"bouquet-job-{uid}")
+    labels = record["metadata"]["labels"]
+    assert (labels["bouquet.dev/job-namespace"], labels["bouquet.dev/job-name"], labels["bouquet.dev/job-uid"]) == (namespace, name, uid)
+    data = {k: base64.b64decode(v) for k, v in record["data"].items()}
+    copies = json.loads(data["copies.json"])
+    live = {c: client.get("v1", "Secret", namespace, c) for c in copies}
+    assert sorted(copies) == sorted([f"{name}-tls", *(f"{name}-{site}-key" for site in ("hospital-a", "hospital-b", "hospital-c"))])
+    assert all(copies[c] == live[c]["metadata"]["uid"] for c in copies), "the record names each copy it made"
+    tls_copy = {k: base64.b64decode(v) for k, v in live[f"{name}-tls"]["data"].items()}
+    assert tls_copy == {k.removeprefix("tls."): v for k, v in data.items() if k.startswith("tls.")}
+    key_copy = base64.b64decode(live[f"{name}-hospital-a-key"]["data"]["site.key"])
+    assert key_copy == data["site.hospital-a.site.key"]
+
+    # The operator stopped after noting that it was making hospital-a's copy, before making it.
+    copies[f"{name}-hospital-a-key"] = ""
+    patch = {"data": {"copies.json": base64.b64encode(json.dumps(copies).encode()).decode()}}
+    client.request(
+        "PATCH", f"/api/v1/namespaces/bouquet-system/secrets/bouquet-job-{uid}", body=patch, content_type="application/merge-patch+json"
+    )
+    old = live[f"{name}-hospital-a-key"]["metadata"]["uid"]
+    remade = wait_for(
+        lambda: (c := client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")) and c["metadata"]["uid"] != old and c,
+        what="hospital-a's copy made again",
+    )
+    assert base64.b64decode(remade["data"]["site.key"]) == data["site.hospital-a.site.key"], "from the same key"
+
+    kubectl(cluster, "delete", "fj", name, "-n", namespace)
+    wait_for(lambda: client.get("v1", "Secret", "bouquet-system", f"bouquet-job-{uid}") is None, what="the record gone with the job")
+
+
 def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, client, namespace):
     """Consent withdrawn: one reconcile after hospital-c leaves spec.sites, its Job and key are
     gone, the server's public keys and pod template no longer have it, and the status and an
