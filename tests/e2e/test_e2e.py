@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import shutil
 import socket
@@ -332,6 +333,16 @@ def test_an_outsider_in_the_cluster_with_the_ca_gets_nowhere_and_the_run_complet
         kubectl(e2e_cluster, "delete", "fj", "attacked", "--wait=false", check=False)
 
 
+def listen_below(limit: int) -> socket.socket:
+    """A TCP listener on every address of this host, on a free port between 20000 and limit."""
+    for port in random.sample(range(20000, limit), 100):
+        try:
+            return socket.create_server(("0.0.0.0", port))
+        except OSError:
+            continue
+    raise AssertionError(f"no free port between 20000 and {limit} on this host")
+
+
 def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluster, release, local_node, namespace):
     """The job's NetworkPolicies, enforced by the node's implementation (kube-router's firewall
     on the local node, kindnet on kind): a Pod in another namespace and a Pod of the job's
@@ -371,12 +382,9 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
             node_ip = kubectl(
                 e2e_cluster, "get", "nodes", "-o", 'jsonpath={.items[0].status.addresses[?(@.type=="InternalIP")].address}'
             ).stdout
-            # Below the NodePort range, which kube-router leaves open to Pods on the node's
-            # addresses whatever the policies say.
-            listener = socket.create_server(("0.0.0.0", 0))
-            while listener.getsockname()[1] >= 30000:
-                listener.close()
-                listener = socket.create_server(("0.0.0.0", 0))
+            # Below the NodePort range (30000-32767), which kube-router leaves open to Pods on
+            # the node's addresses whatever the policies say, and below the ephemeral ports.
+            listener = listen_below(30000)
             outside = "198.51.100.7"  # TEST-NET-2: no network of the cluster's
             subprocess.run(["ip", "addr", "add", f"{outside}/32", "dev", "lo"], check=True)
             port = listener.getsockname()[1]
