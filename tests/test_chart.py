@@ -60,7 +60,8 @@ def test_the_default_install_watches_every_namespace(helm):
     endpoints = [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}]
     assert roles == {
         ("bouquet-system", "bouquet-records"): [
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "patch", "delete"]}
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "patch", "delete"]},
+            {"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": ["bouquet"], "verbs": ["get"]},
         ],
         ("default", "bouquet-cluster-network"): endpoints,
         ("kube-system", "bouquet-cluster-network"): endpoints,

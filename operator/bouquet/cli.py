@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the operator's own namespace, where it keeps each job's private keys, readable by it alone (default: %(default)s)",
     )
     operator.add_argument(
+        "--own-service-account",
+        metavar="NAME",
+        help="the operator's ServiceAccount in its own namespace: the jobs' records are owned by it, and go when it does",
+    )
+    operator.add_argument(
         "--dns-service",
         default="kube-system/kube-dns",
         metavar="NS/NAME",
@@ -309,6 +314,7 @@ def _operator(args) -> int:
         metrics_scrapers=args.metrics_scrapers,
         dns_service=args.dns_service,
         own_namespace=args.own_namespace,
+        own_account=args.own_service_account,
         resync_seconds=args.resync_seconds,
         workers=args.workers,
         port=args.port,

@@ -63,6 +63,7 @@ class Config:
     # Where the jobs' records (their private material, see keep.py) are kept: the operator's
     # own namespace.
     own_namespace: str = "bouquet-system"
+    own_account: str | None = None  # the operator's ServiceAccount there, which owns the records
     resync_seconds: float = 60.0
     workers: int = 4
     port: int = 8080  # /metrics and /healthz; 0 for none
@@ -76,6 +77,7 @@ class Config:
             metrics_scrapers=tuple(json.loads(env.get("BOUQUET_METRICS_SCRAPERS", "[]"))),
             dns_service=env.get("BOUQUET_DNS_SERVICE", cls.dns_service),
             own_namespace=env.get("BOUQUET_OWN_NAMESPACE", cls.own_namespace),
+            own_account=env.get("BOUQUET_OWN_SERVICE_ACCOUNT") or None,
             resync_seconds=float(env.get("BOUQUET_RESYNC_SECONDS", cls.resync_seconds)),
             workers=int(env.get("BOUQUET_WORKERS", cls.workers)),
             port=int(env.get("BOUQUET_OPERATOR_PORT", cls.port)),
@@ -250,7 +252,7 @@ def _material(
     restarts with it (a new site key is registered, the old one unregistered). A Secret of
     a copy's name that the operator did not make is refused."""
     spec = job["spec"]
-    record = keep.load(client, config.own_namespace, job)
+    record = keep.load(client, config.own_namespace, job, keep.owner(client, config.own_namespace, config.own_account))
     before = record.snapshot() if record.exists else ""
     wants_tls = spec["mode"] != "SitesOnly" and spec["security"]["tls"]["mode"] == "Auto"
     sites = [s["name"] for s in spec["sites"]] if render.makes_site_keys(job) else []

@@ -14,6 +14,9 @@ the operator made (each copy's uid once it is made), so that a Secret of that na
 not make is refused, and a copy it made that is gone (someone deleted it: a key revoked)
 is made again from new material. The record is written before a copy is made, so that no
 copy ever holds material the record lacks.
+
+Records are owned by the operator's ServiceAccount, when it runs under one: uninstalling
+the chart removes them with it (and the jobs with the CRD), leaving no key behind.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Record:
     data: dict[str, bytes] = field(default_factory=dict)
     copies: dict[str, str] = field(default_factory=dict)
     exists: bool = False
+    owners: list[dict] = field(default_factory=list)  # its owner references (see owner())
 
     def snapshot(self) -> str:
         return json.dumps([{k: base64.b64encode(v).decode() for k, v in sorted(self.data.items())}, self.copies], sort_keys=True)
@@ -49,13 +53,25 @@ def record_name(job: Mapping) -> str:
     return f"{PREFIX}{job['metadata']['uid']}"
 
 
-def load(client: kube.Client, namespace: str, job: Mapping) -> Record:
+def load(client: kube.Client, namespace: str, job: Mapping, owners: list[dict] | None = None) -> Record:
     found = client.get("v1", "Secret", namespace, record_name(job))
     if found is None:
-        return Record()
+        return Record(owners=list(owners or []))
     data = {k: base64.b64decode(v) for k, v in (found.get("data") or {}).items()}
     copies = json.loads(data.pop(COPIES, b"{}"))
-    return Record(data, copies, exists=True)
+    return Record(data, copies, exists=True, owners=list(owners or []))
+
+
+def owner(client: kube.Client, namespace: str, account: str | None) -> list[dict]:
+    """The owner references of the records: the operator's ServiceAccount, if it runs under
+    one. Read each time: a record owned by an incarnation of the account that is gone would
+    be garbage-collected at once."""
+    if not account:
+        return []
+    found = client.get("v1", "ServiceAccount", namespace, account)
+    if found is None:
+        raise kube.ApiError(404, {"reason": "NotFound", "message": f"the operator's ServiceAccount {namespace}/{account} does not exist"})
+    return [{"apiVersion": "v1", "kind": "ServiceAccount", "name": account, "uid": found["metadata"]["uid"]}]
 
 
 def save(client: kube.Client, namespace: str, job: Mapping, record: Record) -> None:
@@ -73,6 +89,7 @@ def save(client: kube.Client, namespace: str, job: Mapping, record: Record) -> N
                 LABEL_NAME: meta["name"],
                 LABEL_UID: meta["uid"],
             },
+            **({"ownerReferences": record.owners} if record.owners else {}),
         },
         "type": "Opaque",
         "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())},

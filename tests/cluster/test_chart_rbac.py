@@ -70,7 +70,7 @@ def _chart_rbac(cluster: str, helm: str, *values: str) -> list[dict]:
 def take_a_job_through(cluster, client, namespace, server_identity, operator_kubeconfig: str, namespaces: list[str] | None = None) -> None:
     """As the chart's ServiceAccount: a job from apply to Running, a site withdrawn, the job
     Succeeded and deleted by its time to live; no request of the operator's refused."""
-    operator = Operator(kubeconfig=operator_kubeconfig, namespaces=namespaces).start()
+    operator = Operator(kubeconfig=operator_kubeconfig, namespaces=namespaces, account="bouquet").start()
     try:
         job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
         job["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 2}
@@ -84,6 +84,13 @@ def take_a_job_through(cluster, client, namespace, server_identity, operator_kub
         assert running["status"]["phase"] == "Running"
         secret = client.get("v1", "Secret", namespace, f"{name}-tls")
         assert base64.b64decode(secret["data"]["ca.crt"]).startswith(b"-----BEGIN CERTIFICATE-----")
+        # The job's keys are in its record, owned by the operator's ServiceAccount: uninstalling
+        # the chart removes them with it.
+        record = client.get("v1", "Secret", "bouquet-system", f"bouquet-job-{running['metadata']['uid']}")
+        account = client.get("v1", "ServiceAccount", "bouquet-system", "bouquet")
+        assert [(o["kind"], o["name"], o["uid"]) for o in record["metadata"]["ownerReferences"]] == [
+            ("ServiceAccount", "bouquet", account["metadata"]["uid"])
+        ]
         # The operator may not read even the copies it made.
         refused = kubectl(operator_kubeconfig, "get", "secret", "-n", namespace, f"{name}-tls", check=False)
         assert refused.returncode != 0 and "Forbidden" in refused.stderr, refused.stderr

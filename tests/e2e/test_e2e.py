@@ -374,9 +374,9 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
         # A pod of the chart's namespace, whose pods may scrape the metrics (and nothing else).
         plain_pod(e2e_cluster, RELEASE_NAMESPACE, f"{name}-scraper")
         metrics_port = f"{server['status']['podIP']}:9400"
-        site = kubectl(
-            e2e_cluster, "get", "pods", "-l", f"bouquet.dev/job={name},bouquet.dev/site=hospital-a", "-o", "name"
-        ).stdout.split()[0]
+        site_selector = f"bouquet.dev/job={name},bouquet.dev/site=hospital-a"
+        kubectl(e2e_cluster, "wait", "pods", "-l", site_selector, "--for=condition=Ready", "--timeout=300s", timeout=320)
+        site = kubectl(e2e_cluster, "get", "pods", "-l", site_selector, "-o", "name").stdout.split()[0]
         site_targets = [f"{listener_ip}:8080"]
         if local_node:
             node_ip = kubectl(
@@ -547,7 +547,8 @@ def test_helm_uninstall_leaves_only_retained_claims(e2e_cluster, release, namesp
             # Every namespace has these of its own.
             found += [f"{ns}/{n}" for n in listed if n not in ("serviceaccount/default", "configmap/kube-root-ca.crt")]
         cluster_wide = kubectl(e2e_cluster, "get", "crd,clusterroles,clusterrolebindings", "-o", "name").stdout.split()
-        return found + [n for n in cluster_wide if "bouquet" in n and "coredns" not in n]
+        # (The test cluster's own CoreDNS and kube-router have roles named bouquet:...)
+        return found + [n for n in cluster_wide if "bouquet" in n and "coredns" not in n and "kube-router" not in n]
 
     wait_for(lambda: remaining() == [], timeout=180, interval=2, what=f"nothing of Bouquet left (still there: {remaining()})")
     claims = kubectl(e2e_cluster, "get", "pvc", "-n", namespace, "-o", "name").stdout.split()

@@ -56,7 +56,9 @@ def condition(job: dict | None, kind: str) -> dict:
 class Operator:
     """The operator under KopfRunner; restartable, as a pod restart would."""
 
-    def __init__(self, resync_seconds: float = 2.0, kubeconfig: str | None = None, namespaces: list[str] | None = None) -> None:
+    def __init__(
+        self, resync_seconds: float = 2.0, kubeconfig: str | None = None, namespaces: list[str] | None = None, account: str | None = None
+    ) -> None:
         self.namespaces = namespaces  # to watch; None: every namespace
         self.port = free_port()
         self.env = {
@@ -66,6 +68,8 @@ class Operator:
         }
         if kubeconfig:  # another identity than the tests' own
             self.env["KUBECONFIG"] = kubeconfig
+        if account:  # its ServiceAccount in bouquet-system, which owns the jobs' records
+            self.env["BOUQUET_OWN_SERVICE_ACCOUNT"] = account
         self.runner: KopfRunner | None = None
         self.previous: dict[str, str | None] = {}
 
