@@ -108,3 +108,21 @@ def test_a_site_whose_key_the_server_does_not_hold_says_so_and_stops(tmp_path):
         processes.stop()
         server.stop()
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_site_whose_node_the_server_still_counts_online_tries_again_rather_than_stopping():
+    """Flower says code 2004 both for a key it does not hold and for a registered key whose
+    node is still online (an earlier SuperNode of the site, not yet timed out): only the
+    second is waited out."""
+    from bouquet import site
+
+    still = (
+        "Failed to initialize the connection to the SuperLink. [code: 2004] Attempted to register SuperNode with public key: "
+        "b'...', exception: SuperNode with node ID 4735682362065246607 could not be activated."
+    )
+    unknown = (
+        "[code: 2004] Attempted to register SuperNode with public key: b'...', exception: No SuperNode found with the given public key."
+    )
+    assert site.still_online(still) and not site.still_online(unknown)
+    assert not site.still_online("[code: 2001] ... could not be activated")
+    assert "counted another connection of site hospital-a online" in site.not_admitted("hospital-a", None, still)

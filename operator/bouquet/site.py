@@ -28,11 +28,27 @@ REPLY_GRACE_SECONDS = 5.0
 
 # Flower's error codes for a SuperNode the SuperLink will not have (flwr.supercore.error).
 NO_KEY, KEY_NOT_REGISTERED = "[code: 2001]", "[code: 2004]"
+# Code 2004 also when the key is registered but its node still counts as online: a previous
+# SuperNode of this site (its pod replaced, or a server before this one) has not missed
+# enough heartbeats yet (Flower: 2 of 30 s). Then the site tries again, this long at most.
+STILL_ONLINE = "could not be activated"
+STILL_ONLINE_PATIENCE_SECONDS = 120.0
+STILL_ONLINE_RETRY_SECONDS = 5.0
+
+
+def still_online(flower_message: str) -> bool:
+    """Whether the SuperLink refused the SuperNode because its node is online already."""
+    return KEY_NOT_REGISTERED in flower_message and STILL_ONLINE in flower_message
 
 
 def not_admitted(site: str, key: Path | None, flower_message: str) -> str:
     """What Flower's connection error means for the site, as the site's log and (on
     Kubernetes, from its pod's termination message) the job's status say it."""
+    if still_online(flower_message):
+        return (
+            f"the server counted another connection of site {site} online for over {STILL_ONLINE_PATIENCE_SECONDS:.0f}s: "
+            "is a second SuperNode running with this site's key?"
+        )
     if NO_KEY in flower_message:
         return f"site {site} has no key, and the server admits only the job's registered site keys: give the site its key (--key)"
     if KEY_NOT_REGISTERED in flower_message and key is not None:
@@ -61,12 +77,20 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
         supernode = processes.start_attached("supernode", command)
         stop = signal.signal(signal.SIGTERM, flower.raise_interrupt)
         verdict = ""
+        patience = time.monotonic() + STILL_ONLINE_PATIENCE_SECONDS
         try:
             while not done.exists():
                 code = supernode.poll()
                 if code is not None:
-                    if connection_error.exists():
-                        verdict = not_admitted(site, key, connection_error.read_text())
+                    message = connection_error.read_text() if connection_error.exists() else ""
+                    if still_online(message) and time.monotonic() < patience:
+                        print(f"site {site}: the server still counts an earlier connection of this site online; trying again", flush=True)
+                        connection_error.unlink()
+                        time.sleep(STILL_ONLINE_RETRY_SECONDS)
+                        supernode = processes.start_attached("supernode", command)
+                        continue
+                    if message:
+                        verdict = not_admitted(site, key, message)
                     return code
                 time.sleep(POLL_SECONDS)
             print(f"site {site}: the run is over", flush=True)

@@ -440,8 +440,16 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
         settle(guarded, "the restored policies enforced")
 
         kubectl(e2e_cluster, "patch", "fj", name, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/3"}]')
-        waited = release.run(f"kubectl wait --for=condition=Succeeded fj/{name} --timeout=15m", timeout=1000, check=False)
-        assert waited.returncode == 0, waited.output
+        ended = wait_for(
+            lambda: (
+                job_status(e2e_cluster, "default", name).get("phase") in ("Succeeded", "Failed")
+                and job_status(e2e_cluster, "default", name)
+            ),
+            timeout=900,
+            interval=3,
+            what="the job to end",
+        )
+        assert ended["phase"] == "Succeeded", ended
     except AssertionError as error:
         raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
     finally:

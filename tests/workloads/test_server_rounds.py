@@ -19,6 +19,7 @@ from bouquet import flower
 from bouquet.local import write_builtin_shares
 from bouquet.schema import load_valid
 from bouquet_workloads import client_app, outputs, server_app
+from bouquet_workloads import roster as roster_module
 from bouquet_workloads.roster import Roster
 
 STRATEGIES = {
@@ -47,7 +48,8 @@ class InProcessGrid:
         self.newest_first = newest_first  # replies in another order than the messages went out
         self.fail_from: dict[str, int] = {}  # site -> the round from which its training fails
         self.stop_at: int | None = None  # the round whose training messages stop the server (SIGTERM)
-        self.away_once: dict[str, int] = {}  # site -> the round whose first training message finds it gone
+        # site -> the round whose first training message finds it gone (0: its data check)
+        self.away_once: dict[str, int] = {}
         self.refusals: dict[str, Path] = {}  # site -> the file its SuperNode lists refused runs in
 
     def get_node_ids(self) -> list[int]:
@@ -72,7 +74,8 @@ class InProcessGrid:
                 config = message.content.config_records.get("config", {})
                 if message.metadata.message_type == "train" and int(config.get("server-round", 0)) >= self.fail_from.get(name, 10**9):
                     raise RuntimeError(f"site {name} went away")
-                if message.metadata.message_type == "train" and int(config.get("server-round", 0)) == self.away_once.get(name):
+                round_ = int(config.get("server-round", 0)) if message.metadata.message_type == "train" else 0
+                if round_ == self.away_once.get(name):
                     # The site's node went offline (its pod restarted): the SuperLink answers for it.
                     del self.away_once[name]
                     reply = create_message_error_unavailable_res_message(message.metadata, "node_unavail")
@@ -254,6 +257,24 @@ def test_a_site_whose_node_goes_away_mid_round_has_the_round_start_again_without
     assert json.loads((tmp_path / "model.json").read_text())["sha256"] == json.loads((reference / "model.json").read_text())["sha256"]
 
 
+def test_a_site_whose_node_goes_away_before_its_data_check_is_asked_again_not_refused(tmp_path):
+    """The server restarted with its sites (a spec change), and its state still counts a
+    site's old SuperNode online: the SuperLink answers the data check in its place. That is no
+    verdict on the site, which is asked again and takes part in every round."""
+    job = make_job("FedAvg", rounds=2)
+    grid = InProcessGrid(job, tmp_path, sites_and_files(job, tmp_path))
+    grid.away_once["b"] = 0
+    server_app.train_federated(grid, job, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [(e["round"], e["sites"]) for e in history] == [(1, ["a", "b", "c"]), (2, ["a", "b", "c"])]
+    checks = [
+        grid.sites[m.metadata.dst_node_id][0]
+        for m in grid.seen
+        if m.metadata.message_type == "query" and m.content.config_records["config"].get("query") == roster_module.DATA_CHECK
+    ]
+    assert sorted(checks) == ["a", "b", "b", "c"], "b's data check was sent again once its node was back"
+
+
 def test_a_site_that_refused_runs_of_other_apps_says_so_and_the_round_records_it(tmp_path):
     job = make_job("FedAvg", rounds=2)
     grid = InProcessGrid(job, tmp_path, sites_and_files(job, tmp_path))
@@ -291,7 +312,9 @@ def test_a_node_is_the_site_it_claims_only_once_and_only_if_the_job_has_it(tmp_p
     trained = sorted(m.metadata.dst_node_id for m in grid.seen if m.metadata.message_type == "train")
     assert trained == [2, 3]
     # Once a site holds its name, a newcomer claiming it is turned away, and the site stays.
-    roster = Roster(grid, job["spec"], lambda messages, timeout: server_app._exchange(grid, messages, timeout), lambda *_: None)
+    roster = Roster(
+        grid, job["spec"], lambda messages, timeout, gone=None: server_app._exchange(grid, messages, timeout, gone), lambda *_: None
+    )
     del grid.sites[4], grid.sites[5]
     roster.check([1, 2, 3])
     grid.sites[6] = ("a", files["a"])
@@ -317,7 +340,7 @@ def test_with_registered_keys_a_site_is_the_owner_of_its_key_whatever_it_says(tm
     roster = Roster(
         grid,
         job["spec"],
-        lambda messages, timeout: server_app._exchange(grid, messages, timeout),
+        lambda messages, timeout, gone=None: server_app._exchange(grid, messages, timeout, gone),
         lambda *_: None,
         lambda: {1: "a", 2: "b", 3: "c"},
     )

@@ -37,7 +37,8 @@ DATA_CHECK = "data-check"
 WAIT_SECONDS = 0.5
 WAIT_LOG_SECONDS = 30
 
-Exchange = Callable[[list[Message], float], list[Message]]
+# (messages, timeout, gone): the replies; the nodes that went away before replying are added to gone.
+Exchange = Callable[[list[Message], float, set[int]], list[Message]]
 
 
 class SitesNotReady(RuntimeError):
@@ -125,11 +126,17 @@ class Roster:
         """Sends the data check to nodes; returns the moments of the sites that passed."""
         query = RecordDict({"config": ConfigRecord({"query": DATA_CHECK})})
         messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-        replies = self.exchange(messages, self.timeout)
+        gone: set[int] = set()
+        replies = self.exchange(messages, self.timeout, gone)
         self.audit(0, DATA_CHECK, replies)
         answered = {r.metadata.src_node_id for r in replies}
         for node in nodes:
-            if node not in answered:
+            if node in gone:
+                # Its SuperNode went away before answering (a pod restarting; a node a server
+                # before this one still counted online): no verdict on the site, which is
+                # asked again once its node is back.
+                log.info("node %s went away before its data check; it is asked again when it is back", node)
+            elif node not in answered:
                 self.refused[node] = f"a site (node {node}) did not answer the data check within {self.timeout}s"
         known = dict(self.identities()) if self.identities else {}
         claims = [self._name(r, known) for r in replies]

@@ -75,7 +75,11 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
             raise SitesNotReady(f"{problem}; start again from round 1 with an empty output folder, or lower strategy.minSites")
     _progress(out, job, "Running", round_=checkpoint.round if checkpoint else 0, message="waiting for sites")
     roster = Roster(
-        grid, spec, lambda messages, timeout: _exchange(grid, messages, timeout), partial(_audit, out), _identities(site_names, out)
+        grid,
+        spec,
+        lambda messages, timeout, gone=None: _exchange(grid, messages, timeout, gone),
+        partial(_audit, out),
+        _identities(site_names, out),
     )
     moments = roster.start()
     if checkpoint is None:
