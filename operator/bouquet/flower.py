@@ -175,10 +175,13 @@ def process_env(extra_paths: list[Path] = ()) -> dict[str, str]:
     """The environment for Flower's processes. Flower starts further console scripts of
     its own by name, so this environment's bin directory goes first on PATH; and the
     ServerApp and ClientApps import the same Bouquet code as this process (plus a job's
-    own app modules from extra_paths)."""
+    own app modules from extra_paths). Flower's telemetry is off: left on, every Flower process
+    (a ClientApp for each message a site receives) reports the machine to Flower's servers,
+    which a site's network must not reach."""
     import bouquet_workloads
 
     env = dict(os.environ)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     roots = [*extra_paths, Path(bouquet_workloads.__file__).parent.parent]
     inherited = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
