@@ -33,6 +33,7 @@ from bouquet import kube  # noqa: E402
 from bouquet.render import CHILD_KINDS, Settings, render  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
+TIMEOUT = 300  # seconds for a job's (or the live jobs') children to appear
 
 
 def kubectl(kubeconfig: str, *args: str, input: str | None = None) -> str:
@@ -85,6 +86,8 @@ def main() -> int:
         kubectl(kubeconfig, "apply", "--server-side", "-f", str(ROOT / "crds" / "federatedjob.yaml"))
         kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/federatedjobs.bouquet.dev")
         kubectl(kubeconfig, "create", "namespace", "bench")
+        # The operator's own namespace, where it keeps the jobs' records (operator/bouquet/keep.py).
+        kubectl(kubeconfig, "create", "namespace", "bouquet-system")
         os.environ["KUBECONFIG"] = kubeconfig
         client = kube.Client.from_environment()
         log = open(state.parent / "operator.log", "w")  # noqa: SIM115 - open for the operator's life
@@ -92,13 +95,28 @@ def main() -> int:
         time.sleep(3)
         wanted = expected_count(job("j"))
 
+        def wait(names: list[str]) -> None:
+            """Until every job named has all its children; a clear failure, with the operator's
+            log, if they do not come within TIMEOUT seconds or the operator exits."""
+            deadline = time.monotonic() + TIMEOUT
+            pending = set(names)
+            while True:
+                pending = {n for n in pending if children_of(client, n) < wanted}
+                if not pending:
+                    return
+                if operator.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    tail = (state.parent / "operator.log").read_text()[-3000:]
+                    why = f"the operator exited ({operator.returncode})" if operator.poll() is not None else f"{TIMEOUT} s passed"
+                    raise SystemExit(f"{why} before {sorted(pending)[:5]} had all {wanted} children; the operator's log ends:\n{tail}")
+                time.sleep(0.02 if len(pending) == 1 else 0.5)
+
         timings = []
         for i in range(args.jobs):
             name = f"timed-{i}"
             started = time.monotonic()
             kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(name)))
-            while children_of(client, name) < wanted:
-                time.sleep(0.02)
+            wait([name])
             timings.append(time.monotonic() - started)
         timings.sort()
         p95 = timings[min(len(timings) - 1, int(round(0.95 * len(timings))) - 1)]
@@ -108,10 +126,7 @@ def main() -> int:
         for i in range(args.jobs, args.live):
             kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(f"live-{i}")))
         names = [f"timed-{i}" for i in range(args.jobs)] + [f"live-{i}" for i in range(args.jobs, args.live)]
-        pending = set(names)
-        while pending:
-            pending = {n for n in pending if children_of(client, n) < wanted}
-            time.sleep(0.5)
+        wait(names)
         print(f"{args.live} jobs live, every child created {time.monotonic() - started:.1f} s after the last apply started")
         time.sleep(10)  # a few reconciles of each
         print(f"operator memory (RSS) with {args.live} jobs live: {rss_mib(operator.pid):.0f} MiB")
