@@ -171,17 +171,22 @@ class Processes:
             del self.running[name]
 
 
+SUPEREXEC_POLL_SECONDS = 0.1
+
+
 def process_env(extra_paths: list[Path] = ()) -> dict[str, str]:
     """The environment for Flower's processes. Flower starts further console scripts of
     its own by name, so this environment's bin directory goes first on PATH; and the
     ServerApp and ClientApps import the same Bouquet code as this process (plus a job's
     own app modules from extra_paths). Flower's telemetry is off: left on, every Flower process
     (a ClientApp for each message a site receives) reports the machine to Flower's servers,
-    which a site's network must not reach."""
+    which a site's network must not reach. A SuperExec looks for a task to start (a site's
+    ClientApp for each message) every SUPEREXEC_POLL_SECONDS rather than Flower's 1 s."""
     import bouquet_workloads
 
     env = dict(os.environ)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_SECONDS))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     roots = [*extra_paths, Path(bouquet_workloads.__file__).parent.parent]
     inherited = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -414,10 +419,39 @@ def _side_by_side(calls: Mapping[object, list[str]], flwr_home: Path, env: Mappi
     return {key: process.communicate(timeout=120) for key, process in started.items()}
 
 
-def run_status(run_id: int, flwr_home: Path, env: Mapping[str, str]) -> str:
-    """The run's status as Flower reports it, e.g. "running" or "finished:completed"."""
-    reply = _flwr(["ls", "job", "--run-id", str(run_id), "--format", "json"], flwr_home, env)
-    return str(reply["runs"][0]["status"])
+class RunStatus:
+    """The status of one run as Flower reports it ("running", "finished:completed", ...): what
+    `flwr ls --run-id` prints, asked of the SuperLink's Control API from this process. A `flwr`
+    process at each look would cost a Python start (about a CPU-second) every second of a run.
+    The client is flwr 1.41.0's own, with the headers its CLI sends (tests/test_flower.py)."""
+
+    def __init__(self, port: int, tls: Tls, run_id: int) -> None:
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        self.run_id = run_id
+        self.client = ControlHttpClient.from_server_address(
+            f"localhost:{port}",  # the name the server's certificate holds
+            insecure=not tls.enabled,
+            root_certificates=Path(tls.ca).read_bytes() if tls.enabled else None,
+            interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+        )
+
+    def __call__(self) -> str:
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        try:
+            reply = self.client.ListRuns(ListRunsRequest(run_id=self.run_id))
+        except Exception as error:  # Flower raises its own errors, of several kinds, for a refused call
+            raise LaunchError(f"the server did not say how run {self.run_id} stands: {error}") from None
+        if self.run_id not in reply.run_dict:
+            raise LaunchError(f"the server does not know run {self.run_id}")
+        status = reply.run_dict[self.run_id].status
+        return f"{status.status}:{status.sub_status}" if status.sub_status else status.status
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def _flwr(args: list[str], flwr_home: Path, env: Mapping[str, str]) -> dict:

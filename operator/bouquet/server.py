@@ -18,7 +18,7 @@ from . import flower, progress
 from .gate import Gate
 
 START_SECONDS = 60
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.5  # between looks at the run's status and history (in-process: cheap)
 
 
 def _tls_files(tls: flower.Tls) -> tuple[str | None, str | None, str | None]:
@@ -107,19 +107,23 @@ class Server:
         if reported:
             say(f"continuing after round {reported} (from its checkpoint)")
         first_new = reported
-        while True:
-            self.processes.check()
-            if not self.gate.alive:
-                raise flower.LaunchError(f"the server's port {self.host}:{self.port} stopped answering")
-            status = flower.run_status(self.run_id, self.flwr_home, self.processes.env)
-            # Read after the status, so that the rounds of a run that just finished are shown.
-            history = outputs.read_json(self.out / outputs.HISTORY, []) or []
-            for entry in history[reported:]:
-                say(round_line(entry, rounds, history[first_new:], started))
-            reported = max(reported, len(history))
-            if status.startswith("finished"):
-                break
-            time.sleep(POLL_SECONDS)
+        run_status = flower.RunStatus(self.superlink_port, self.tls, self.run_id)
+        try:
+            while True:
+                self.processes.check()
+                if not self.gate.alive:
+                    raise flower.LaunchError(f"the server's port {self.host}:{self.port} stopped answering")
+                status = run_status()
+                # Read after the status, so that the rounds of a run that just finished are shown.
+                history = outputs.read_json(self.out / outputs.HISTORY, []) or []
+                for entry in history[reported:]:
+                    say(round_line(entry, rounds, history[first_new:], started))
+                reported = max(reported, len(history))
+                if status.startswith("finished"):
+                    break
+                time.sleep(POLL_SECONDS)
+        finally:
+            run_status.close()
         progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}
         # The built-in task also reports its own end; a job's own app is done when Flower says so.
         builtin_done = "app" in self.job["spec"] or progress.get("state") == "Succeeded"

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 
 import pytest
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import start_client_internal
 
 from bouquet import flower
-from bouquet_workloads.supernode import PATCHED, Pin
+from bouquet_workloads import supernode as supernode_module
+from bouquet_workloads.supernode import IDLE_SLEEP, PATCHED, REPLY_SLEEP, Pace, Pin, install
 
 
 def run(run_id: int, fab_hash: str) -> Run:
@@ -52,3 +54,44 @@ def test_the_app_hash_follows_the_job_alone():
     assert flower.app_sha256(own) != flower.app_sha256(job)
     other_component = {"spec": {"app": {**own["spec"]["app"], "clientApp": "theirs.client:app"}}}
     assert flower.app_sha256(other_component) != flower.app_sha256(own)
+
+
+def test_flowers_supernode_loop_still_waits_where_the_pace_shortens_it():
+    # The pace tells Flower's waits apart by their length, from flwr 1.41.0's source: another
+    # version that waits elsewhere or otherwise would be paced wrongly or not at all.
+    import flwr
+
+    source = inspect.getsource(start_client_internal)
+    assert flwr.__version__ == "1.41.0", f"Pace is written against flwr 1.41.0's SuperNode loop, not {flwr.__version__}'s"
+    assert re.findall(r"\btime\.sleep\(([^)]*)\)", source) == [str(IDLE_SLEEP), str(REPLY_SLEEP), str(REPLY_SLEEP)]
+    assert re.search(rf"if run_id is None:\s+# [^\n]*\n\s+time\.sleep\({IDLE_SLEEP}\)", source), "the idle wait follows an empty pull"
+    assert "import time" in source and "from time import" not in source
+
+
+def test_the_pace_pulls_soon_after_a_message_and_backs_off_to_flowers_wait_when_idle(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_module.time, "sleep", slept.append)
+    pace = Pace()
+    for _ in range(12):
+        pace.sleep(IDLE_SLEEP)
+    assert slept[0] == Pace.FIRST_PULL and slept == sorted(slept) and slept[-1] == IDLE_SLEEP
+    assert sum(slept[:5]) < 1  # the next phase's message is asked for within a second
+    pace.busy()
+    pace.sleep(IDLE_SLEEP)
+    pace.sleep(REPLY_SLEEP)
+    pace.sleep(7)  # any other wait is left as it is
+    assert slept[-3:] == [Pace.FIRST_PULL, Pace.REPLY_POLL, 7]
+    assert pace.monotonic() > 0  # the rest of `time`, as it is
+
+
+def test_the_pace_is_reset_by_a_message_the_pin_let_through(monkeypatch):
+    pace = Pace()
+    pace.idle = IDLE_SLEEP
+    results = iter([None, 42])
+    monkeypatch.setattr(start_client_internal, PATCHED, lambda **kwargs: next(results))
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    install(Pin("a" * 64, None), pace)
+    pull = getattr(start_client_internal, PATCHED)
+    assert start_client_internal.time is pace
+    assert pull(get_run=lambda run_id: None) is None and pace.idle == IDLE_SLEEP
+    assert pull(get_run=lambda run_id: None) == 42 and pace.idle == Pace.FIRST_PULL

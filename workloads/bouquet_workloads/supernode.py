@@ -10,6 +10,12 @@ the run's bundle hash with the pin; a run of any other app is refused before its
 downloaded: nothing of it is stored or started at the site, the refusal is logged, and it is
 counted in the file the site's metrics are read from.
 
+Flower's SuperNode also waits with fixed sleeps: 3 s after each pull that found no message
+(so the next round's message waits about that long), and 0.5 s between looks for the
+ClientApp's reply. This SuperNode paces them instead (Pace): right after a message it pulls
+again within tens of milliseconds, backing off to Flower's 3 s only while it stays idle, and
+it looks for the reply every few milliseconds.
+
 When the SuperLink will not have the SuperNode (no key, a key it does not hold), Flower exits
 with its connection error; with --connection-error the SuperNode leaves Flower's message in
 that file, for `bouquet site` to say what it means for the site.
@@ -36,6 +42,37 @@ log = logging.getLogger("bouquet.site")
 # Flower's SuperNode takes each message from the SuperLink through this function, which is
 # given (by keyword) the call that fetches a run's details; the pin wraps that call.
 PATCHED = "_pull_and_store_message"
+# The sleeps of flwr 1.41.0's start_client_internal (its only ones, through its module's
+# `time`): after a pull that found nothing, and while a reply or its content is not there yet.
+# tests/workloads/test_supernode.py checks that the source still says so.
+IDLE_SLEEP, REPLY_SLEEP = 3, 0.5
+
+
+class Pace:
+    """Stands in for the `time` module of Flower's SuperNode loop: the same functions, but its
+    fixed waits shortened. After a message the next pull comes FIRST_PULL seconds later, and
+    each pull that finds nothing doubles the wait up to Flower's own 3 s (an idle site asks
+    the server no more often than Flower's does); a reply is looked for every REPLY_POLL s."""
+
+    FIRST_PULL = 0.02
+    REPLY_POLL = 0.005
+
+    def __init__(self) -> None:
+        self.idle = self.FIRST_PULL
+
+    def busy(self) -> None:
+        """A message came: the next one is likely soon (the round's next phase)."""
+        self.idle = self.FIRST_PULL
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == IDLE_SLEEP:
+            seconds, self.idle = self.idle, min(self.idle * 2, IDLE_SLEEP)
+        elif seconds == REPLY_SLEEP:
+            seconds = self.REPLY_POLL
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
 
 
 class Pin:
@@ -77,15 +114,21 @@ def record_refusal(path: Path, run_id: int, app_sha256: str) -> None:
     tmp.replace(path)
 
 
-def install(pin: Pin) -> None:
-    """Wraps the SuperNode's message intake so that every run it meets passes the pin."""
+def install(pin: Pin, pace: Pace | None = None) -> None:
+    """Wraps the SuperNode's message intake so that every run it meets passes the pin, and
+    (with pace) paces the SuperNode's waits."""
     original = getattr(start_client_internal, PATCHED)
 
     def pull_and_store_message(**kwargs):
         kwargs["get_run"] = pin.guard(kwargs["get_run"])
-        return original(**kwargs)
+        run_id = original(**kwargs)
+        if run_id is not None and pace is not None:
+            pace.busy()
+        return run_id
 
     setattr(start_client_internal, PATCHED, pull_and_store_message)
+    if pace is not None:
+        start_client_internal.time = pace
 
 
 def record_connection_error(path: Path) -> None:
@@ -126,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = pinned_parser("bouquet_workloads.supernode", __doc__, "this site", "flower-supernode")
     parser.add_argument("--connection-error", type=Path, help="file to leave Flower's message in if the SuperLink refuses the SuperNode")
     args = parser.parse_args(argv)
-    install(Pin(args.app_sha256, args.refusals))
+    install(Pin(args.app_sha256, args.refusals), Pace())
     if args.connection_error:
         record_connection_error(args.connection_error)
     from flwr.supernode.cli import flower_supernode
