@@ -22,3 +22,17 @@ def helm() -> str:
     if built.returncode:
         pytest.fail(f"helm could not be built (scripts/helm.sh):\n{built.stderr[-3000:]}", pytrace=False)
     return built.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def quick_start(tmp_path_factory):
+    """A user's shell at the root of a fresh copy of the checkout, after the README's quick
+    start, `make run`: once for the whole session. The README's tests go on from it, and the
+    cluster's first job is compared with the model it wrote (both on this machine: weights are
+    the same to the bit only on processors that add the same way, see the quick start)."""
+    from support import readme
+
+    clone = readme.fresh_clone(tmp_path_factory.mktemp("readme") / "bouquet")
+    user = readme.Session(clone, readme.user_environment())
+    user.quick_start = user.run(readme.commands("quick-start")[0], timeout=1200)
+    return user

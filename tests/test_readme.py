@@ -41,13 +41,10 @@ def test_ci_runs_the_readmes_test_command_from_a_fresh_clone():
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory) -> readme.Session:
+def session(quick_start) -> readme.Session:
     """A user's shell at the root of a fresh copy of the checkout, after the quick start's
-    `make run`."""
-    clone = readme.fresh_clone(tmp_path_factory.mktemp("readme") / "bouquet")
-    user = readme.Session(clone, readme.user_environment())
-    user.quick_start = user.run(readme.commands("quick-start")[0], timeout=1200)
-    return user
+    `make run` (tests/conftest.py)."""
+    return quick_start
 
 
 def metrics_part(line: str) -> str:

@@ -18,7 +18,6 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,27 +55,6 @@ def server_pods(kubeconfig: str, namespace: str, job: str) -> list[dict]:
     return json.loads(kubectl(kubeconfig, "get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
 
 
-class QuickStart(threading.Thread):
-    """The README's quick start, `make run`, in a shell of its own at the root of the user's
-    copy, while the same job trains on the cluster (its rounds wait on the network more than
-    they compute, so the two share the CPUs at little cost). Both on this machine: weights are
-    the same to the bit only on processors that add the same way (see the quick start)."""
-
-    def __init__(self, user: readme.Session) -> None:
-        super().__init__(daemon=True)
-        self.session = readme.Session(user.cwd, dict(user.env))
-        self.result: readme.Result | None = None
-        self.start()
-
-    def run(self) -> None:
-        self.result = self.session.run(readme.commands("quick-start")[0], timeout=1500, check=False)
-
-    def model(self) -> dict:
-        self.join(1500)
-        assert self.result is not None and self.result.returncode == 0, self.result
-        return json.loads((self.session.cwd / "runs" / "breast-cancer" / "model.json").read_text())
-
-
 @dataclass
 class ExampleRun:
     table: str
@@ -91,13 +69,13 @@ class ExampleRun:
 
 
 @pytest.fixture(scope="module")
-def example_run(e2e_cluster, release, prometheus) -> ExampleRun:
+def example_run(e2e_cluster, release, prometheus, quick_start) -> ExampleRun:
     """The README's first job, line by line as written, with Prometheus and the dashboards
-    asked while it runs; then its model copied out of the claim and used to predict."""
+    asked while it runs; then its model copied out of the claim and used to predict, and the
+    model of the README's `make run` on this machine (tests/conftest.py) beside it."""
     user = release
     apply, get, wait, model = readme.commands("first-job")
     user.run(apply)
-    local = QuickStart(user)
     try:
         wait_for_round(e2e_cluster, "default", "breast-cancer", 2)
     except AssertionError as error:
@@ -122,7 +100,7 @@ def example_run(e2e_cluster, release, prometheus) -> ExampleRun:
         mid_run,
         user.cwd / "runs" / "breast-cancer-cluster",
         copy[-1].stderr,
-        local.model(),
+        json.loads((quick_start.cwd / "runs" / "breast-cancer" / "model.json").read_text()),
     )
 
 
