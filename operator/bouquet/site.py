@@ -34,6 +34,13 @@ NO_KEY, KEY_NOT_REGISTERED = "[code: 2001]", "[code: 2004]"
 STILL_ONLINE = "could not be activated"
 STILL_ONLINE_PATIENCE_SECONDS = 120.0
 STILL_ONLINE_RETRY_SECONDS = 5.0
+# Flower's SuperNode also ends by itself, with no connection error, when its server goes away
+# in the middle of a request in some ways (a TLS connection cut mid-read makes it give up, an
+# answer of 401 from a server that no longer knows its session makes it interrupt itself):
+# that is how a server restarted with its sites (a spec change) or moved can look. The run is
+# not over, so the site starts its SuperNode again, this many times at most.
+SUPERNODE_RESTARTS = 5
+SUPERNODE_RESTART_SECONDS = 5.0
 
 
 def still_online(flower_message: str) -> bool:
@@ -78,6 +85,7 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
         stop = signal.signal(signal.SIGTERM, flower.raise_interrupt)
         verdict = ""
         patience = time.monotonic() + STILL_ONLINE_PATIENCE_SECONDS
+        restarts = 0
         try:
             while not done.exists():
                 code = supernode.poll()
@@ -91,7 +99,21 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
                         continue
                     if message:
                         verdict = not_admitted(site, key, message)
-                    return code
+                        return code
+                    if done.exists():
+                        continue  # it ended as the run did: the run is over
+                    if restarts < SUPERNODE_RESTARTS:
+                        restarts += 1
+                        print(
+                            f"site {site}: the SuperNode stopped (exit {code}) before the run was over; "
+                            f"starting it again ({restarts} of {SUPERNODE_RESTARTS})",
+                            flush=True,
+                        )
+                        time.sleep(SUPERNODE_RESTART_SECONDS)
+                        supernode = processes.start_attached("supernode", command)
+                        continue
+                    verdict = f"the site's SuperNode stopped {restarts + 1} times before the run was over (last exit {code})"
+                    return code or 1
                 time.sleep(POLL_SECONDS)
             print(f"site {site}: the run is over", flush=True)
             try:

@@ -447,7 +447,7 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
             interval=3,
             what="the job to end",
         )
-        assert ended["phase"] == "Succeeded", ended
+        assert ended["phase"] == "Succeeded", json.dumps(ended, indent=1)
     except AssertionError as error:
         raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
     finally:

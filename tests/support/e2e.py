@@ -123,6 +123,8 @@ def diagnose(kubeconfig: str, namespace: str) -> str:
     for pod in pods:
         logs = kubectl(kubeconfig, "logs", "-n", namespace, pod, "--all-containers", "--tail=30", check=False)
         parts.append(f"--- {pod}\n{logs.stdout[-2500:]}{logs.stderr[-500:]}")
+    operator = kubectl(kubeconfig, "logs", "-n", RELEASE_NAMESPACE, f"deployment/{RELEASE}", "--tail=40", check=False)
+    parts.append(f"--- the operator\n{operator.stdout[-4000:]}{operator.stderr[-500:]}")
     return "\n".join(parts)
 
 
