@@ -351,13 +351,15 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
     of the cluster, which the host answers for). Then the same connections with the job's
     policies deleted (the operator stopped meanwhile, so that it does not put them back at
     once): every one opens, so each refusal above was the policy's. The server is held up
-    meanwhile by a fourth site that no node can place, then taken out of the job, and the run
-    trains to Succeeded under the policies, which the restarted operator has restored."""
+    meanwhile by a fourth site whose Pod no node takes until the test labels one for it, and
+    then the run trains to Succeeded with its four sites under the policies, which the
+    restarted operator has restored."""
     name = "guarded"
+    hold = "bouquet.dev/e2e-hold"  # a node label that no node has until the probes are done
     job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
     job["metadata"] = {"name": name, "namespace": "default"}
     job["spec"]["rounds"] = 2
-    job["spec"]["sites"].append({"name": "hospital-d", "gpus": 16})  # the GPU node has 2
+    job["spec"]["sites"].append({"name": "hospital-d", "nodeSelector": {hold: name}})
     kubectl(e2e_cluster, "apply", "-f", "-", input=yaml.safe_dump(job))
     pods = [f"{name}-listener", f"{name}-outsider"]
     listener = outside = None
@@ -437,7 +439,8 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
         )
         settle(guarded, "the restored policies enforced")
 
-        kubectl(e2e_cluster, "patch", "fj", name, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/3"}]')
+        node = kubectl(e2e_cluster, "get", site, "-o", "jsonpath={.spec.nodeName}").stdout  # one that runs sites
+        kubectl(e2e_cluster, "label", "node", node, f"{hold}={name}")
         ended = wait_for(
             lambda: (
                 job_status(e2e_cluster, "default", name).get("phase") in ("Succeeded", "Failed")
@@ -459,6 +462,7 @@ def test_the_jobs_network_policies_are_enforced_and_the_run_completes(e2e_cluste
         kubectl(e2e_cluster, "delete", "pod", pods[0], "--wait=false", check=False)
         kubectl(e2e_cluster, "delete", "pod", "-n", RELEASE_NAMESPACE, f"{name}-scraper", "--wait=false", check=False)
         kubectl(e2e_cluster, "delete", "fj", name, "--wait=false", check=False)
+        kubectl(e2e_cluster, "label", "nodes", "--all", f"{hold}-", check=False)
 
 
 def test_a_site_withdrawn_mid_run_is_stopped_and_left_out_of_later_rounds(e2e_cluster, release):
