@@ -427,10 +427,12 @@ class RunStatus:
 
     def __init__(self, port: int, tls: Tls, run_id: int) -> None:
         from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.proto.control_pb2 import ListRunsRequest
         from flwr.supercore.control import ControlHttpClient
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
         self.run_id = run_id
+        self.request = ListRunsRequest(run_id=run_id)
         self.client = ControlHttpClient.from_server_address(
             f"localhost:{port}",  # the name the server's certificate holds
             insecure=not tls.enabled,
@@ -439,10 +441,8 @@ class RunStatus:
         )
 
     def __call__(self) -> str:
-        from flwr.proto.control_pb2 import ListRunsRequest
-
         try:
-            reply = self.client.ListRuns(ListRunsRequest(run_id=self.run_id))
+            reply = self.client.ListRuns(self.request)
         except Exception as error:  # Flower raises its own errors, of several kinds, for a refused call
             raise LaunchError(f"the server did not say how run {self.run_id} stands: {error}") from None
         if self.run_id not in reply.run_dict:

@@ -33,14 +33,13 @@ NO_KEY, KEY_NOT_REGISTERED = "[code: 2001]", "[code: 2004]"
 # enough heartbeats yet (Flower: 2 of 30 s). Then the site tries again, this long at most.
 STILL_ONLINE = "could not be activated"
 STILL_ONLINE_PATIENCE_SECONDS = 120.0
-STILL_ONLINE_RETRY_SECONDS = 5.0
+RETRY_SECONDS = 5.0  # before a site starts its SuperNode again
 # Flower's SuperNode also ends by itself, with no connection error, when its server goes away
 # in the middle of a request in some ways (a TLS connection cut mid-read makes it give up, an
 # answer of 401 from a server that no longer knows its session makes it interrupt itself):
 # that is how a server restarted with its sites (a spec change) or moved can look. The run is
 # not over, so the site starts its SuperNode again, this many times at most.
 SUPERNODE_RESTARTS = 5
-SUPERNODE_RESTART_SECONDS = 5.0
 
 
 def still_online(flower_message: str) -> bool:
@@ -92,28 +91,23 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
                 if code is not None:
                     message = connection_error.read_text() if connection_error.exists() else ""
                     if still_online(message) and time.monotonic() < patience:
-                        print(f"site {site}: the server still counts an earlier connection of this site online; trying again", flush=True)
-                        connection_error.unlink()
-                        time.sleep(STILL_ONLINE_RETRY_SECONDS)
-                        supernode = processes.start_attached("supernode", command)
-                        continue
-                    if message:
+                        why = "the server still counts an earlier connection of this site online; trying again"
+                    elif message:
                         verdict = not_admitted(site, key, message)
                         return code
-                    if done.exists():
+                    elif done.exists():
                         continue  # it ended as the run did: the run is over
-                    if restarts < SUPERNODE_RESTARTS:
+                    elif restarts < SUPERNODE_RESTARTS:
                         restarts += 1
-                        print(
-                            f"site {site}: the SuperNode stopped (exit {code}) before the run was over; "
-                            f"starting it again ({restarts} of {SUPERNODE_RESTARTS})",
-                            flush=True,
-                        )
-                        time.sleep(SUPERNODE_RESTART_SECONDS)
-                        supernode = processes.start_attached("supernode", command)
-                        continue
-                    verdict = f"the site's SuperNode stopped {restarts + 1} times before the run was over (last exit {code})"
-                    return code or 1
+                        why = f"the SuperNode stopped (exit {code}) before the run was over; starting it again ({restarts} of {SUPERNODE_RESTARTS})"
+                    else:
+                        verdict = f"the site's SuperNode stopped {restarts + 1} times before the run was over (last exit {code})"
+                        return code or 1
+                    print(f"site {site}: {why}", flush=True)
+                    connection_error.unlink(missing_ok=True)
+                    time.sleep(RETRY_SECONDS)
+                    supernode = processes.start_attached("supernode", command)
+                    continue
                 time.sleep(POLL_SECONDS)
             print(f"site {site}: the run is over", flush=True)
             try:

@@ -114,21 +114,20 @@ def record_refusal(path: Path, run_id: int, app_sha256: str) -> None:
     tmp.replace(path)
 
 
-def install(pin: Pin, pace: Pace | None = None) -> None:
+def install(pin: Pin, pace: Pace) -> None:
     """Wraps the SuperNode's message intake so that every run it meets passes the pin, and
-    (with pace) paces the SuperNode's waits."""
+    paces the SuperNode's waits."""
     original = getattr(start_client_internal, PATCHED)
 
     def pull_and_store_message(**kwargs):
         kwargs["get_run"] = pin.guard(kwargs["get_run"])
         run_id = original(**kwargs)
-        if run_id is not None and pace is not None:
+        if run_id is not None:
             pace.busy()
         return run_id
 
     setattr(start_client_internal, PATCHED, pull_and_store_message)
-    if pace is not None:
-        start_client_internal.time = pace
+    start_client_internal.time = pace
 
 
 def record_connection_error(path: Path) -> None:
