@@ -195,3 +195,14 @@ def test_server_received_weights_and_metrics_only(run):
 
 def test_no_process_is_left_running(run):
     assert processes_mentioning(str(run.out)) == []
+
+
+def test_each_site_runs_every_message_in_one_warm_worker(run):
+    # Flower's own SuperNode would start a ClientApp process, importing and loading the app
+    # again, for each message; the site's worker loads it once and serves every message.
+    rounds = yaml.safe_load(EXAMPLE.read_text())["spec"]["rounds"]
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        said = (run.out / "logs" / f"site-{site}.log").read_text()
+        assert said.count("Loading ClientApp") == 1, site
+        assert said.count("Receiving:") >= rounds + 2, site  # the data check, every round, the end
+        assert "flwr-clientapp" not in said and "worker ended" not in said, site

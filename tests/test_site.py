@@ -1,5 +1,6 @@
 """`bouquet site` (a site pod's entrypoint) keeps its site in the run when Flower's SuperNode
-ends by itself before the run is over."""
+ends by itself before the run is over, and when the site's warm worker does; the worker ends
+with its SuperNode."""
 
 from __future__ import annotations
 
@@ -21,19 +22,30 @@ pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "breast-cancer.yaml"
 
 
-def supernodes(below: int) -> list[int]:
-    """The SuperNode processes under a `bouquet site` process."""
+def running(module: str, below: int) -> list[int]:
+    """The live processes of a Python module under a process."""
     found = []
     for pid in flower.descendants(below):
         try:
-            if "bouquet_workloads.supernode" in Path(f"/proc/{pid}/cmdline").read_bytes().decode():
+            if f"-m\0{module}\0" in Path(f"/proc/{pid}/cmdline").read_bytes().decode() and flower._alive(pid):
                 found.append(pid)
         except OSError:
             continue
     return found
 
 
-def test_a_supernode_that_ends_before_the_run_is_over_is_started_again(tmp_path, monkeypatch):
+def supernodes(below: int) -> list[int]:
+    """The SuperNode processes under a `bouquet site` process."""
+    return running("bouquet_workloads.supernode", below)
+
+
+def workers(below: int) -> list[int]:
+    """The site's warm workers under a process."""
+    return running("bouquet_workloads.worker", below)
+
+
+def _site(tmp_path: Path):
+    """A server for the example job, and `bouquet site` for its hospital-a, started."""
     job = yaml.safe_load(EXAMPLE.read_text())
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
@@ -43,11 +55,51 @@ def test_a_supernode_that_ends_before_the_run_is_over_is_started_again(tmp_path,
     data.write_text("a,y\n1,0\n")
     processes = flower.Processes(tmp_path / "logs")
     server = Server(job, tmp_path / "out", job_tls, processes)
+    server.start()
     log = tmp_path / "site.log"
-    bouquet_site = None
+    return server, processes, start_bouquet(site_args(job_file, "hospital-a", server.port, data, certs["ca.crt"]), log), log
+
+
+def _stop(tmp_path: Path, server, processes, bouquet_site) -> None:
+    if bouquet_site is not None and bouquet_site.poll() is None:
+        bouquet_site.send_signal(signal.SIGTERM)
+        bouquet_site.wait(30)
+    processes.stop()
+    server.stop()
+    deadline = time.monotonic() + 10
+    while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_sites_worker_that_dies_is_replaced_and_a_worker_ends_with_its_supernode(tmp_path):
+    server = processes = bouquet_site = None
     try:
-        server.start()
-        bouquet_site = start_bouquet(site_args(job_file, "hospital-a", server.port, data, certs["ca.crt"]), log)
+        server, processes, bouquet_site, log = _site(tmp_path)
+        wait_for(
+            lambda: log.read_text().count("SuperNode ID") == 1 and len(workers(bouquet_site.pid)) == 1, timeout=60, what="the site to join"
+        )
+        [first] = workers(bouquet_site.pid)
+        os.kill(first, signal.SIGKILL)  # a crash: the out-of-memory killer, a segfault in a library
+        wait_for(lambda: workers(bouquet_site.pid) not in ([], [first]), timeout=30, what="another worker")
+        assert "the site's worker ended (exit -9); starting another" in log.read_text()
+        [second] = workers(bouquet_site.pid)
+        [supernode] = supernodes(bouquet_site.pid)
+        os.kill(supernode, signal.SIGKILL)  # nothing of the SuperNode is left to stop its worker
+        wait_for(lambda: not flower._alive(second), timeout=10, what="the worker to end with its SuperNode")
+        assert bouquet_site.poll() is None  # the site goes on: it starts its SuperNode (and a worker) again
+        wait_for(lambda: len(workers(bouquet_site.pid)) == 1, timeout=60, what="the new SuperNode's worker")
+        [third] = workers(bouquet_site.pid)
+    finally:
+        if server is not None:
+            _stop(tmp_path, server, processes, bouquet_site)
+    assert not flower._alive(third)  # and the last worker ended with the site
+
+
+def test_a_supernode_that_ends_before_the_run_is_over_is_started_again(tmp_path):
+    server = processes = bouquet_site = None
+    try:
+        server, processes, bouquet_site, log = _site(tmp_path)
         wait_for(lambda: log.read_text().count("SuperNode ID") == 1, timeout=60, what="the site to join")
         [first] = supernodes(bouquet_site.pid)
         os.kill(first, signal.SIGKILL)  # as Flower's SuperNode ending by itself would, with no word
@@ -59,12 +111,5 @@ def test_a_supernode_that_ends_before_the_run_is_over_is_started_again(tmp_path,
         )
         assert bouquet_site.poll() is None and supernodes(bouquet_site.pid) not in ([], [first])
     finally:
-        if bouquet_site is not None and bouquet_site.poll() is None:
-            bouquet_site.send_signal(signal.SIGTERM)
-            bouquet_site.wait(30)
-        processes.stop()
-        server.stop()
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert processes_mentioning(str(tmp_path)) == []
+        if server is not None:
+            _stop(tmp_path, server, processes, bouquet_site)

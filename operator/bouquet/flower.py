@@ -308,13 +308,8 @@ def supernode_command(
         command += ["--refusals", _absolute(identity.refusals)]
     if identity.connection_error:
         command += ["--connection-error", _absolute(identity.connection_error)]
-    command += [
-        "--",
-        "--superlink", server,
-        "--port", str(runtime_port),
-        "--node-config", node_config,
-        "--isolation", "subprocess",
-    ]  # fmt: skip
+    # The SuperNode serves its runtime API on loopback at runtime_port to the site's warm worker.
+    command += ["--runtime-port", str(runtime_port), "--", "--superlink", server, "--node-config", node_config]
     command += ["--root-certificates", _absolute(ca)] if ca else ["--insecure"]
     if identity.key:
         command += ["--auth-supernode-private-key", _absolute(identity.key)]

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +45,15 @@ class Site:
 
     @classmethod
     def from_context(cls, context: Context) -> Site:
-        fmt = str(context.node_config.get("data-format", "")) or None
-        refusals = str(context.node_config.get("refusals-path", "")) or None
-        return cls(
-            json.loads(str(context.run_config["job"])),
+        """The site of a message's context. The site's warm worker (bouquet_workloads.worker)
+        runs every message of a run in one process: the same job and node settings give the
+        same Site, its data read once."""
+        return _site(
+            str(context.run_config["job"]),
             str(context.node_config["site"]),
-            Path(str(context.node_config["data-path"])),
-            fmt,
-            Path(refusals) if refusals else None,
+            str(context.node_config["data-path"]),
+            str(context.node_config.get("data-format", "")),
+            str(context.node_config.get("refusals-path", "")),
         )
 
     def refused_runs(self) -> int:
@@ -89,6 +90,11 @@ class Site:
         model = build_model(task, self.data[0].features.shape[1], self.spec["seed"])
         load_arrays(model, {k: v.numpy() for k, v in arrays.items()})
         return model
+
+
+@lru_cache(maxsize=4)
+def _site(job: str, name: str, data_path: str, data_format: str, refusals: str) -> Site:
+    return Site(json.loads(job), name, Path(data_path), data_format or None, Path(refusals) if refusals else None)
 
 
 def _reply(message: Message, site: Site, metrics: dict, arrays: dict[str, np.ndarray] | None = None) -> Message:

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
-from . import datasets, outputs, report
+from . import datasets, outputs, pulls, report
 from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, min_sites, resume_problem
 from .strategies import make_strategy, restore_strategy_state, strategy_state
@@ -32,7 +32,10 @@ from .task import build_model, evaluate, load_arrays, set_standardization, state
 
 log = logging.getLogger("bouquet.server")
 
-POLL_SECONDS = 0.2
+# Replies are looked for FIRST_POLL_SECONDS after the messages go out, then each look twice as
+# long after the one before, up to POLL_SECONDS apart (a small model's round is over in
+# milliseconds, a large one's in minutes; each look is a request to the SuperLink).
+FIRST_POLL_SECONDS, POLL_SECONDS, POLL_GROWTH = 0.005, 0.2, 2
 FINISH_TIMEOUT_SECONDS = 30
 
 app = ServerApp()
@@ -46,6 +49,7 @@ class RoundFailed(RuntimeError):
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    pulls.quicken()  # the sites' replies are pulled as soon as they are there
     job = json.loads(str(context.run_config["job"]))
     out = Path(str(context.run_config["output-dir"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -312,6 +316,7 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
     pending = set(destination)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
+    wait = FIRST_POLL_SECONDS
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
@@ -323,7 +328,8 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
                 continue
             replies.append(reply)
         if pending:
-            time.sleep(POLL_SECONDS)
+            time.sleep(wait)
+            wait = min(wait * POLL_GROWTH, POLL_SECONDS)
     if pending:
         log.warning("%d of %d sites did not reply within %ss", len(pending), len(messages), timeout)
     return replies

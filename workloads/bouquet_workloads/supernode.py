@@ -16,11 +16,18 @@ ClientApp's reply. This SuperNode paces them instead (Pace): right after a messa
 again within tens of milliseconds, backing off to Flower's 3 s only while it stays idle, and
 it looks for the reply every few milliseconds.
 
+Flower's SuperNode would also start a new `flwr-clientapp` process for every message (imports,
+torch and the site's data again each time). This SuperNode runs with `--isolation process`
+instead, its runtime API on loopback at --runtime-port, and starts the site's warm worker
+(bouquet_workloads.worker), one process for the whole run that serves each message; the worker
+ends with the SuperNode, and if it ends first (a crash; Flower answers the server with an error
+for the message it was running) the SuperNode starts another.
+
 When the SuperLink will not have the SuperNode (no key, a key it does not hold), Flower exits
 with its connection error; with --connection-error the SuperNode leaves Flower's message in
 that file, for `bouquet site` to say what it means for the site.
 
-    python -m bouquet_workloads.supernode --app-sha256 HEX [--refusals FILE] [--connection-error FILE] -- FLOWER-SUPERNODE-ARGS...
+    python -m bouquet_workloads.supernode --app-sha256 HEX --runtime-port PORT [--refusals FILE] [--connection-error FILE] -- FLOWER-SUPERNODE-ARGS...
 """
 
 from __future__ import annotations
@@ -28,14 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.supercore.exit import ExitCode
+from flwr.supercore.exit import ExitCode, add_exit_handler
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import fleet_http_connection, start_client_internal
+
+from . import pulls
 
 log = logging.getLogger("bouquet.site")
 
@@ -51,10 +63,15 @@ IDLE_SLEEP, REPLY_SLEEP = 3, 0.5
 class Pace:
     """Stands in for the `time` module of Flower's SuperNode loop: the same functions, but its
     fixed waits shortened. After a message the next pull comes FIRST_PULL seconds later, and
-    each pull that finds nothing doubles the wait up to Flower's own 3 s (an idle site asks
-    the server no more often than Flower's does); a reply is looked for every REPLY_POLL s."""
+    each pull that finds nothing doubles the wait, up to Flower's own 3 s (an idle site asks
+    the server no more often than Flower's does): the next message waits at most about as
+    long as the site was idle (the other sites' training, the server's aggregation). Each
+    pull costs the server a request (tens of milliseconds of its CPU with its state in SQLite),
+    so a gentler back-off than doubling slowed rounds on two cores. A reply is looked for
+    every REPLY_POLL s."""
 
     FIRST_PULL = 0.02
+    GROWTH = 2
     REPLY_POLL = 0.005
 
     def __init__(self) -> None:
@@ -66,7 +83,7 @@ class Pace:
 
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_SLEEP:
-            seconds, self.idle = self.idle, min(self.idle * 2, IDLE_SLEEP)
+            seconds, self.idle = self.idle, min(self.idle * self.GROWTH, IDLE_SLEEP)
         elif seconds == REPLY_SLEEP:
             seconds = self.REPLY_POLL
         time.sleep(seconds)
@@ -116,7 +133,7 @@ def record_refusal(path: Path, run_id: int, app_sha256: str) -> None:
 
 def install(pin: Pin, pace: Pace) -> None:
     """Wraps the SuperNode's message intake so that every run it meets passes the pin, and
-    paces the SuperNode's waits."""
+    paces the SuperNode's waits (its object pulls included, bouquet_workloads.pulls)."""
     original = getattr(start_client_internal, PATCHED)
 
     def pull_and_store_message(**kwargs):
@@ -128,6 +145,7 @@ def install(pin: Pin, pace: Pace) -> None:
 
     setattr(start_client_internal, PATCHED, pull_and_store_message)
     start_client_internal.time = pace
+    pulls.quicken()
 
 
 def record_connection_error(path: Path) -> None:
@@ -141,6 +159,35 @@ def record_connection_error(path: Path) -> None:
         return original(code, message, *args, **kwargs)
 
     fleet_http_connection.flwr_exit = flwr_exit
+
+
+WORKER_RESTART_SECONDS = 1.0  # before a worker that ended is replaced
+
+
+def keep_worker(command: list[str]) -> threading.Thread:
+    """Starts the site's warm worker, and another each time one ends, for as long as this
+    process lives (the worker ends with it: --parent-pid). A worker stopped with the site
+    (both are signalled together) is not replaced."""
+    stopping = threading.Event()
+    add_exit_handler(stopping.set)  # Flower runs it when the SuperNode is told to stop
+
+    def keep() -> None:
+        while True:
+            code = subprocess.Popen(command, stdin=subprocess.DEVNULL).wait()
+            time.sleep(WORKER_RESTART_SECONDS)
+            if stopping.is_set():
+                return
+            log.error("the site's worker ended (exit %s); starting another", code)
+
+    thread = threading.Thread(target=keep, name="bouquet-worker", daemon=True)
+    thread.start()
+    return thread
+
+
+def worker_command(app_sha256: str, runtime_port: int, refusals: Path | None) -> list[str]:
+    command = [sys.executable, "-m", "bouquet_workloads.worker", "--app-sha256", app_sha256]
+    command += ["--runtime-api-address", f"127.0.0.1:{runtime_port}", "--parent-pid", str(os.getpid())]
+    return command + (["--refusals", str(refusals)] if refusals else [])
 
 
 def pinned_parser(module: str, doc: str, runs_at: str, flower_command: str) -> argparse.ArgumentParser:
@@ -167,13 +214,18 @@ def run_flower(logger: logging.Logger, command: str, flower_args: list[str], ent
 def main(argv: list[str] | None = None) -> int:
     parser = pinned_parser("bouquet_workloads.supernode", __doc__, "this site", "flower-supernode")
     parser.add_argument("--connection-error", type=Path, help="file to leave Flower's message in if the SuperLink refuses the SuperNode")
+    parser.add_argument(
+        "--runtime-port", type=int, required=True, help="port of the SuperNode's runtime API on loopback, which the worker serves"
+    )
     args = parser.parse_args(argv)
     install(Pin(args.app_sha256, args.refusals), Pace())
     if args.connection_error:
         record_connection_error(args.connection_error)
     from flwr.supernode.cli import flower_supernode
 
-    return run_flower(log, "flower-supernode", args.flower_args, flower_supernode)
+    keep_worker(worker_command(args.app_sha256, args.runtime_port, args.refusals))
+    flower_args = [*args.flower_args, "--host", "127.0.0.1", "--port", str(args.runtime_port), "--isolation", "process"]
+    return run_flower(log, "flower-supernode", flower_args, flower_supernode)
 
 
 if __name__ == "__main__":

@@ -162,8 +162,8 @@ def evaluate(model: nn.Module, data: Table, device: torch.device) -> dict[str, f
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve, as the Mann-Whitney U statistic with tied scores given
-    their average rank. (Written out because importing scikit-learn would add a second to
-    every site process, and Flower starts one per message.)"""
+    their average rank. (Written out because importing scikit-learn would add a second and
+    its memory to every site process and to the server's.)"""
     _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
     average_rank = np.cumsum(counts) - (counts - 1) / 2
     ranks = average_rank[inverse]

@@ -1,0 +1,86 @@
+"""The site's warm worker runs Flower's ClientApp tasks the way flwr 1.41.0's `flwr-clientapp`
+does, through the same internal calls; these tests hold those calls to what the worker assumes,
+so that another flwr fails here, loudly, rather than in a run. The worker serving a real
+SuperNode is tested in tests/test_site.py and tests/test_local_run.py."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import flwr
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec import run_superexec
+from flwr.supernode import start_client_internal
+from flwr.supernode.runtime import run_clientapp
+
+from bouquet_workloads import worker
+
+
+def test_flower_is_the_version_the_worker_is_written_against():
+    assert flwr.__version__ == "1.41.0", f"the worker mirrors flwr 1.41.0's flwr-clientapp and SuperExec, not {flwr.__version__}'s"
+
+
+def test_the_calls_the_worker_shares_with_flwr_clientapp_are_as_it_uses_them():
+    assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
+    assert list(inspect.signature(run_clientapp.push_message).parameters) == ["client", "message", "context"]
+    assert list(inspect.signature(run_clientapp.push_task_output).parameters) == ["client", "context", "sub_status", "details"]
+    source = inspect.getsource(run_clientapp.run_clientapp)
+    # flwr-clientapp calls the app this way, and says an app's failure in this form (the server
+    # reports sites' errors in it); the worker does the same.
+    assert "client_app(message=message, context=context)" in source
+    assert """reason = str(type(ex)) + ":<'" + str(ex) + "'>\"""" in source
+    assert "HeartbeatSender(make_task_heartbeat_fn_http(client))" in source
+
+
+def test_the_worker_claims_tasks_as_flowers_superexec_does():
+    assert TaskType.CLIENT_APP == "flwr-clientapp"
+    assert "supported_task_types" in AcquireTaskRequest.DESCRIPTOR.fields_by_name
+    assert "client.AcquireTask(" in inspect.getsource(run_superexec.run_superexec)
+
+
+def test_a_supernode_in_process_isolation_starts_no_clientapp_process_of_its_own():
+    source = inspect.getsource(start_client_internal.start_client_internal)
+    launch = source.index("subprocess.Popen(command)")
+    guard = source.rindex("if isolation == ISOLATION_MODE_SUBPROCESS:", 0, launch)
+    assert re.fullmatch(
+        r"(?s)if isolation == ISOLATION_MODE_SUBPROCESS:\n(\s{8,}.*\n)+\s+subprocess\.Popen\(command\)", source[guard : launch + 25]
+    )
+
+
+def test_an_idle_worker_backs_off_and_looks_again_soon_after_a_task(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(worker.time, "sleep", slept.append)
+
+    class Claims:
+        def __init__(self, tasks: list[bool]) -> None:
+            self.tasks = iter(tasks)
+
+        def run_next(self) -> bool:
+            try:
+                return next(self.tasks)
+            except StopIteration:
+                raise KeyboardInterrupt from None
+
+    w = worker.Worker.__new__(worker.Worker)
+    w.idle = worker.IDLE_FIRST
+    w.address = "127.0.0.1:1"
+    claims = Claims([False] * 60 + [True, False])
+
+    def run_next() -> bool:
+        ran = claims.run_next()
+        if ran:
+            w.idle = worker.IDLE_FIRST
+        return ran
+
+    w.run_next = run_next
+    try:
+        w.serve()
+    except KeyboardInterrupt:
+        pass
+    idle, after = slept[:60], slept[60:]
+    assert idle[0] == worker.IDLE_FIRST and idle == sorted(idle) and idle[-1] == worker.IDLE_LONGEST
+    for i, wait in enumerate(idle):  # a task waits at most about as long as the worker was idle
+        assert wait <= worker.IDLE_FIRST + sum(idle[:i]) + 1e-9
+    assert after == [worker.IDLE_FIRST]
