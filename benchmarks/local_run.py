@@ -1,6 +1,10 @@
 """Times `bouquet run` of an example job and prints figures: wall time from the command's
 start to its exit, the rounds' median and slowest durations, the time spent outside
-the rounds, and the peak memory of the whole process tree (sampled every 0.2 s).
+the rounds, and the peak memory of the whole process tree (sampled every 0.2 s), twice: as the
+sum of each process's resident set (RSS: a page of a shared library, torch's among them, is
+counted once in every process that maps it) and as the sum of their proportional set sizes
+(PSS: a shared page is split among the processes sharing it, so the sum is the memory the run
+holds).
 
     make bench-local            # examples/breast-cancer.yaml
     python benchmarks/local_run.py examples/sleep-quality.yaml
@@ -23,16 +27,19 @@ from bouquet.flower import descendants  # noqa: E402
 from bouquet.render import METRICS_PORT  # noqa: E402
 
 
-def rss_bytes(pids: set[int]) -> int:
-    total = 0
+def memory_bytes(pids: set[int]) -> tuple[int, int]:
+    """(summed RSS, summed PSS) of pids, from /proc/PID/smaps_rollup."""
+    rss = pss = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
 def main() -> None:
@@ -44,9 +51,10 @@ def main() -> None:
             [sys.executable, "-m", "bouquet", "run", str(job), "--out", str(out), "--metrics-port", str(METRICS_PORT)],
             stdout=subprocess.DEVNULL,
         )
-        peak = 0
+        peak_rss = peak_pss = 0
         while process.poll() is None:
-            peak = max(peak, rss_bytes({process.pid, *descendants(process.pid)}))
+            rss, pss = memory_bytes({process.pid, *descendants(process.pid)})
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(0.2)
         wall = time.monotonic() - started
         if process.returncode != 0:
@@ -59,7 +67,7 @@ def main() -> None:
     print(f"outside the rounds      {wall - sum(durations):.1f} s (start-up, feature statistics, baseline, report)")
     print(f"round time, median      {statistics.median(durations):.1f} s")
     print(f"round time, slowest     {max(durations):.1f} s")
-    print(f"peak memory, all procs  {peak / 2**20:.0f} MiB")
+    print(f"peak memory, all procs  {peak_pss / 2**20:.0f} MiB PSS ({peak_rss / 2**20:.0f} MiB summed RSS)")
     print(f"final accuracy          {model['metrics'].get('accuracy', float('nan')):.4f}")
 
 

@@ -172,6 +172,7 @@ class Processes:
 
 
 SUPEREXEC_POLL_SECONDS = 0.1
+FLOWER_IN_MEMORY = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
 
 
 def process_env(extra_paths: list[Path] = ()) -> dict[str, str]:
@@ -247,17 +248,23 @@ def _signal_all(pids: set[int], sig: signal.Signals) -> None:
             pass
 
 
-def superlink_command(port: int, state_db: Path, tls: Tls, authenticate_sites: bool) -> list[str]:
+def superlink_command(port: int, tls: Tls, authenticate_sites: bool) -> list[str]:
     """The SuperLink, on loopback only: the sites reach it through the gate (bouquet.gate),
     which passes on nothing but the Fleet API. With authenticate_sites (which needs TLS) it
-    admits only SuperNodes whose keys were registered (`sync_site_keys`). Its state (the
-    registered keys, the nodes) is kept in state_db, so that sites stay known to a restarted
-    server."""
+    admits only SuperNodes whose keys were registered (`sync_site_keys`).
+
+    Its state is Flower's in-memory one. Kept in SQLite instead (`--database FILE`), every
+    request of a round (each site's pulls, each weight object in and out) went through
+    SQLAlchemy: about half a core of a two-core machine on a small model's rounds, a second
+    and more of each round. Nothing in it outlives a run that Bouquet does not keep itself
+    (checkpoints and history are Bouquet's): a restarted server registers the sites' keys
+    again, and each site's SuperNode, no longer known to it, ends and is started again by its
+    site (bouquet.site) and joins."""
     command = [
         _flower_command("flower-superlink"),
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--database", _absolute(state_db),
+        "--database", FLOWER_IN_MEMORY,
         # The ServerApp is started by Bouquet's own SuperExec (superexec_command), which
         # starts only the job's app.
         "--isolation", "process",

@@ -66,8 +66,7 @@ class Server:
         """Starts the SuperLink and the gate, waits until they answer, and registers the
         sites' keys."""
         self.out.mkdir(parents=True, exist_ok=True)
-        state_db = self.out / "state.db"
-        self.processes.start("server", flower.superlink_command(self.superlink_port, state_db, self.tls, self.public_keys is not None))
+        self.processes.start("server", flower.superlink_command(self.superlink_port, self.tls, self.public_keys is not None))
         try:
             self.gate.start()
         except OSError as error:
@@ -82,11 +81,11 @@ class Server:
             self.sync_site_keys()
 
     def sync_site_keys(self) -> None:
-        """Registers the sites' keys that the SuperLink does not hold yet and unregisters
-        replaced ones; nodes.json (node id -> site and key) is what the ServerApp names sites by."""
+        """Registers the sites' keys with the SuperLink just started (its state is in memory:
+        it holds none, whatever an earlier server registered); nodes.json (node id -> site and
+        key) is what the ServerApp names sites by."""
         path = self.out / outputs.NODES
-        registered = {int(node): entry for node, entry in (outputs.read_json(path, {}) or {}).items()}
-        nodes = flower.sync_site_keys(self.public_keys, registered, self.superlink_port, self.tls, self.flwr_home, self.processes.env)
+        nodes = flower.sync_site_keys(self.public_keys, {}, self.superlink_port, self.tls, self.flwr_home, self.processes.env)
         outputs.write_json(path, {str(node): entry for node, entry in sorted(nodes.items())})
 
     def stop(self) -> None:

@@ -38,8 +38,12 @@ RETRY_SECONDS = 5.0  # before a site starts its SuperNode again
 # in the middle of a request in some ways (a TLS connection cut mid-read makes it give up, an
 # answer of 401 from a server that no longer knows its session makes it interrupt itself):
 # that is how a server restarted with its sites (a spec change) or moved can look. The run is
-# not over, so the site starts its SuperNode again, this many times at most.
+# not over, so the site starts its SuperNode again, this many times in a row at most. A server
+# started again forgets its sites' nodes (bouquet.flower.superlink_command), so each restart of
+# the server also ends every site's SuperNode once: a SuperNode that ran STABLE_SECONDS before
+# it ended starts the count again.
 SUPERNODE_RESTARTS = 5
+STABLE_SECONDS = 60.0
 
 
 def still_online(flower_message: str) -> bool:
@@ -85,10 +89,13 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
         verdict = ""
         patience = time.monotonic() + STILL_ONLINE_PATIENCE_SECONDS
         restarts = 0
+        started = time.monotonic()
         try:
             while not done.exists():
                 code = supernode.poll()
                 if code is not None:
+                    if time.monotonic() - started >= STABLE_SECONDS:
+                        restarts = 0
                     message = connection_error.read_text() if connection_error.exists() else ""
                     if still_online(message) and time.monotonic() < patience:
                         why = "the server still counts an earlier connection of this site online; trying again"
@@ -107,6 +114,7 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
                     connection_error.unlink(missing_ok=True)
                     time.sleep(RETRY_SECONDS)
                     supernode = processes.start_attached("supernode", command)
+                    started = time.monotonic()
                     continue
                 time.sleep(POLL_SECONDS)
             print(f"site {site}: the run is over", flush=True)
