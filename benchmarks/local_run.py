@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "workloads")]
 
-from bouquet.flower import descendants  # noqa: E402
 from bouquet.render import METRICS_PORT  # noqa: E402
+from bouquet_workloads.flower import descendants  # noqa: E402
 
 
 def memory_bytes(pids: set[int]) -> tuple[int, int]:

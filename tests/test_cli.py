@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from bouquet import cli, jobfile, kubeyaml
-from bouquet.local import write_builtin_shares
 from bouquet_workloads import datasets
+from bouquet_workloads.local import write_builtin_shares
 from support.processes import processes_mentioning
 from support.prometheus import free_port
 

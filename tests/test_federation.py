@@ -20,7 +20,8 @@ import tomli_w
 import yaml
 from prometheus_client import CollectorRegistry
 
-from bouquet import flower, identity
+from bouquet import identity
+from bouquet_workloads import flower
 from bouquet_workloads.metrics import JobCollector
 from support.processes import processes_mentioning, start_bouquet
 from support.prometheus import free_port

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bouquet import flower, identity, tls
-from bouquet.server import Server
+from bouquet import identity, tls
+from bouquet_workloads import flower
+from bouquet_workloads.server import Server
 from support.processes import processes_mentioning
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def test_a_site_whose_node_the_server_still_counts_online_tries_again_rather_tha
     """Flower says code 2004 both for a key it does not hold and for a registered key whose
     node is still online (an earlier SuperNode of the site, not yet timed out): only the
     second is waited out."""
-    from bouquet import site
+    from bouquet_workloads import site
 
     still = (
         "Failed to initialize the connection to the SuperLink. [code: 2004] Attempted to register SuperNode with public key: "

@@ -148,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 f"--site: {args.site!r} is not a site of the job that takes a share of spec.dataset ({', '.join(takers) or 'none'})"
             )
-        from . import local
+        from bouquet_workloads import local
 
         local.write_builtin_shares(job, args.out, [args.site] if args.site else [], held_out=args.held_out)
         return 0
     tls_on = job["spec"]["security"]["tls"]["mode"] != "Disabled"
-    from . import flower
+    from bouquet_workloads import flower
 
     if args.command == "server":
-        from .server import serve
+        from bouquet_workloads.server import serve
 
         if tls_on and args.tls_dir is None:
             parser.error("--tls-dir is required: the job's spec.security.tls.mode is not Disabled")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or (Path(settings["data"]["path"]) if "data" in settings else None)
     if data is None:
         parser.error(f"--data is required: site {args.site!r} takes a share of the built-in dataset, which `bouquet run` writes out")
-    from .site import run_site
+    from bouquet_workloads.site import run_site
 
     return run_site(job, args.site, args.server, data, args.ca if tls_on else None, args.runtime_port, args.key if tls_on else None)
 
@@ -232,7 +232,7 @@ def _validate(paths: list[Path]) -> int:
 
 
 def _run(job: Path, out: Path | None, metrics_port: int) -> int:
-    from . import flower, local
+    from bouquet_workloads import flower, local
 
     try:
         local.run(job, out, metrics_port)

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from bouquet import progress
+from bouquet_workloads import progress
 from support.cluster import ROOT, Operator, apply_job, condition, get_job, kubectl
 from support.kubelet import wait_for
 

@@ -1,7 +1,7 @@
 """The operator against a real control plane: the API server, its garbage collector, the
 Deployment, ReplicaSet and Job controllers and the scheduler are Kubernetes' own; only the
 kubelet's reports come from support.kubelet, and the training's progress is reported the
-way the server pod reports it (bouquet.progress.apply, as the server's service account)."""
+way the server pod reports it (bouquet_workloads.progress.apply, as the server's service account)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from bouquet import controller, identity, kubeyaml, progress, schema, tls
+from bouquet import controller, identity, kubeyaml, schema, tls
 from bouquet import render as render_module
 from bouquet.render import CHILD_KINDS, Settings, render
+from bouquet_workloads import progress
 from support.cluster import ROOT, apply_job, condition, get_job, kubectl
 from support.dashboards import empty_panels
 from support.kubelet import wait_for

@@ -1,6 +1,6 @@
 """The server's round loop with every strategy, fast: the sites' ClientApp runs in this
 process behind a stand-in for Flower's Grid. (The real thing, with Flower's processes over
-TLS, is tests/test_local_run.py and tests/test_resume.py.)"""
+TLS, is tests/workloads/test_local_run.py and tests/workloads/test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from bouquet import flower
-from bouquet.local import write_builtin_shares
 from bouquet.schema import load_valid
-from bouquet_workloads import client_app, outputs, server_app
+from bouquet_workloads import client_app, flower, outputs, server_app
 from bouquet_workloads import roster as roster_module
+from bouquet_workloads.local import write_builtin_shares
 from bouquet_workloads.roster import Roster
 
 STRATEGIES = {

@@ -12,7 +12,7 @@ import pytest
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import start_client_internal
 
-from bouquet import flower
+from bouquet_workloads import flower
 from bouquet_workloads import supernode as supernode_module
 from bouquet_workloads.supernode import IDLE_SLEEP, PATCHED, REPLY_SLEEP, Pace, Pin, install
 

@@ -1,7 +1,7 @@
 """The site's warm worker runs Flower's ClientApp tasks the way flwr 1.41.0's `flwr-clientapp`
 does, through the same internal calls; these tests hold those calls to what the worker assumes,
 so that another flwr fails here, loudly, rather than in a run. The worker serving a real
-SuperNode is tested in tests/test_site.py and tests/test_local_run.py."""
+SuperNode is tested in tests/workloads/test_site.py and tests/workloads/test_local_run.py."""
 
 from __future__ import annotations
 

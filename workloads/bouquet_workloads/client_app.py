@@ -25,7 +25,7 @@ from .task import build_model, evaluate, feature_moments, load_arrays, pick_devi
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)
-log = logging.getLogger("bouquet.site")
+log = logging.getLogger("bouquet_workloads.site")
 
 # Where `bouquet site` wants a file left when the run is over (unset elsewhere).
 DONE_FILE_VARIABLE = "BOUQUET_SITE_DONE_FILE"

@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 if TYPE_CHECKING:  # the sites import this module for DATA_CHECK, and need no server code
     from flwr.serverapp import Grid
 
-log = logging.getLogger("bouquet.server")
+log = logging.getLogger("bouquet_workloads.server")
 
 DATA_CHECK = "data-check"
 # How often the server looks for sites that connected, while it waits for them.

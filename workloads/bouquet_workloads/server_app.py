@@ -30,7 +30,7 @@ from .strategies import make_strategy, restore_strategy_state, strategy_state
 from .tables import class_names
 from .task import build_model, evaluate, load_arrays, set_standardization, state_arrays
 
-log = logging.getLogger("bouquet.server")
+log = logging.getLogger("bouquet_workloads.server")
 
 # Replies are looked for FIRST_POLL_SECONDS after the messages go out, then each look twice as
 # long after the one before, up to POLL_SECONDS apart (a small model's round is over in

@@ -3,7 +3,7 @@
 Flower's SuperLink (with `--isolation process`) leaves starting ServerApps to a SuperExec,
 which takes each pending task from the SuperLink and launches it. Each task carries the sha256
 of its run's app bundle; this SuperExec launches only tasks of the job's bundle (the same pin
-the sites hold, bouquet.flower.app_sha256) and refuses any other before anything of it runs:
+the sites hold, bouquet_workloads.flower.app_sha256) and refuses any other before anything of it runs:
 the refusal is logged and listed in the refusals file. So even a run submitted on the server's
 own loopback port, where the Control API answers, runs no code but the job's at the server.
 
@@ -21,7 +21,7 @@ from flwr.supercore.superexec.executor.types import LaunchResult
 
 from .supernode import pinned_parser, record_refusal, run_flower
 
-log = logging.getLogger("bouquet.server")
+log = logging.getLogger("bouquet_workloads.server")
 
 
 def install(app_sha256: str, refusals: Path | None) -> None:

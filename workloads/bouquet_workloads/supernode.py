@@ -5,7 +5,7 @@ Flower's SuperNode runs whatever run its SuperLink hands it: it fetches the run'
 signature (`--trusted-entities`), but only for bundles from Flower's app hub. So a site pins
 its job's app by content instead: the sha256 of the bundle, which the site works out from its
 own copy of the job (the bundle is built from the job and nothing else, see
-bouquet.flower.app_sha256). Before the SuperNode takes on a run it has not seen, it compares
+bouquet_workloads.flower.app_sha256). Before the SuperNode takes on a run it has not seen, it compares
 the run's bundle hash with the pin; a run of any other app is refused before its bundle is
 downloaded: nothing of it is stored or started at the site, the refusal is logged, and it is
 counted in the file the site's metrics are read from.
@@ -49,7 +49,7 @@ from flwr.supernode import fleet_http_connection, start_client_internal
 
 from . import pulls
 
-log = logging.getLogger("bouquet.site")
+log = logging.getLogger("bouquet_workloads.site")
 
 # Flower's SuperNode takes each message from the SuperLink through this function, which is
 # given (by keyword) the call that fetches a run's details; the pin wraps that call.

@@ -52,7 +52,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from . import pulls
 from .supernode import record_refusal
 
-log = logging.getLogger("bouquet.site")
+log = logging.getLogger("bouquet_workloads.site")
 
 IDLE_FIRST, IDLE_LONGEST, IDLE_GROWTH = 0.005, 0.25, 2  # seconds between looks for a task: right after one, at most
 

@@ -22,9 +22,9 @@ from support.dashboards import empty_panels
 from support.processes import processes_mentioning
 from support.prometheus import Prometheus, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
-AUDIT_HOOK = Path(__file__).resolve().parent / "support" / "audit"
+AUDIT_HOOK = Path(__file__).resolve().parents[1] / "support" / "audit"
 RUN_TIMEOUT = 600
 
 pytestmark = pytest.mark.slow

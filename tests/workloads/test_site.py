@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bouquet import flower, site, tls
-from bouquet.server import Server
+from bouquet import tls
+from bouquet_workloads import flower, site
+from bouquet_workloads.server import Server
 from support.kubelet import wait_for
 from support.processes import processes_mentioning, site_args, start_bouquet
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "breast-cancer.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "breast-cancer.yaml"
 
 
 def running(module: str, below: int) -> list[int]:

@@ -15,13 +15,13 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from bouquet_workloads import baseline, datasets, metrics, outputs, report
-from bouquet_workloads.roster import min_sites_to_start, resume_problem, rule
-from bouquet_workloads.tables import DataError, read_task_table, write_csv
+from bouquet import identity, jobfile, tls
+from bouquet.schema import InvalidJob, Violation
 
-from . import flower, identity, jobfile, tls
-from .schema import InvalidJob, Violation
+from . import baseline, datasets, flower, metrics, outputs, report
+from .roster import min_sites_to_start, resume_problem, rule
 from .server import Server, clock
+from .tables import DataError, read_task_table, write_csv
 
 BASELINE = "baseline.json"
 HELD_OUT = "held-out.csv"
@@ -87,7 +87,7 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
     started = time.monotonic()
     stop_on_sigterm = signal.signal(signal.SIGTERM, flower.raise_interrupt)
     server = None
-    gate_log = _log_to_file("bouquet.gate", paths.logs / "gate.log")
+    gate_log = _log_to_file("bouquet_workloads.gate", paths.logs / "gate.log")
     try:
         say(f"job {name}: {len(job['spec']['sites'])} sites, {job['spec']['rounds']} rounds of {job['spec']['strategy']['name']}; "
             f"output in {paths.out}, metrics on http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip

@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bouquet_workloads.client_app import DONE_FILE_VARIABLE
+from bouquet import identity
 
-from . import flower, identity
+from . import flower
+from .client_app import DONE_FILE_VARIABLE
 
 POLL_SECONDS = 0.5
 # After the run-over message the SuperNode still has to send its reply: stopping it at once
@@ -39,7 +40,7 @@ RETRY_SECONDS = 5.0  # before a site starts its SuperNode again
 # answer of 401 from a server that no longer knows its session makes it interrupt itself):
 # that is how a server restarted with its sites (a spec change) or moved can look. The run is
 # not over, so the site starts its SuperNode again, this many times in a row at most. A server
-# started again forgets its sites' nodes (bouquet.flower.superlink_command), so each restart of
+# started again forgets its sites' nodes (bouquet_workloads.flower.superlink_command), so each restart of
 # the server also ends every site's SuperNode once: a SuperNode that ran STABLE_SECONDS before
 # it ended starts the count again.
 SUPERNODE_RESTARTS = 5

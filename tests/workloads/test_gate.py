@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from bouquet.gate import Gate, allowed
+from bouquet_workloads.gate import Gate, allowed
 from support.prometheus import free_port
 
 

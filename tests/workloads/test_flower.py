@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bouquet import flower, tls
+from bouquet import tls
 from bouquet.schema import load_valid
-from bouquet.server import Server
+from bouquet_workloads import flower
+from bouquet_workloads.server import Server
 from support.processes import processes_mentioning
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "breast-cancer.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "breast-cancer.yaml"
 
 
 def test_flowers_processes_report_nothing_to_flowers_servers(monkeypatch):

@@ -183,7 +183,7 @@ def process_env(extra_paths: list[Path] = ()) -> dict[str, str]:
     (a ClientApp for each message a site receives) reports the machine to Flower's servers,
     which a site's network must not reach. A SuperExec looks for a task to start (a site's
     ClientApp for each message) every SUPEREXEC_POLL_SECONDS rather than Flower's 1 s."""
-    import bouquet_workloads
+    import bouquet_workloads  # this package: its folder goes on the processes' PYTHONPATH
 
     env = dict(os.environ)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -249,7 +249,7 @@ def _signal_all(pids: set[int], sig: signal.Signals) -> None:
 
 
 def superlink_command(port: int, tls: Tls, authenticate_sites: bool) -> list[str]:
-    """The SuperLink, on loopback only: the sites reach it through the gate (bouquet.gate),
+    """The SuperLink, on loopback only: the sites reach it through the gate (bouquet_workloads.gate),
     which passes on nothing but the Fleet API. With authenticate_sites (which needs TLS) it
     admits only SuperNodes whose keys were registered (`sync_site_keys`).
 
@@ -259,7 +259,7 @@ def superlink_command(port: int, tls: Tls, authenticate_sites: bool) -> list[str
     and more of each round. Nothing in it outlives a run that Bouquet does not keep itself
     (checkpoints and history are Bouquet's): a restarted server registers the sites' keys
     again, and each site's SuperNode, no longer known to it, ends and is started again by its
-    site (bouquet.site) and joins."""
+    site (bouquet_workloads.site) and joins."""
     command = [
         _flower_command("flower-superlink"),
         "--host", "127.0.0.1",
@@ -425,7 +425,7 @@ class RunStatus:
     """The status of one run as Flower reports it ("running", "finished:completed", ...): what
     `flwr ls --run-id` prints, asked of the SuperLink's Control API from this process. A `flwr`
     process at each look would cost a Python start (about a CPU-second) every second of a run.
-    The client is flwr 1.41.0's own, with the headers its CLI sends (tests/test_flower.py)."""
+    The client is flwr 1.41.0's own, with the headers its CLI sends (tests/workloads/test_flower.py)."""
 
     def __init__(self, port: int, tls: Tls, run_id: int) -> None:
         from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor

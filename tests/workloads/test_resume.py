@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bouquet import flower, jobfile, kubeyaml, tls
-from bouquet.local import write_builtin_shares
+from bouquet import jobfile, kubeyaml, tls
+from bouquet_workloads import flower
+from bouquet_workloads.local import write_builtin_shares
 from support.processes import processes_mentioning, site_args, start_bouquet
 from support.prometheus import free_port
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import uvicorn
 
-log = logging.getLogger("bouquet.gate")
+log = logging.getLogger("bouquet_workloads.gate")
 
 FLEET_PREFIX = "/v1/fleet/"
 HEALTH = "/health"

@@ -12,9 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from bouquet_workloads import outputs
-
-from . import flower, progress
+from . import flower, outputs, progress
 from .gate import Gate
 
 START_SECONDS = 60
@@ -161,7 +159,7 @@ def serve(
     serving the job's metrics meanwhile (and, in a pod, reporting each round to the
     FederatedJob's status). Restarted on the same output directory, it continues from the
     last checkpoint."""
-    from bouquet_workloads import metrics
+    from . import metrics
 
     namespace = job["metadata"].get("namespace", "local")
     metrics_server, _ = metrics.serve(out, namespace, job["metadata"]["name"], metrics_port, host)

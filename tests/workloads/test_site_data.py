@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bouquet import jobfile, kubeyaml, tls
-from bouquet.local import write_builtin_shares
+from bouquet_workloads.local import write_builtin_shares
 from support.processes import processes_mentioning, site_args, start_bouquet
 from support.prometheus import free_port
 

@@ -20,7 +20,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bouquet_workloads import outputs
+from . import outputs
 
 GROUP, VERSION, PLURAL = "bouquet.dev", "v1alpha1", "federatedjobs"
 FIELD_MANAGER = "bouquet-server"
