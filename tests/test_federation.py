@@ -128,8 +128,9 @@ def test_an_outsider_and_a_foreign_app_get_nowhere(tmp_path, job_file):
 
         # Someone on the server submits an app of its own on the loopback port, where the
         # Control API answers: the server's SuperExec does not start its ServerApp.
-        config = (out / "flwr" / "config.toml").read_text()
-        internal = re.search(r'address = "localhost:(\d+)"', config).group(1)
+        # (the SuperLink's one port, which the server's SuperExec is given)
+        [superexec] = [c for c in processes_mentioning(str(out)) if "bouquet_workloads.superexec" in c]
+        internal = re.search(r"--runtime-api-address 127\.0\.0\.1:(\d+)", superexec).group(1)
         foreign = flwr(
             ["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "insider", f"localhost:{internal}", ca
         )

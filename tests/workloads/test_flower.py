@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from flwr.proto.control_pb2 import ListRunsRequest
 
-from bouquet import tls
+from bouquet import identity, tls
 from bouquet.schema import load_valid
 from bouquet_workloads import flower
 from bouquet_workloads.server import Server
@@ -32,27 +35,43 @@ def test_flowers_processes_report_nothing_to_flowers_servers(monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_run_status_is_asked_of_the_superlink_from_this_process(tmp_path):
-    """RunStatus asks a real SuperLink over TLS, as `flwr ls --run-id` would: a submitted run
-    (its sites never come) is under way, a run the SuperLink does not know and a SuperLink
-    whose certificate another CA signed are errors that say so."""
+def test_the_superlinks_control_api_is_called_from_this_process(tmp_path):
+    """Control does over TLS what `flwr supernode register`, `flwr run` and `flwr ls --run-id`
+    do, against a real SuperLink: a site key is registered under the site's name, a key Flower
+    would refuse is refused with the site named, a run submitted is of the job's app (the
+    bundle the sites and the server's SuperExec are pinned to) and under way (its sites never
+    come), and a run the SuperLink does not know and a SuperLink whose certificate another CA
+    signed are errors that say so."""
     job = load_valid(yaml.safe_load(EXAMPLE.read_text()))
     certs = tls.issue("job", ["localhost", "127.0.0.1"]).write(tmp_path / "tls")
     other = tls.issue("other", ["localhost", "127.0.0.1"]).write(tmp_path / "other")
     job_tls = flower.Tls(certs["ca.crt"], certs["tls.crt"], certs["tls.key"])
+    _, public = identity.make().write(tmp_path / "keys" / "hospital-a")
+    ed25519 = tmp_path / "ed25519.pub"  # a key of a curve Flower does not admit
+    ed25519.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH))
     processes = flower.Processes(tmp_path / "logs")
     server = Server(job, tmp_path / "out", job_tls, processes)
+    control = None
     try:
         server.start()
+        control = flower.Control(server.superlink_port, job_tls)
+        nodes = flower.register_site_keys({"hospital-a": public}, control)
+        [(node, entry)] = nodes.items()
+        assert node > 0 and entry["site"] == "hospital-a"
+        with pytest.raises(flower.LaunchError, match="site hospital-b's public key .* is not an EC key on a NIST curve"):
+            control.register(ed25519, "hospital-b")
+        with pytest.raises(flower.LaunchError, match="site hospital-c's public key .* cannot be read"):
+            control.register(tmp_path / "missing.pub", "hospital-c")
         run_id = server.submit()
-        status = flower.RunStatus(server.superlink_port, job_tls, run_id)
-        assert status().split(":")[0] in ("pending", "starting", "running")
+        assert control.run_status(run_id).split(":")[0] in ("pending", "starting", "running")
+        assert control.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].fab_hash == flower.app_sha256(job)
         with pytest.raises(flower.LaunchError, match=f"does not know run {run_id + 1}|did not say how run {run_id + 1}"):
-            flower.RunStatus(server.superlink_port, job_tls, run_id + 1)()
+            control.run_status(run_id + 1)
         with pytest.raises(flower.LaunchError, match="CERTIFICATE_VERIFY_FAILED"):
-            flower.RunStatus(server.superlink_port, flower.Tls(other["ca.crt"]), run_id)()
-        status.close()
+            flower.Control(server.superlink_port, flower.Tls(other["ca.crt"])).run_status(run_id)
     finally:
+        if control is not None:
+            control.close()
         processes.stop()
         server.stop()
     assert processes_mentioning(str(tmp_path)) == []

@@ -50,9 +50,9 @@ class Server:
         self.port = port or flower.free_port()
         self.host = host
         self.public_keys = dict(public_keys) if public_keys is not None and tls.enabled else None
-        self.flwr_home = out / "flwr"
         self.superlink_port = flower.free_port()
         self.gate = Gate(host, self.port, self.superlink_port, *_tls_files(tls))
+        self.control: flower.Control | None = None  # the SuperLink's Control API, once it answers
         self.run_id: int | None = None
 
     @property
@@ -70,30 +70,29 @@ class Server:
         except OSError as error:
             raise flower.LaunchError(str(error)) from None
         flower.wait_healthy(self.port, self.tls, START_SECONDS, self.processes)
+        self.control = flower.Control(self.superlink_port, self.tls)
         # The ServerApp it starts writes to the SuperLink's log, as it would under the SuperLink.
         pin = flower.superexec_command(
             self.superlink_port, self.tls, flower.app_sha256(self.job), self.out / "logs" / "server-refused.json"
         )
         self.processes.start("superexec", pin, log_as="server")
         if self.public_keys is not None:
-            self.sync_site_keys()
-
-    def sync_site_keys(self) -> None:
-        """Registers the sites' keys with the SuperLink just started (its state is in memory:
-        it holds none, whatever an earlier server registered); nodes.json (node id -> site and
-        key) is what the ServerApp names sites by."""
-        path = self.out / outputs.NODES
-        nodes = flower.sync_site_keys(self.public_keys, {}, self.superlink_port, self.tls, self.flwr_home, self.processes.env)
-        outputs.write_json(path, {str(node): entry for node, entry in sorted(nodes.items())})
+            # The SuperLink just started holds no key, whatever an earlier server registered;
+            # nodes.json (node id -> site and key) is what the ServerApp names sites by.
+            nodes = flower.register_site_keys(self.public_keys, self.control)
+            outputs.write_json(self.out / outputs.NODES, {str(node): entry for node, entry in sorted(nodes.items())})
 
     def stop(self) -> None:
         self.gate.stop()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
 
     def submit(self) -> int:
         """Submits the job's run; the ServerApp resumes from a checkpoint if there is one."""
         app_dir = flower.write_app(self.out / "app", self.job)
         config = flower.run_config(self.job, self.out, "claims" if self.public_keys is None else "keys")
-        self.run_id = flower.submit(app_dir, self.superlink_port, self.tls, config, self.flwr_home, self.processes.env)
+        self.run_id = self.control.start_run(app_dir, config)
         return self.run_id
 
     def follow(self, say: Callable[[str], None], started: float) -> None:
@@ -104,23 +103,19 @@ class Server:
         if reported:
             say(f"continuing after round {reported} (from its checkpoint)")
         first_new = reported
-        run_status = flower.RunStatus(self.superlink_port, self.tls, self.run_id)
-        try:
-            while True:
-                self.processes.check()
-                if not self.gate.alive:
-                    raise flower.LaunchError(f"the server's port {self.host}:{self.port} stopped answering")
-                status = run_status()
-                # Read after the status, so that the rounds of a run that just finished are shown.
-                history = outputs.read_json(self.out / outputs.HISTORY, []) or []
-                for entry in history[reported:]:
-                    say(round_line(entry, rounds, history[first_new:], started))
-                reported = max(reported, len(history))
-                if status.startswith("finished"):
-                    break
-                time.sleep(POLL_SECONDS)
-        finally:
-            run_status.close()
+        while True:
+            self.processes.check()
+            if not self.gate.alive:
+                raise flower.LaunchError(f"the server's port {self.host}:{self.port} stopped answering")
+            status = self.control.run_status(self.run_id)
+            # Read after the status, so that the rounds of a run that just finished are shown.
+            history = outputs.read_json(self.out / outputs.HISTORY, []) or []
+            for entry in history[reported:]:
+                say(round_line(entry, rounds, history[first_new:], started))
+            reported = max(reported, len(history))
+            if status.startswith("finished"):
+                break
+            time.sleep(POLL_SECONDS)
         progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}
         # The built-in task also reports its own end; a job's own app is done when Flower says so.
         builtin_done = "app" in self.job["spec"] or progress.get("state") == "Succeeded"
