@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
+from pathlib import Path
 
 import flwr
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -15,7 +17,7 @@ from flwr.supercore.superexec import run_superexec
 from flwr.supernode import start_client_internal
 from flwr.supernode.runtime import run_clientapp
 
-from bouquet_workloads import worker
+from bouquet_workloads import flower, worker
 
 
 def test_flower_is_the_version_the_worker_is_written_against():
@@ -84,3 +86,19 @@ def test_an_idle_worker_backs_off_and_looks_again_soon_after_a_task(monkeypatch)
     for i, wait in enumerate(idle):  # a task waits at most about as long as the worker was idle
         assert wait <= worker.IDLE_FIRST + sum(idle[:i]) + 1e-9
     assert after == [worker.IDLE_FIRST]
+
+
+def test_the_worker_preloads_the_jobs_clientapp_module_and_leaves_a_failing_one_to_its_first_task(monkeypatch, caplog):
+    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
+    worker.preload("json.tool")
+    assert "json.tool" in sys.modules
+    worker.preload("bouquet_workloads.no_such_module")  # the task that loads it fails, and says why
+    assert "could not import bouquet_workloads.no_such_module ahead of the first message" in caplog.text
+
+
+def test_a_sites_supernode_is_told_which_module_its_worker_preloads():
+    job = {"spec": {}}
+    assert flower.client_module(job) == "bouquet_workloads.client_app"
+    assert flower.client_module({"spec": {"app": {"clientApp": "my_task.client:app"}}}) == "my_task.client"
+    command = flower.supernode_command("localhost:1", "a", Path("a.csv"), None, 9, None, flower.SiteIdentity("0" * 64), "my_task.client")
+    assert command[command.index("--preload") + 1] == "my_task.client" and command.index("--preload") < command.index("--")

@@ -14,6 +14,10 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
+
+# torch.optim's first step imports torch._dynamo (about 1.5 s here); imported with this module,
+# it is paid while the site's warm worker waits for its first message (it preloads this module).
+import torch._dynamo  # noqa: F401
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 

@@ -301,10 +301,23 @@ class SiteIdentity:
     connection_error: Path | None = None  # where the SuperNode leaves why the SuperLink refused it
 
 
+def client_module(job: Mapping) -> str:
+    """The module of the job's ClientApp (the built-in one or the job's own)."""
+    return job["spec"].get("app", {}).get("clientApp", CLIENT_APP).partition(":")[0]
+
+
 def supernode_command(
-    server: str, site: str, data: Path, data_format: str | None, runtime_port: int, ca: Path | None, identity: SiteIdentity
+    server: str,
+    site: str,
+    data: Path,
+    data_format: str | None,
+    runtime_port: int,
+    ca: Path | None,
+    identity: SiteIdentity,
+    preload: str | None = None,
 ) -> list[str]:
-    """A site's SuperNode, pinned to the job's app (bouquet_workloads.supernode)."""
+    """A site's SuperNode, pinned to the job's app (bouquet_workloads.supernode); its warm
+    worker imports the module preload (client_module) before the first message comes."""
     node_config = f'site="{site}" data-path="{_absolute(data)}"'
     if data_format:
         node_config += f' data-format="{data_format}"'
@@ -315,6 +328,8 @@ def supernode_command(
         command += ["--refusals", _absolute(identity.refusals)]
     if identity.connection_error:
         command += ["--connection-error", _absolute(identity.connection_error)]
+    if preload:
+        command += ["--preload", preload]
     # The SuperNode serves its runtime API on loopback at runtime_port to the site's warm worker.
     command += ["--runtime-port", str(runtime_port), "--", "--superlink", server, "--node-config", node_config]
     command += ["--root-certificates", _absolute(ca)] if ca else ["--insecure"]

@@ -105,6 +105,7 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
                 flower.free_port(),
                 tls_files.ca,
                 identity,
+                preload=flower.client_module(job),
             )
             processes.start(f"site-{site['name']}", command)
         server.submit()

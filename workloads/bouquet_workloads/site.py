@@ -80,7 +80,7 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
     with tempfile.TemporaryDirectory(prefix="bouquet-site-") as state:
         connection_error = Path(state) / "connection-error"
         pinned = flower.SiteIdentity(flower.app_sha256(job), key, Path(state) / "refused.json", connection_error)
-        command = flower.supernode_command(server, site, data.resolve(), data_format, runtime_port, ca, pinned)
+        command = flower.supernode_command(server, site, data.resolve(), data_format, runtime_port, ca, pinned, flower.client_module(job))
         done = Path(state) / "run-finished"
         env = {**flower.process_env(), DONE_FILE_VARIABLE: str(done)}
         processes = flower.Processes(Path(state) / "logs", env)

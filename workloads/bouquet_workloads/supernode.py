@@ -27,7 +27,8 @@ When the SuperLink will not have the SuperNode (no key, a key it does not hold),
 with its connection error; with --connection-error the SuperNode leaves Flower's message in
 that file, for `bouquet site` to say what it means for the site.
 
-    python -m bouquet_workloads.supernode --app-sha256 HEX --runtime-port PORT [--refusals FILE] [--connection-error FILE] -- FLOWER-SUPERNODE-ARGS...
+    python -m bouquet_workloads.supernode --app-sha256 HEX --runtime-port PORT [--preload MODULE] [--refusals FILE]
+        [--connection-error FILE] -- FLOWER-SUPERNODE-ARGS...
 """
 
 from __future__ import annotations
@@ -184,10 +185,11 @@ def keep_worker(command: list[str]) -> threading.Thread:
     return thread
 
 
-def worker_command(app_sha256: str, runtime_port: int, refusals: Path | None) -> list[str]:
+def worker_command(app_sha256: str, runtime_port: int, refusals: Path | None, preload: str | None) -> list[str]:
     command = [sys.executable, "-m", "bouquet_workloads.worker", "--app-sha256", app_sha256]
     command += ["--runtime-api-address", f"127.0.0.1:{runtime_port}", "--parent-pid", str(os.getpid())]
-    return command + (["--refusals", str(refusals)] if refusals else [])
+    command += ["--refusals", str(refusals)] if refusals else []
+    return command + (["--preload", preload] if preload else [])
 
 
 def pinned_parser(module: str, doc: str, runs_at: str, flower_command: str) -> argparse.ArgumentParser:
@@ -217,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runtime-port", type=int, required=True, help="port of the SuperNode's runtime API on loopback, which the worker serves"
     )
+    parser.add_argument("--preload", metavar="MODULE", help="module the worker imports before the first message (the job's ClientApp's)")
     args = parser.parse_args(argv)
     install(Pin(args.app_sha256, args.refusals), Pace())
     if args.connection_error:
         record_connection_error(args.connection_error)
     from flwr.supernode.cli import flower_supernode
 
-    keep_worker(worker_command(args.app_sha256, args.runtime_port, args.refusals))
+    keep_worker(worker_command(args.app_sha256, args.runtime_port, args.refusals, args.preload))
     flower_args = [*args.flower_args, "--host", "127.0.0.1", "--port", str(args.runtime_port), "--isolation", "process"]
     return run_flower(log, "flower-supernode", flower_args, flower_supernode)
 

@@ -21,6 +21,7 @@ the one before, up to IDLE_LONGEST apart: a message waits for it at most about a
 site was idle, and an idle site's worker asks its SuperNode four times a second. It ends with the SuperNode that started it (--parent-pid).
 
     python -m bouquet_workloads.worker --app-sha256 HEX --runtime-api-address HOST:PORT [--parent-pid PID] [--refusals FILE]
+        [--preload MODULE]
 
 The calls into Flower's internals are pinned to flwr 1.41.0 (tests/workloads/test_worker.py).
 """
@@ -28,6 +29,7 @@ The calls into Flower's internals are pinned to flwr 1.41.0 (tests/workloads/tes
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -155,18 +157,31 @@ class Worker:
         self.client.close()
 
 
+def preload(module: str) -> None:
+    """Imports the module of the job's ClientApp (its torch, its task) before the first task
+    asks for it: the import overlaps the server's start instead of delaying the first round.
+    A module that fails to import is left to fail in the task, where the server hears why."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:
+        log.warning("could not import %s ahead of the first message: %s", module, error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bouquet_workloads.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--app-sha256", required=True, help="sha256 of the job's app bundle: the only app this worker runs")
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's runtime API, HOST:PORT on loopback")
     parser.add_argument("--parent-pid", type=int, help="end when this process (the SuperNode) ends")
     parser.add_argument("--refusals", type=Path, help="file that lists the runs this site refused")
+    parser.add_argument("--preload", metavar="MODULE", help="imported at once, while the site waits for its first message")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     pulls.quicken()  # a message's objects are pulled as soon as the SuperNode has them
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # raises SIGINT here when the parent is gone
+    if args.preload:
+        preload(args.preload)
     worker = Worker(args.runtime_api_address, args.app_sha256, args.refusals)
     try:
         worker.serve()
