@@ -192,3 +192,56 @@ def test_a_site_runs_only_its_jobs_app_whatever_a_server_asks(tmp_path, job_file
     finally:
         processes.stop()
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_sites_worker_runs_only_its_jobs_app_even_behind_a_supernode_that_takes_any_run(tmp_path, job_file):
+    """The worker's own look at each task's bundle, behind a stock SuperNode (no pin of its
+    own) and a stock server running a foreign app: the task is answered with an error, the
+    foreign ClientApp is neither installed nor started, and the refusal is listed."""
+    markers, data, refusals = tmp_path / "markers", tmp_path / "hospital-a.csv", tmp_path / "worker-refused.json"
+    markers.mkdir()
+    data.write_text("mean_radius,diagnosis\n1.0,0\n")
+    port, runtime_port = free_port(), free_port()
+    processes = flower.Processes(tmp_path / "logs")
+    bin_dir = Path(sys.executable).parent
+    try:
+        processes.start(
+            "stock-server",
+            [str(bin_dir / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)],
+        )
+        node_config = f'site="hospital-a" data-path="{data}"'
+        processes.start(
+            "stock-site",
+            [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--isolation", "process"]
+            + ["--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config],
+        )
+        app_sha256 = flower.app_sha256(yaml.safe_load(job_file.read_text()))
+        processes.start(
+            "worker",
+            [sys.executable, "-m", "bouquet_workloads.worker", "--app-sha256", app_sha256]
+            + ["--runtime-api-address", f"127.0.0.1:{runtime_port}", "--refusals", str(refusals)],
+        )
+        wait_for(lambda: "SuperNode ID" in processes.tail("stock-site", 200), "the site to join the server")
+        home = tmp_path / "intruder"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": "x", "x": {"address": f"127.0.0.1:{port}", "insecure": True}}})
+        )
+        submitted = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"', "--format", "json"],
+            capture_output=True,
+            text=True,
+            env={**flower.process_env(), "FLWR_HOME": str(home)},
+            timeout=120,
+        )
+        run_id = json.loads(submitted.stdout)["run-id"]
+        wait_for(refusals.exists, "the worker to refuse the foreign run's task")
+        wait_for(lambda: (markers / "serverapp-ran").exists(), "the foreign ServerApp to have asked")
+        time.sleep(3)  # time enough for its ClientApp to have run, had the worker taken the task
+        assert {str(entry["run"]) for entry in json.loads(refusals.read_text())} == {str(run_id)}
+        assert "refused run" in processes.tail("worker", 200)
+        assert sorted(p.name for p in markers.iterdir()) == ["serverapp-ran"], "no ClientApp ran, no record was sent"
+        assert processes.running["worker"].poll() is None  # and the worker goes on serving its site
+    finally:
+        processes.stop()
+    assert processes_mentioning(str(tmp_path)) == []
