@@ -35,7 +35,7 @@ def load(path: Path, warnings: list[str] | None = None) -> dict:
 def check_local(job: dict, job_path: Path) -> dict[str, Path]:
     """Checks what a run on this machine needs; returns each site's data file (absolute)
     for the sites that have their own. Raises InvalidJob naming the fields at fault."""
-    from bouquet_workloads import datasets  # torch, which validate and render do without
+    from bouquet_workloads import datasets  # numpy and pyarrow, which validate and render do without
 
     spec = job["spec"]
     violations: list[Violation] = []

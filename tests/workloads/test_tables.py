@@ -8,7 +8,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from bouquet_workloads.tables import DataError, Table, class_names, read_table, read_task_table, write_csv
+from bouquet_workloads.tables import DataError, Table, class_names, read_table, read_task_table, split_rows, write_csv
 
 BINARY = ["0", "1"]
 
@@ -126,3 +126,11 @@ def test_what_travels_to_the_server_holds_no_value_from_the_data(tmp_path):
 def test_a_file_without_rows_is_refused(tmp_path):
     (tmp_path / "d.csv").write_text("a,y\n")
     assert str(problem(tmp_path / "d.csv")).endswith("no data rows")
+
+
+def test_split_rows_is_seeded_and_disjoint():
+    kept, held = split_rows(100, 0.2, seed=1)
+    assert len(held) == 20 and len(kept) == 80
+    assert not set(kept) & set(held)
+    assert np.array_equal(split_rows(100, 0.2, seed=1)[1], held)
+    assert not np.array_equal(split_rows(100, 0.2, seed=2)[1], held)

@@ -12,7 +12,6 @@ from bouquet_workloads.task import (
     load_arrays,
     pick_device,
     set_standardization,
-    split_rows,
     state_arrays,
     train,
 )
@@ -102,14 +101,6 @@ def test_weights_round_trip_with_strict_keys():
     assert all(np.array_equal(state_arrays(other)[k], arrays[k]) for k in arrays)
     with pytest.raises(RuntimeError, match="Missing key"):
         load_arrays(other, {k: v for k, v in arrays.items() if k != "layers.0.bias"})
-
-
-def test_split_rows_is_seeded_and_disjoint():
-    kept, held = split_rows(100, 0.2, seed=1)
-    assert len(held) == 20 and len(kept) == 80
-    assert not set(kept) & set(held)
-    assert np.array_equal(split_rows(100, 0.2, seed=1)[1], held)
-    assert not np.array_equal(split_rows(100, 0.2, seed=2)[1], held)
 
 
 def test_a_site_asking_for_a_gpu_without_cuda_trains_on_the_cpu_and_says_so(caplog, monkeypatch):

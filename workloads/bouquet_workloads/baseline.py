@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from . import datasets
-from .tables import Table, read_task_table
-from .task import build_model, evaluate, feature_moments, set_standardization, site_seed, split_rows, train
+from .tables import Table, read_task_table, split_rows
+from .task import build_model, evaluate, feature_moments, set_standardization, site_seed, train
 
 
 def centralized(job: Mapping, site_files: Mapping[str, Path]) -> dict:

@@ -24,8 +24,8 @@ from flwr.clientapp import ClientApp
 from .outputs import REFUSED_RUNS
 from .roster import DATA_CHECK
 from .strategies import AUROC_WEIGHT_KEY, WEIGHT_KEY
-from .tables import DataError, Table, read_task_table
-from .task import build_model, evaluate, feature_moments, load_arrays, pick_device, site_seed, split_rows, state_arrays, train
+from .tables import DataError, Table, read_task_table, split_rows
+from .task import build_model, evaluate, feature_moments, load_arrays, pick_device, site_seed, state_arrays, train
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import tables
-from .tables import Table
-from .task import split_rows
+from .tables import Table, split_rows
 
 MIN_ROWS_PER_SITE = 10
 _DIRICHLET_ATTEMPTS = 200

@@ -18,7 +18,7 @@ from pathlib import Path
 from bouquet import identity, jobfile, tls
 from bouquet.schema import InvalidJob, Violation
 
-from . import baseline, datasets, flower, metrics, outputs, report
+from . import datasets, flower, metrics, outputs
 from .roster import min_sites_to_start, resume_problem, rule
 from .server import Server, clock
 from .tables import DataError, read_task_table, write_csv
@@ -125,6 +125,8 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
     model = outputs.read_json(paths.out / outputs.MODEL_INFO)
     trained = {site: path for site, path in site_files.items() if site not in refused}
     reference = _compare_with_baseline(job, paths, trained, model, say)
+    from . import report  # matplotlib, needed only now
+
     report.plot(paths.out / outputs.REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
     say(f"done in {clock(time.monotonic() - started)}: {paths.out / outputs.MODEL} (sha256 {model['sha256'][:16]}...)")
     return model
@@ -230,6 +232,9 @@ def _compare_with_baseline(job: dict, paths: Paths, site_files: dict[str, Path],
     """Trains the same model on the pooled training data (possible only because every
     site's data is on this machine), prints it beside the federated result and keeps it
     in baseline.json."""
+    # torch, imported only now: this process holds none of its memory while the run goes on
+    from . import baseline
+
     result = baseline.centralized(job, site_files)
     outputs.write_json(paths.out / BASELINE, result)
     federated = model["metrics"]

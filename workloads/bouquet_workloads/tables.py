@@ -240,3 +240,10 @@ def write_csv(path: Path, table: Table, features: Sequence[str], label: str, cla
     columns[label] = np.asarray(classes, dtype=object)[table.labels] if classes is not None else table.labels
     path.parent.mkdir(parents=True, exist_ok=True)
     pyarrow.csv.write_csv(pyarrow.table(columns), path)
+
+
+def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of row indices into (kept, held out), holding out `fraction`."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, round(n * fraction)) if n > 1 else 0
+    return np.sort(order[held:]), np.sort(order[:held])

@@ -63,13 +63,6 @@ def build_model(task: Mapping, num_features: int, seed: int) -> TabularModel:
     return TabularModel(num_features, len(class_names(task)), hidden)
 
 
-def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of row indices into (kept, held out), holding out `fraction`."""
-    order = np.random.default_rng(seed).permutation(n)
-    held = max(1, round(n * fraction)) if n > 1 else 0
-    return np.sort(order[held:]), np.sort(order[:held])
-
-
 def site_seed(job_seed: int, site: str) -> int:
     """Each site shuffles and splits differently, but repeatably."""
     return (job_seed + zlib.crc32(site.encode())) % 2**32
