@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from bouquet import identity
 from bouquet_workloads import flower
 from bouquet_workloads.metrics import JobCollector
-from support.processes import processes_mentioning, start_bouquet
+from support.processes import processes_mentioning, start_bouquet, stop_bouquet
 from support.prometheus import free_port
 
 pytestmark = pytest.mark.slow
@@ -142,8 +142,7 @@ def test_an_outsider_and_a_foreign_app_get_nowhere(tmp_path, job_file):
 
         assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
-        if run.poll() is None:
-            run.kill()
+        stop_bouquet(run)
     assert list(markers.iterdir()) == [], "nothing of the foreign app ran, at the server or at a site"
     history = json.loads((out / "history.json").read_text())
     assert [entry["round"] for entry in history] == [1, 2, 3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,22 @@ def site_args(job_file: Path, site: str, server_port: int, data: Path, ca: Path)
         "site", str(job_file), "--site", site, "--server", f"localhost:{server_port}", "--data", str(data),
         "--ca", str(ca), "--runtime-port", str(free_port()),
     ]  # fmt: skip
+
+
+def stop_bouquet(process: subprocess.Popen, grace: float = 30) -> None:
+    """Stops a `bouquet run`, `server` or `site` that a test gave up on: SIGTERM, on which it
+    stops the Flower processes it started; what is left after grace seconds is killed."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        from bouquet_workloads.flower import descendants
+
+        for pid in [process.pid, *descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()

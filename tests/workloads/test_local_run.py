@@ -19,7 +19,7 @@ import yaml
 
 from bouquet_workloads.task import build_model, load_arrays
 from support.dashboards import empty_panels
-from support.processes import processes_mentioning
+from support.processes import processes_mentioning, stop_bouquet
 from support.prometheus import Prometheus, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def run(tmp_path_factory) -> Run:
                     empty = empty_panels(prometheus, "training")
                 time.sleep(0.5)
             if process.poll() is None:
-                process.kill()
+                stop_bouquet(process)
                 pytest.fail(f"bouquet run did not finish within {RUN_TIMEOUT}s:\n{log.read_text()}")
         window = "[15m]"
         final_round = prometheus.value(f'last_over_time(bouquet_job_current_round{{job_name="breast-cancer"}}{window})')

@@ -60,7 +60,10 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_killed_server_resumes_from_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("stop", ["killed", "terminated"])
+def test_a_stopped_server_resumes_from_last_checkpoint(tmp_path, stop):
+    """The server killed (SIGKILL, nothing of it stops cleanly) or told to stop (SIGTERM, as
+    when its pod is deleted) mid-run, and started again on the same output."""
     job_file = tmp_path / "job.yaml"
     job_file.write_text(kubeyaml.dump(JOB))
     job = jobfile.load(job_file)
@@ -89,7 +92,11 @@ def test_killed_server_resumes_from_last_checkpoint(tmp_path):
     ]
     try:
         wait_for(lambda: len(history(out)) >= 2, 240, "two rounds", [server_log, *site_logs])
-        kill_tree(server)
+        if stop == "killed":
+            kill_tree(server)
+        else:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(60) == 130  # it stopped its Flower processes and exited as Ctrl-C makes it
         before = history(out)
         assert 2 <= len(before) < ROUNDS
 

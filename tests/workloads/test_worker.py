@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,3 +103,23 @@ def test_a_sites_supernode_is_told_which_module_its_worker_preloads():
     assert flower.client_module({"spec": {"app": {"clientApp": "my_task.client:app"}}}) == "my_task.client"
     command = flower.supernode_command("localhost:1", "a", Path("a.csv"), None, 9, None, flower.SiteIdentity("0" * 64), "my_task.client")
     assert command[command.index("--preload") + 1] == "my_task.client" and command.index("--preload") < command.index("--")
+
+
+def test_a_worker_ends_with_its_supernode_whatever_it_is_doing_and_even_with_sigint_ignored():
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    # A worker busy in a call that never returns, in a process that inherited SIGINT ignored
+    # (a background job's): Flower's own monitor, which raises SIGINT, could not end it.
+    busy = (
+        "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from bouquet_workloads import worker\n"
+        f"worker.end_with({parent.pid})\n"
+        "while True:\n    time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        parent.wait(10)
+        assert child.wait(5) == 0
+    finally:
+        for process in (parent, child):
+            if process.poll() is None:
+                process.kill()

@@ -8,6 +8,7 @@ the newest checkpoint and carries on from the round after it.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -162,6 +163,9 @@ def serve(
     processes = flower.Processes(out / "logs")
     started = time.monotonic()
     server = Server(job, out, tls, processes, port, host, public_keys)
+    # Told to stop (its pod deleted: SIGTERM, which a container's first process would
+    # otherwise ignore until the kill), it stops its Flower processes as Ctrl-C does.
+    stop = signal.signal(signal.SIGTERM, flower.raise_interrupt)
     try:
         server.start()
         say(f"server of job {job['metadata']['name']} listening on {host}:{server.port}")
@@ -173,3 +177,4 @@ def serve(
         metrics_server.shutdown()
         if reporter:
             reporter.stop()
+        signal.signal(signal.SIGTERM, stop)

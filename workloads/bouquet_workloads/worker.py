@@ -18,7 +18,8 @@ error, its bundle neither installed nor loaded, and listed in the refusals file.
 
 It looks for a task a few milliseconds after the last one, then each look twice as long after
 the one before, up to IDLE_LONGEST apart: a message waits for it at most about as long as the
-site was idle, and an idle site's worker asks its SuperNode four times a second. It ends with the SuperNode that started it (--parent-pid).
+site was idle, and an idle site's worker asks its SuperNode four times a second. It ends with
+the SuperNode that started it (--parent-pid), within PARENT_CHECK_SECONDS.
 
     python -m bouquet_workloads.worker --app-sha256 HEX --runtime-api-address HOST:PORT [--parent-pid PID] [--refusals FILE]
         [--preload MODULE]
@@ -31,7 +32,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +46,6 @@ from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -157,6 +159,34 @@ class Worker:
         self.client.close()
 
 
+PARENT_CHECK_SECONDS = 0.2
+
+
+def end_with(parent_pid: int) -> threading.Thread:
+    """Ends this process as soon as parent_pid (its SuperNode) has ended, whatever this process
+    is doing: a worker whose SuperNode is gone has nobody to answer and nothing to keep.
+    (Flower's own monitor raises SIGINT once, which a call in progress can swallow, and which
+    does nothing in a process that inherited SIGINT ignored.)"""
+
+    def watch() -> None:
+        while _alive(parent_pid):
+            time.sleep(PARENT_CHECK_SECONDS)
+        log.info("the SuperNode (pid %d) has ended; so does its worker", parent_pid)
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, name="bouquet-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie has ended, whether or not its parent has reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def preload(module: str) -> None:
     """Imports the module of the job's ClientApp (its torch, its task) before the first task
     asks for it: the import overlaps the server's start instead of delaying the first round.
@@ -179,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     pulls.quicken()  # a message's objects are pulled as soon as the SuperNode has them
     if args.parent_pid is not None:
-        start_parent_process_monitor(args.parent_pid)  # raises SIGINT here when the parent is gone
+        end_with(args.parent_pid)
     if args.preload:
         preload(args.preload)
     worker = Worker(args.runtime_api_address, args.app_sha256, args.refusals)
