@@ -169,6 +169,8 @@ def serve(
     try:
         server.start()
         say(f"server of job {job['metadata']['name']} listening on {host}:{server.port}")
+        if server.public_keys is not None:  # its SuperLink started afresh: it holds these keys and no other
+            say(f"sites admitted (their keys registered): {', '.join(sorted(server.public_keys))}; no other key")
         server.submit()
         server.follow(say, started)
     finally:
