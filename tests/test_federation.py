@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 FOREIGN_APP = ROOT / "tests" / "support" / "foreign_app"
 
 
-def flwr(args: list[str], home: Path, address: str, ca: Path) -> dict:
-    """The flwr CLI against address, as an outsider configures it: the job's CA, nothing else."""
+def flwr(args: list[str], home: Path, address: str, ca: Path | None) -> dict:
+    """The flwr CLI against address, as an outsider configures it: the job's CA, nothing else
+    (ca None: a server without TLS)."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": "x", "x": {"address": address, "root-certificates": str(ca)}}})
-    )
+    connection = {"address": address, **({"root-certificates": str(ca)} if ca else {"insecure": True})}
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "x", "x": connection}}))
     result = subprocess.run(
         [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"],
         capture_output=True,
@@ -169,19 +169,8 @@ def test_a_site_runs_only_its_jobs_app_whatever_a_server_asks(tmp_path, job_file
         pin = flower.SiteIdentity(flower.app_sha256(yaml.safe_load(job_file.read_text())), None, refusals)
         processes.start("site", flower.supernode_command(f"127.0.0.1:{port}", "hospital-a", data, None, free_port(), None, pin))
         wait_for(lambda: "SuperNode ID" in processes.tail("site", 200), "the site to join the server")
-        home = tmp_path / "intruder"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            tomli_w.dumps({"superlink": {"default": "x", "x": {"address": f"127.0.0.1:{port}", "insecure": True}}})
-        )
-        submitted = subprocess.run(
-            [str(bin_dir / "flwr"), "run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"', "--format", "json"],
-            capture_output=True,
-            text=True,
-            env={**flower.process_env(), "FLWR_HOME": str(home)},
-            timeout=120,
-        )
-        run_id = json.loads(submitted.stdout)["run-id"]
+        foreign = ["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"']
+        run_id = flwr(foreign, tmp_path / "intruder", f"127.0.0.1:{port}", None)["run-id"]
         wait_for(refusals.exists, "the site to refuse the foreign run")
         wait_for(lambda: (markers / "serverapp-ran").exists(), "the foreign ServerApp to have asked")
         time.sleep(3)  # time enough for a ClientApp to have started, had the site taken the run
@@ -221,19 +210,8 @@ def test_a_sites_worker_runs_only_its_jobs_app_even_behind_a_supernode_that_take
             + ["--runtime-api-address", f"127.0.0.1:{runtime_port}", "--refusals", str(refusals)],
         )
         wait_for(lambda: "SuperNode ID" in processes.tail("stock-site", 200), "the site to join the server")
-        home = tmp_path / "intruder"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            tomli_w.dumps({"superlink": {"default": "x", "x": {"address": f"127.0.0.1:{port}", "insecure": True}}})
-        )
-        submitted = subprocess.run(
-            [str(bin_dir / "flwr"), "run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"', "--format", "json"],
-            capture_output=True,
-            text=True,
-            env={**flower.process_env(), "FLWR_HOME": str(home)},
-            timeout=120,
-        )
-        run_id = json.loads(submitted.stdout)["run-id"]
+        foreign = ["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"']
+        run_id = flwr(foreign, tmp_path / "intruder", f"127.0.0.1:{port}", None)["run-id"]
         wait_for(refusals.exists, "the worker to refuse the foreign run's task")
         wait_for(lambda: (markers / "serverapp-ran").exists(), "the foreign ServerApp to have asked")
         time.sleep(3)  # time enough for its ClientApp to have run, had the worker taken the task
