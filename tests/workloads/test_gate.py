@@ -9,7 +9,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from flwr.proto.fleet_pb2 import PullMessagesResponse
+from flwr.proto.message_pb2 import Message
 
+from bouquet_workloads import gate as gate_module
+from bouquet_workloads import wakes
 from bouquet_workloads.gate import Gate, allowed
 from support.prometheus import free_port
 
@@ -83,3 +87,63 @@ def test_what_the_gate_refuses_never_reaches_the_superlink():
         gate.stop()
         upstream.shutdown()
     assert not gate.alive
+
+
+class SuperLink(http.server.BaseHTTPRequestHandler):
+    """Answers a site's pull with no message until `pushed`, then with one; counts the pulls."""
+
+    pushed = False
+    pulls = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = b"{}"
+        if self.path == "/v1/fleet/pull-messages":
+            SuperLink.pulls += 1
+            body = PullMessagesResponse(messages_list=[Message()] if SuperLink.pushed else []).SerializeToString()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_pull_that_finds_nothing_is_held_until_the_serverapp_pushes_and_the_serverapp_hears_of_replies(monkeypatch):
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SuperLink)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    gate = Gate("127.0.0.1", free_port(), upstream.server_address[1], notice_port=0)
+    gate.start()
+    notice = wakes.Notice(gate.notice_port)
+    SuperLink.pushed, SuperLink.pulls = False, 0
+    try:
+        monkeypatch.setattr(gate_module, "HOLD_SECONDS", 60)
+        answers: list = []
+        pull = threading.Thread(target=lambda: answers.append(call(gate.port, "POST", "/v1/fleet/pull-messages", b"pull")))
+        pull.start()
+        pull.join(0.5)
+        assert pull.is_alive() and SuperLink.pulls == 1, "the gate did not hold the pull that found nothing"
+        SuperLink.pushed = True
+        notice.pushed()
+        pull.join(30)
+        status, body = answers[0]
+        assert status == 200 and len(PullMessagesResponse.FromString(body).messages_list) == 1
+        assert SuperLink.pulls == 2
+
+        # Without a push the pull is answered, empty, once the hold is over, and asked once.
+        SuperLink.pushed, SuperLink.pulls = False, 0
+        monkeypatch.setattr(gate_module, "HOLD_SECONDS", 0.2)
+        status, body = call(gate.port, "POST", "/v1/fleet/pull-messages", b"pull")
+        assert status == 200 and not PullMessagesResponse.FromString(body).messages_list and SuperLink.pulls == 1
+
+        # A site's reply passed on wakes the ServerApp; other calls do not.
+        assert not notice.wait(0)
+        call(gate.port, "POST", "/v1/fleet/send-node-heartbeat", b"")
+        assert not notice.wait(0.2)
+        call(gate.port, "POST", "/v1/fleet/push-messages", b"reply")
+        assert notice.wait(30)
+    finally:
+        notice.close()
+        gate.stop()
+        upstream.shutdown()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import re
+import select
+import time
 
 import pytest
 from flwr.supercore.run import Run, RunNotRunningException
@@ -84,6 +87,33 @@ def test_the_pace_pulls_soon_after_a_message_and_backs_off_to_flowers_wait_when_
     pace.sleep(7)  # any other wait is left as it is
     assert slept[-3:] == [Pace.FIRST_PULL, Pace.REPLY_POLL, 7]
     assert pace.monotonic() > 0  # the rest of `time`, as it is
+
+
+def test_after_a_pull_the_server_held_the_next_follows_soon_without_backing_off(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_module.time, "sleep", slept.append)
+    pace = Pace()
+    for _ in range(5):
+        pace.woke -= 2 * Pace.HELD  # the pull took that long: the server held it (Bouquet's gate)
+        pace.sleep(IDLE_SLEEP)
+    assert slept == [Pace.FIRST_PULL] * 5 and pace.idle == Pace.FIRST_PULL
+
+
+def test_the_wait_for_a_reply_ends_when_the_worker_says_it_handed_one_back():
+    pace = Pace()
+    read, write = os.pipe()
+    pace.replies = read
+    os.write(write, b"x")
+    began = time.monotonic()
+    for _ in range(20):  # one wake-up ends one wait; the others fall back to REPLY_FALLBACK
+        pace.sleep(REPLY_SLEEP)
+    assert time.monotonic() - began < 20 * Pace.REPLY_FALLBACK + 1
+    assert not select.select([read], [], [], 0)[0]
+    os.close(write)  # the worker ended: its pipe is closed here, and the pace polls until the next
+    pace.sleep(REPLY_SLEEP)
+    assert pace.replies is None
+    with pytest.raises(OSError):
+        os.fstat(read)
 
 
 def test_the_pace_is_reset_by_a_message_the_pin_let_through(monkeypatch):

@@ -6,9 +6,12 @@ SuperNode is tested in tests/workloads/test_site.py and tests/workloads/test_loc
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import flwr
@@ -69,6 +72,7 @@ def test_an_idle_worker_backs_off_and_looks_again_soon_after_a_task(monkeypatch)
     w = worker.Worker.__new__(worker.Worker)
     w.idle = worker.IDLE_FIRST
     w.address = "127.0.0.1:1"
+    w.tasks_fd = None  # no SuperNode to say when a task is there: the worker looks on its own
     claims = Claims([False] * 60 + [True, False])
 
     def run_next() -> bool:
@@ -87,6 +91,22 @@ def test_an_idle_worker_backs_off_and_looks_again_soon_after_a_task(monkeypatch)
     for i, wait in enumerate(idle):  # a task waits at most about as long as the worker was idle
         assert wait <= worker.IDLE_FIRST + sum(idle[:i]) + 1e-9
     assert after == [worker.IDLE_FIRST]
+
+
+def test_a_worker_told_of_a_task_looks_at_once_and_looks_on_its_own_once_its_supernode_is_gone():
+    read, write = os.pipe()
+    w = worker.Worker.__new__(worker.Worker)
+    w.tasks_fd, w.idle = read, worker.IDLE_LONGEST
+    os.write(write, b"xx")  # two messages stored before the worker looked
+    began = time.monotonic()
+    w.wait(60)
+    assert time.monotonic() - began < 30, "the worker waited out its back-off though told of a task"
+    assert w.idle == worker.IDLE_FIRST
+    assert not select.select([read], [], [], 0)[0], "a wake-up was left to be seen twice"
+    os.close(write)  # the SuperNode ended
+    w.wait(60)
+    assert w.tasks_fd is None
+    os.close(read)
 
 
 def test_the_worker_preloads_the_jobs_clientapp_module_and_leaves_a_failing_one_to_its_first_task(monkeypatch, caplog):

@@ -117,12 +117,18 @@ class Processes:
     env: dict[str, str] = field(default_factory=lambda: process_env())
     running: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, command: list[str], log_as: str | None = None) -> subprocess.Popen:
-        """Starts command as name, its output in <log_as or name>.log (appended to)."""
+    def start(self, name: str, command: list[str], log_as: str | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """Starts command as name, its output in <log_as or name>.log (appended to), with env
+        added to the processes' environment."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with (self.log_dir / f"{log_as or name}.log").open("ab") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**self.env, **(env or {})},
+                start_new_session=True,
             )
         self.running[name] = process
         return process

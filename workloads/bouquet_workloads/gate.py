@@ -7,11 +7,17 @@ own pod (or, locally, for the server's own processes), and this gate holds the p
 sites reach: it terminates TLS with the server's certificate and passes on requests for the
 Fleet API's paths (and the health check), and answers anything else with 404 without passing it
 on. The server itself submits the job's run and registers the sites' keys on loopback.
+
+With notice_port the gate also takes the ServerApp's word that messages are there
+(bouquet_workloads.wakes): a site's pull that finds nothing is held until then, HOLD_SECONDS at
+most, and asked again; and once a site's reply has passed, the ServerApp is told.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import uvicorn
+from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
 
 log = logging.getLogger("bouquet_workloads.gate")
 
@@ -38,6 +45,11 @@ HOP_BY_HOP = {
     b"content-length",
 }
 START_SECONDS = 10
+# A site's pull that finds no message is held until the ServerApp says it pushed some, this long
+# at most (the site then asks again at once: an idle site asks about once a second).
+HOLD_SECONDS = 1.0
+PULL_MESSAGES = "/v1/fleet/pull-messages"
+REPLIES = ("/v1/fleet/push-messages", "/v1/fleet/push-object")
 
 
 def allowed(method: str, path: str) -> bool:
@@ -59,11 +71,17 @@ class Gate:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    notice_port: int | None = None
     refused: int = 0
     _answered: bool = field(default=False, repr=False)
     _server: uvicorn.Server | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _client: httpx.AsyncClient | None = field(default=None, repr=False)
+    _notices: socket.socket | None = field(default=None, repr=False)
+    _listener: tuple[str, int] | None = field(default=None, repr=False)  # the ServerApp's datagram address
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    _pushes: int = field(default=0, repr=False)  # how many times the ServerApp said it pushed messages
+    _pushed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def upstream(self) -> str:
@@ -72,6 +90,11 @@ class Gate:
 
     def start(self) -> None:
         """Starts serving on a thread of this process; returns once the port is bound."""
+        if self.notice_port is not None:
+            self._notices = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._notices.bind(("127.0.0.1", self.notice_port))
+            self.notice_port = self._notices.getsockname()[1]  # 0: a free port, chosen here
+            threading.Thread(target=self._hear, name="bouquet-gate-notices", daemon=True).start()
         config = uvicorn.Config(
             self._app,
             host=self.host,
@@ -104,6 +127,32 @@ class Gate:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._notices is not None:
+            self._notices.close()
+
+    def _hear(self) -> None:
+        """The ServerApp's datagrams: each says it pushed messages for the sites."""
+        while True:
+            try:
+                _, sender = self._notices.recvfrom(64)
+            except OSError:  # closed: the gate stopped
+                return
+            self._listener = sender
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._count_push)
+
+    def _count_push(self) -> None:
+        self._pushes += 1
+        if self._pushed is not None:
+            self._pushed.set()
+        self._pushed = asyncio.Event()
+
+    def _tell_listener(self) -> None:
+        if self._notices is not None and self._listener is not None:
+            try:
+                self._notices.sendto(b"r", self._listener)
+            except OSError:
+                pass  # the ServerApp looks for replies on its own too
 
     async def _app(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -126,9 +175,15 @@ class Gate:
         query = scope.get("query_string") or b""
         target = self.upstream + raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
         client = self._upstream_client()
+        if self._loop is None:
+            self._loop, self._pushed = asyncio.get_running_loop(), asyncio.Event()
+        held = self.notice_port is not None and path == PULL_MESSAGES
         try:
             # The SuperLink's certificate is checked for localhost, the name the server's own calls use.
             request = client.build_request(method, target, headers=headers, content=bytes(body), extensions={"sni_hostname": "localhost"})
+            if held:
+                await self._pull_held(client, request, send)
+                return
             reply = await client.send(request, stream=True)
         except httpx.HTTPError as error:
             # Before the SuperLink first answered it is starting (the health check polls it meanwhile).
@@ -150,6 +205,31 @@ class Gate:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await reply.aclose()
+        if path in REPLIES and reply.status_code == 200:
+            self._tell_listener()
+
+    async def _pull_held(self, client: httpx.AsyncClient, request: httpx.Request, send) -> None:
+        """A site's pull: passed on, and while the SuperLink has no message for the site, held
+        until the ServerApp says it pushed some (then passed on again), HOLD_SECONDS at most."""
+        deadline = self._loop.time() + HOLD_SECONDS
+        pushes = self._pushes
+        reply = await client.send(request)
+        while reply.status_code == 200 and _no_messages(reply.content):
+            pushed = self._pushed
+            if self._pushes == pushes:
+                try:
+                    await asyncio.wait_for(pushed.wait(), deadline - self._loop.time())
+                except TimeoutError:
+                    break
+            pushes = self._pushes
+            reply = await client.send(request)
+        self._answered = True
+        # The body is whole and decoded here: sent with its own length, without an encoding.
+        skip = HOP_BY_HOP | {b"content-encoding"}
+        headers = [(k, v) for k, v in reply.headers.raw if k.lower() not in skip]
+        headers.append((b"content-length", str(len(reply.content)).encode()))
+        await send({"type": "http.response.start", "status": reply.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.content})
 
     def _upstream_client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -157,6 +237,15 @@ class Gate:
             # Fleet calls are long polls at most a few seconds long; object transfers are 5 MB chunks.
             self._client = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(120.0), limits=httpx.Limits(max_connections=64))
         return self._client
+
+
+def _no_messages(content: bytes) -> bool:
+    """Whether a PullMessages response holds no message for the site (nor anything else)."""
+    try:
+        response = PullMessagesResponse.FromString(content)
+    except Exception:  # not Flower's response: pass it on as it is
+        return False
+    return not response.messages_list and not response.HasField("reconnect")
 
 
 async def _reply(send, status: int, body: bytes) -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from . import flower, outputs, progress
+from . import flower, outputs, progress, wakes
 from .gate import Gate
 
 START_SECONDS = 60
@@ -52,7 +52,7 @@ class Server:
         self.host = host
         self.public_keys = dict(public_keys) if public_keys is not None and tls.enabled else None
         self.superlink_port = flower.free_port()
-        self.gate = Gate(host, self.port, self.superlink_port, *_tls_files(tls))
+        self.gate = Gate(host, self.port, self.superlink_port, *_tls_files(tls), notice_port=0)
         self.control: flower.Control | None = None  # the SuperLink's Control API, once it answers
         self.run_id: int | None = None
 
@@ -76,7 +76,8 @@ class Server:
         pin = flower.superexec_command(
             self.superlink_port, self.tls, flower.app_sha256(self.job), self.out / "logs" / "server-refused.json"
         )
-        self.processes.start("superexec", pin, log_as="server")
+        # The ServerApp it starts tells the gate when it pushed messages (bouquet_workloads.wakes).
+        self.processes.start("superexec", pin, log_as="server", env={wakes.NOTICE_PORT_VARIABLE: str(self.gate.notice_port)})
         if self.public_keys is not None:
             # The SuperLink just started holds no key, whatever an earlier server registered;
             # nodes.json (node id -> site and key) is what the ServerApp names sites by.

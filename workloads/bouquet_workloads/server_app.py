@@ -3,7 +3,8 @@
 Bouquet drives the rounds itself rather than through Strategy.start, for three reasons:
 a run resumes from its last checkpoint with the right round numbers; every round is
 committed (checkpoint, history, metrics) the moment it ends; and replies are collected
-by polling every fraction of a second instead of Flower's fixed three-second waits.
+as the gate says they came (bouquet_workloads.wakes), instead of Flower's fixed three-second
+waits.
 The strategies themselves are Flower's.
 """
 
@@ -23,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
-from . import datasets, outputs, pulls, report
+from . import datasets, outputs, pulls, report, wakes
 from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, min_sites, resume_problem
 from .strategies import make_strategy, restore_strategy_state, strategy_state
@@ -37,6 +38,9 @@ log = logging.getLogger("bouquet_workloads.server")
 # milliseconds, a large one's in minutes; each look is a request to the SuperLink).
 FIRST_POLL_SECONDS, POLL_SECONDS, POLL_GROWTH = 0.005, 0.2, 2
 FINISH_TIMEOUT_SECONDS = 30
+# Under Bouquet's server the gate hears when messages were pushed and tells when replies came
+# (bouquet_workloads.wakes): then the looks above are only the fallback.
+NOTICE: list[wakes.Notice] = []
 
 app = ServerApp()
 
@@ -50,6 +54,9 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     pulls.quicken()  # the sites' replies are pulled as soon as they are there
+    notice = wakes.Notice.from_environment()
+    if notice is not None:
+        NOTICE[:] = [notice]
     job = json.loads(str(context.run_config["job"]))
     out = Path(str(context.run_config["output-dir"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -312,6 +319,8 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
         return []
     # Flower returns the ids in the order of messages, "" or None for one it could not push.
     ids = list(grid.push_messages(messages))
+    for notice in NOTICE:
+        notice.pushed()
     destination = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=False) if i}
     pending = set(destination)
     deadline = time.monotonic() + timeout
@@ -328,8 +337,11 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
                 continue
             replies.append(reply)
         if pending:
-            time.sleep(wait)
-            wait = min(wait * POLL_GROWTH, POLL_SECONDS)
+            if not (NOTICE and NOTICE[0].wait(wait)):
+                # Not woken (or no gate to say): the next look waits longer.
+                if not NOTICE:
+                    time.sleep(wait)
+                wait = min(wait * POLL_GROWTH, POLL_SECONDS)
     if pending:
         log.warning("%d of %d sites did not reply within %ss", len(pending), len(messages), timeout)
     return replies

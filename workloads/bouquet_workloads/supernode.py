@@ -48,7 +48,7 @@ from flwr.supercore.exit import ExitCode, add_exit_handler
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import fleet_http_connection, start_client_internal
 
-from . import pulls
+from . import pulls, wakes
 
 log = logging.getLogger("bouquet_workloads.site")
 
@@ -63,20 +63,31 @@ IDLE_SLEEP, REPLY_SLEEP = 3, 0.5
 
 class Pace:
     """Stands in for the `time` module of Flower's SuperNode loop: the same functions, but its
-    fixed waits shortened. After a message the next pull comes FIRST_PULL seconds later, and
-    each pull that finds nothing doubles the wait, up to Flower's own 3 s (an idle site asks
-    the server no more often than Flower's does): the next message waits at most about as
-    long as the site was idle (the other sites' training, the server's aggregation). Each
-    pull costs the server a request (tens of milliseconds of its CPU with its state in SQLite),
-    so a gentler back-off than doubling slowed rounds on two cores. A reply is looked for
-    every REPLY_POLL s."""
+    fixed waits replaced.
+
+    After a pull that found nothing: when the pull itself took HELD seconds or more, the server
+    held it until it had a message or a second passed (Bouquet's gate does, see
+    bouquet_workloads.wakes), and the next pull follows FIRST_PULL seconds later. Otherwise (a
+    server that answers at once) the next pull comes FIRST_PULL seconds after a message and
+    each pull that finds nothing doubles the wait, up to Flower's own 3 s: an idle site asks
+    such a server no more often than Flower's does, and a message waits at most about as long
+    as the site was idle.
+
+    While the ClientApp runs, the reply is looked for when the worker says it handed one back
+    (the pipe `replies`, bouquet_workloads.wakes), or every REPLY_POLL s without a worker."""
 
     FIRST_PULL = 0.02
     GROWTH = 2
+    HELD = 0.25
     REPLY_POLL = 0.005
+    REPLY_FALLBACK = 0.1  # the longest a reply handed back goes unseen if its wake-up is lost
 
     def __init__(self) -> None:
         self.idle = self.FIRST_PULL
+        self.replies: int | None = None  # the read end of the worker's pipe, once it runs
+        self.tasks: int | None = None  # the write end of the pipe the worker waits on
+        self.lock = threading.Lock()
+        self.woke = time.monotonic()
 
     def busy(self) -> None:
         """A message came: the next one is likely soon (the round's next phase)."""
@@ -84,10 +95,22 @@ class Pace:
 
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_SLEEP:
-            seconds, self.idle = self.idle, min(self.idle * self.GROWTH, IDLE_SLEEP)
-        elif seconds == REPLY_SLEEP:
-            seconds = self.REPLY_POLL
-        time.sleep(seconds)
+            if time.monotonic() - self.woke >= self.HELD:
+                seconds, self.idle = self.FIRST_PULL, self.FIRST_PULL
+            else:
+                seconds, self.idle = self.idle, min(self.idle * self.GROWTH, IDLE_SLEEP)
+            time.sleep(seconds)
+        elif seconds == REPLY_SLEEP and self.replies is not None:
+            replies = self.replies
+            try:
+                wakes.wait_readable(replies, self.REPLY_FALLBACK)
+            except EOFError:  # the worker ended; its successor gets a new pipe
+                if self.replies == replies:
+                    self.replies = None
+                os.close(replies)
+        else:
+            time.sleep(self.REPLY_POLL if seconds == REPLY_SLEEP else seconds)
+        self.woke = time.monotonic()
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -142,6 +165,8 @@ def install(pin: Pin, pace: Pace) -> None:
         run_id = original(**kwargs)
         if run_id is not None:
             pace.busy()
+            with pace.lock:
+                wakes.poke(pace.tasks)  # the worker claims the message's task at once
         return run_id
 
     setattr(start_client_internal, PATCHED, pull_and_store_message)
@@ -165,16 +190,33 @@ def record_connection_error(path: Path) -> None:
 WORKER_RESTART_SECONDS = 1.0  # before a worker that ended is replaced
 
 
-def keep_worker(command: list[str]) -> threading.Thread:
+def keep_worker(command: list[str], pace: Pace) -> threading.Thread:
     """Starts the site's warm worker, and another each time one ends, for as long as this
     process lives (the worker ends with it: --parent-pid). A worker stopped with the site
-    (both are signalled together) is not replaced."""
+    (both are signalled together) is not replaced. Each worker gets two pipes: this process
+    pokes one when it stored a message, the worker the other when it handed back a reply."""
     stopping = threading.Event()
     add_exit_handler(stopping.set)  # Flower runs it when the SuperNode is told to stop
 
     def keep() -> None:
         while True:
-            code = subprocess.Popen(command, stdin=subprocess.DEVNULL).wait()
+            tasks_read, tasks_write = os.pipe()
+            replies_read, replies_write = os.pipe()
+            for fd in (tasks_write, replies_read):
+                os.set_blocking(fd, False)
+            worker = subprocess.Popen(
+                [*command, "--tasks-fd", str(tasks_read), "--replies-fd", str(replies_write)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(tasks_read, replies_write),
+            )
+            os.close(tasks_read)
+            os.close(replies_write)
+            pace.tasks, pace.replies = tasks_write, replies_read
+            code = worker.wait()
+            with pace.lock:  # no poke of a pipe whose number a new file may take
+                pace.tasks = None
+                os.close(tasks_write)
+            # The replies pipe is closed by its reader, which sees it end (bouquet_workloads.wakes).
             time.sleep(WORKER_RESTART_SECONDS)
             if stopping.is_set():
                 return
@@ -221,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preload", metavar="MODULE", help="module the worker imports before the first message (the job's ClientApp's)")
     args = parser.parse_args(argv)
-    install(Pin(args.app_sha256, args.refusals), Pace())
+    pace = Pace()
+    install(Pin(args.app_sha256, args.refusals), pace)
     if args.connection_error:
         record_connection_error(args.connection_error)
     from flwr.supernode.cli import flower_supernode
 
-    keep_worker(worker_command(args.app_sha256, args.runtime_port, args.refusals, args.preload))
+    keep_worker(worker_command(args.app_sha256, args.runtime_port, args.refusals, args.preload), pace)
     flower_args = [*args.flower_args, "--host", "127.0.0.1", "--port", str(args.runtime_port), "--isolation", "process"]
     return run_flower(log, "flower-supernode", flower_args, flower_supernode)
 

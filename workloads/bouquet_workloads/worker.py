@@ -16,13 +16,14 @@ Only the job's app runs here: a task of another bundle (the SuperNode refuses th
 any task is made, bouquet_workloads.supernode; this is the second look) is answered with an
 error, its bundle neither installed nor loaded, and listed in the refusals file.
 
-It looks for a task a few milliseconds after the last one, then each look twice as long after
-the one before, up to IDLE_LONGEST apart: a message waits for it at most about as long as the
-site was idle, and an idle site's worker asks its SuperNode four times a second. It ends with
-the SuperNode that started it (--parent-pid), within PARENT_CHECK_SECONDS.
+It claims a task as soon as its SuperNode says it stored a message (a byte on the pipe
+--tasks-fd, bouquet_workloads.wakes), and says when it handed back a reply (--replies-fd).
+Without that word it looks a few milliseconds after the last task, then each look twice as
+long after the one before, up to IDLE_LONGEST apart. It ends with the SuperNode that started it
+(--parent-pid), within PARENT_CHECK_SECONDS.
 
     python -m bouquet_workloads.worker --app-sha256 HEX --runtime-api-address HOST:PORT [--parent-pid PID] [--refusals FILE]
-        [--preload MODULE]
+        [--preload MODULE] [--tasks-fd FD --replies-fd FD]
 
 The calls into Flower's internals are pinned to flwr 1.41.0 (tests/workloads/test_worker.py).
 """
@@ -53,7 +54,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from . import pulls
+from . import pulls, wakes
 from .supernode import record_refusal
 
 log = logging.getLogger("bouquet_workloads.site")
@@ -64,10 +65,19 @@ IDLE_FIRST, IDLE_LONGEST, IDLE_GROWTH = 0.005, 0.25, 2  # seconds between looks 
 class Worker:
     """Claims the SuperNode's ClientApp tasks and runs them, one at a time, in this process."""
 
-    def __init__(self, runtime_api_address: str, app_sha256: str, refusals: Path | None = None) -> None:
+    def __init__(
+        self,
+        runtime_api_address: str,
+        app_sha256: str,
+        refusals: Path | None = None,
+        tasks_fd: int | None = None,
+        replies_fd: int | None = None,
+    ) -> None:
         self.address = runtime_api_address
         self.app_sha256 = app_sha256
         self.refusals = refusals
+        self.tasks_fd = tasks_fd  # the SuperNode writes a byte here when it stored a message
+        self.replies_fd = replies_fd  # this worker writes one here when it handed back a reply
         self.apps: dict[str, ClientApp] = {}  # app bundle sha256 -> its loaded ClientApp
         self.client = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"))
         self.idle = IDLE_FIRST
@@ -90,8 +100,19 @@ class Worker:
                 log.warning("cannot reach the SuperNode's runtime API at %s (%s); trying again", self.address, error)
                 ran = False
             if not ran:
-                time.sleep(self.idle)
+                self.wait(self.idle)
                 self.idle = min(self.idle * IDLE_GROWTH, IDLE_LONGEST)
+
+    def wait(self, seconds: float) -> None:
+        """Waits until the SuperNode says a message came, or seconds pass."""
+        if self.tasks_fd is None:
+            time.sleep(seconds)
+            return
+        try:
+            if wakes.wait_readable(self.tasks_fd, seconds):
+                self.idle = IDLE_FIRST
+        except EOFError:  # the SuperNode ended (this process ends with it): look on its own
+            self.tasks_fd = None
 
     def run_next(self) -> bool:
         """Claims and runs the oldest pending ClientApp task; False when there is none."""
@@ -134,6 +155,7 @@ class Worker:
             except Exception as error:
                 log.error("could not hand the reply to the SuperNode", exc_info=error)
             push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+            wakes.poke(self.replies_fd)  # the SuperNode passes the reply on at once
             heartbeat.stop()
             client.close()
 
@@ -204,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, help="end when this process (the SuperNode) ends")
     parser.add_argument("--refusals", type=Path, help="file that lists the runs this site refused")
     parser.add_argument("--preload", metavar="MODULE", help="imported at once, while the site waits for its first message")
+    parser.add_argument("--tasks-fd", type=int, help="pipe the SuperNode writes to when it stored a message")
+    parser.add_argument("--replies-fd", type=int, help="pipe to write to when a reply was handed back")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -212,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         end_with(args.parent_pid)
     if args.preload:
         preload(args.preload)
-    worker = Worker(args.runtime_api_address, args.app_sha256, args.refusals)
+    if args.replies_fd is not None:
+        os.set_blocking(args.replies_fd, False)
+    worker = Worker(args.runtime_api_address, args.app_sha256, args.refusals, args.tasks_fd, args.replies_fd)
     try:
         worker.serve()
     except KeyboardInterrupt:
