@@ -15,7 +15,7 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test e2e e2e-kind lint venv debian-packages images cluster-build helm-build cluster cluster-down bench-local bench-operator
+.PHONY: help run test e2e e2e-kind lint venv debian-packages images cluster-build helm-build cluster cluster-down bench bench-local bench-operator
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
@@ -25,6 +25,7 @@ help:
 	@echo "make e2e          the end-to-end tests on the cluster of \$$KUBECONFIG (unset: this host's own)"
 	@echo "make e2e-kind     the end-to-end tests on a kind cluster (hosts with Docker and registry access)"
 	@echo "make images       build the workloads and operator images"
+	@echo "make bench        Bouquet next to stock Flower 1.41 on the same jobs (CASES=abc): round times, bytes, memory"
 	@echo "make bench-local  time a local run of $(JOB) and print figures"
 	@echo "make bench-operator  time the operator on the test control plane and print figures"
 
@@ -57,9 +58,12 @@ cluster-down:
 # Every test, the end-to-end ones on a single-node cluster of this host's own.
 # The builds run side by side: Go's compiles are bound by the CPU, the images' by the disk
 # and the network.
+# A run that passes leaves its wall time in runs/make-test.txt, which make bench prints.
 test: lint debian-packages
-	@$(MAKE) --no-print-directory -j3 cluster-build helm-build images >/dev/null
-	env -u BOUQUET_E2E_KUBECONFIG $(PYTHON) -m pytest $(PYTEST_ARGS)
+	@started=$$(date +%s); \
+	$(MAKE) --no-print-directory -j3 cluster-build helm-build images >/dev/null; \
+	env -u BOUQUET_E2E_KUBECONFIG $(PYTHON) -m pytest $(PYTEST_ARGS); \
+	mkdir -p runs; echo "$$(( $$(date +%s) - started )) $$(git rev-parse --short HEAD 2>/dev/null || echo unknown) $$(date -u +%FT%TZ)" > runs/make-test.txt
 
 # The end-to-end tests on the cluster $$KUBECONFIG names, which must hold Bouquet's images;
 # with KUBECONFIG unset, on a single-node cluster of this host's own, as in `make test`.
@@ -78,6 +82,10 @@ lint: venv
 # The workloads and operator images (Debian's dockerd, a debootstrapped base; no registry).
 images: venv
 	@scripts/images.sh
+
+CASES ?= abc
+bench: venv
+	$(PYTHON) benchmarks/compare.py --cases "$(CASES)"
 
 bench-local: venv
 	$(PYTHON) benchmarks/local_run.py $(JOB)
