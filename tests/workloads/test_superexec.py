@@ -23,6 +23,7 @@ def launched(monkeypatch):
         run_superexec.AutoExecPlugin, "launch_task", lambda self, token, task: calls.append(task.run_id) or LaunchResult.accepted()
     )
     monkeypatch.setattr(run_superexec, "AutoExecPlugin", run_superexec.AutoExecPlugin)  # restored after the test
+    monkeypatch.setattr(run_superexec, "time", run_superexec.time)
     return calls
 
 
@@ -42,3 +43,19 @@ def test_flowers_superexec_still_launches_tasks_through_the_plugin_the_pin_wraps
     source = inspect.getsource(run_superexec.run_superexec)
     assert "AutoExecPlugin(" in source and "plugin.launch_task(" in source
     assert "fab_hash" in Task.DESCRIPTOR.fields_by_name
+
+
+def test_once_it_launched_the_jobs_serverapp_the_superexec_asks_for_tasks_seldom(launched, monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(superexec.time, "sleep", slept.append)
+    superexec.install("a" * 64, None)
+    assert "time.sleep(task_poll_interval)" in inspect.getsource(run_superexec.run_superexec)
+    pace = run_superexec.time
+    plugin = run_superexec.AutoExecPlugin.__new__(run_superexec.AutoExecPlugin)
+    pace.sleep(0.1)
+    plugin.launch_task("token", Task(task_id=2, run_id=12, fab_hash="b" * 64))  # refused: no launch
+    pace.sleep(0.1)
+    plugin.launch_task("token", Task(task_id=1, run_id=11, fab_hash="a" * 64))
+    pace.sleep(0.1)
+    assert slept == [0.1, 0.1, superexec.LAUNCHED_POLL_SECONDS]
+    assert pace.monotonic() > 0  # the rest of `time`, as it is

@@ -21,6 +21,7 @@ import torch._dynamo  # noqa: F401
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from . import wire
 from .outputs import REFUSED_RUNS
 from .roster import DATA_CHECK
 from .strategies import AUROC_WEIGHT_KEY, WEIGHT_KEY
@@ -90,9 +91,10 @@ class Site:
         return table.subset(kept), table.subset(held)
 
     def model(self, arrays: ArrayRecord):
+        """The job's model with the weights of a message (packed, bouquet_workloads.wire)."""
         task = self.spec["task"]
         model = build_model(task, self.data[0].features.shape[1], self.spec["seed"])
-        load_arrays(model, {k: v.numpy() for k, v in arrays.items()})
+        load_arrays(model, wire.unpack({k: v.numpy() for k, v in arrays.items()}, state_arrays(model)))
         return model
 
 
@@ -104,7 +106,7 @@ def _site(job: str, name: str, data_path: str, data_format: str, refusals: str) 
 def _reply(message: Message, site: Site, metrics: dict, arrays: dict[str, np.ndarray] | None = None) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name, REFUSED_RUNS: site.refused_runs()})})
     if arrays is not None:
-        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
+        content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in wire.pack(arrays).items()})
     return Message(content=content, reply_to=message)
 
 

@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
-from . import datasets, outputs, pulls, report, wakes
+from . import datasets, outputs, pulls, report, wakes, wire
 from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, min_sites, resume_problem
 from .strategies import make_strategy, restore_strategy_state, strategy_state
@@ -97,8 +97,8 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
         _standardize(model, moments, len(features))
         weights, history, first = state_arrays(model), [], 1
     else:
-        restore_strategy_state(strategy, checkpoint.strategy_state)
         weights, history, first = _in_model_order(checkpoint.weights, model), checkpoint.history, checkpoint.round + 1
+        restore_strategy_state(strategy, packed_strategy_state(checkpoint.strategy_state, weights))
         log.info("resuming %s from the checkpoint of round %d", job["metadata"]["name"], checkpoint.round)
     test_data = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test if "dataset" in spec else None
 
@@ -189,7 +189,7 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     aggregated, train_metrics = strategy.aggregate_train(round_, replies)
     if aggregated is None:
         raise RoundFailed(f"round {round_}: no site returned an update ({_errors(replies)})")
-    weights = {k: v.numpy() for k, v in aggregated.items()}
+    weights = wire.unpack({k: v.numpy() for k, v in aggregated.items()}, weights)
 
     record = _to_record(weights)
     eval_messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
@@ -211,6 +211,27 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     if refused:
         entry[REFUSED_RUNS] = refused
     return weights, entry
+
+
+def packed_strategy_state(state: Mapping[str, np.ndarray], layout: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A strategy's state from a checkpoint, on the weights as they travel (packed,
+    bouquet_workloads.wire). A checkpoint written while they travelled one array per tensor
+    holds it per tensor ("m_t.<tensor>", "momentum_vector.<i>" in the model's order): packed
+    here the same way, so that such a run resumes too."""
+    packed = dict(state)
+    flat = wire.pack(layout)
+    for attribute in ("m_t", "v_t", "momentum_vector"):
+        by_index = attribute == "momentum_vector"
+        old = [f"{attribute}.{k}" for k in (map(str, range(len(layout))) if by_index else layout)]
+        new = [f"{attribute}.{k}" for k in (map(str, range(len(flat))) if by_index else flat)]
+        if all(k in state and np.shape(state[k]) == v.shape for k, v in zip(new, flat.values(), strict=True)):
+            continue  # packed already (or not this strategy's)
+        if all(k in state for k in old):
+            for k in old:
+                del packed[k]
+            values = wire.pack({name: state[k] for name, k in zip(layout, old, strict=True)})
+            packed.update(zip(new, values.values(), strict=True))
+    return packed
 
 
 def _refused_runs(roster: Roster, replies: list[Message]) -> dict[str, int]:
@@ -348,7 +369,8 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
 
 
 def _to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    """The weights as they travel: packed (bouquet_workloads.wire)."""
+    return ArrayRecord(array_dict={k: Array(v) for k, v in wire.pack(weights).items()})
 
 
 def _errors(replies: list[Message]) -> str:

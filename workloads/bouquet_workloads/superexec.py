@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from flwr.supercore.superexec import run_superexec
@@ -24,9 +25,33 @@ from .supernode import pinned_parser, record_refusal, run_flower
 log = logging.getLogger("bouquet_workloads.server")
 
 
+# How often the SuperExec asks the SuperLink for a task once it launched the job's ServerApp:
+# a server runs one run, and until then it asks every FLWR_SUPEREXEC_TASK_POLL_INTERVAL s
+# (bouquet_workloads.flower.process_env). Each ask is a request the SuperLink serves, on the
+# CPU the rounds need.
+LAUNCHED_POLL_SECONDS = 3.0
+
+
+class _Pace:
+    """Stands in for the `time` module of Flower's SuperExec loop: its wait between asks is
+    LAUNCHED_POLL_SECONDS at least once a task was launched."""
+
+    def __init__(self) -> None:
+        self.launched = False
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(seconds, LAUNCHED_POLL_SECONDS) if self.launched else seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
 def install(app_sha256: str, refusals: Path | None) -> None:
-    """Makes the SuperExec's plugin launch only tasks of the job's app."""
+    """Makes the SuperExec's plugin launch only tasks of the job's app, and ask for tasks
+    seldom once it launched one."""
     plugin = run_superexec.AutoExecPlugin
+    pace = _Pace()
+    run_superexec.time = pace
 
     class PinnedPlugin(plugin):
         def launch_task(self, token: str, task) -> LaunchResult:
@@ -40,7 +65,9 @@ def install(app_sha256: str, refusals: Path | None) -> None:
                 if refusals is not None:
                     record_refusal(refusals, task.run_id, task.fab_hash)
                 return LaunchResult.failed(f"run {task.run_id} is not this job's app")
-            return super().launch_task(token, task)
+            result = super().launch_task(token, task)
+            pace.launched = True
+            return result
 
     run_superexec.AutoExecPlugin = PinnedPlugin
 
