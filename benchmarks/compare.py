@@ -57,7 +57,7 @@ EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
 # Two hidden layers of 3162: 30 x 3162 + 3162 x 3162 + 3162 x 2 weights and their biases,
 # 10.1 M parameters, 40 MB of float32.
 LARGE_MODEL = [3162, 3162]
-LARGE_ROUNDS = 4
+LARGE_ROUNDS = 3
 # `make test` before the rounds were made fast: a fresh clone's run at 5d87955 (52:58).
 MAKE_TEST_BEFORE = (3178, "5d87955")
 MAKE_TEST_RECORD = ROOT / "runs" / "make-test.txt"

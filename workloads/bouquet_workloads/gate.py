@@ -123,6 +123,13 @@ class Gate:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
+        """Stops serving, its connections to the SuperLink closed first (a SuperLink told to
+        stop waits for its open connections to close)."""
+        if self._client is not None and self._loop is not None and self.alive:
+            try:
+                asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=2)
+            except Exception as error:  # stopping anyway: the process's exit closes them
+                log.debug("could not close the connections to the SuperLink: %s", error)
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

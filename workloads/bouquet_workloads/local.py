@@ -8,6 +8,7 @@ metrics, and on success or failure stops every process it started.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import time
@@ -112,10 +113,18 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         say(f"server up on {server.address} (TLS: {'on' if tls_files.enabled else 'off'}); {len(job['spec']['sites'])} sites started; "
             f"each checks its data, then round {len(history) + 1} begins")  # fmt: skip
         server.follow(say, started)
+        if "task" in job["spec"]:
+            # The centralized baseline trains while the processes stop (they mostly wait).
+            trained = {site: path for site, path in site_files.items() if site not in refused}
+            reference = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bouquet-baseline").submit(_baseline, job, trained)
     finally:
-        processes.stop()
+        # The sites first, while the server still answers their goodbye (a SuperNode whose
+        # server is gone retries it for seconds), then the gate and the Control client, whose
+        # connections a SuperLink told to stop would wait for, then the server's processes.
+        processes.stop([name for name in processes.running if name.startswith("site-")])
         if server is not None:
             server.stop()
+        processes.stop()
         metrics_server.shutdown()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
         gate_log()
@@ -123,11 +132,10 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         say(f"done in {clock(time.monotonic() - started)}: the job's own app finished; its output is in {paths.out}")
         return {}
     model = outputs.read_json(paths.out / outputs.MODEL_INFO)
-    trained = {site: path for site, path in site_files.items() if site not in refused}
-    reference = _compare_with_baseline(job, paths, trained, model, say)
+    baseline = _compare_with_baseline(paths, reference.result(), model, say)
     from . import report  # matplotlib, needed only now
 
-    report.plot(paths.out / outputs.REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), reference)
+    report.plot(paths.out / outputs.REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), baseline)
     say(f"done in {clock(time.monotonic() - started)}: {paths.out / outputs.MODEL} (sha256 {model['sha256'][:16]}...)")
     return model
 
@@ -228,14 +236,17 @@ def _make_site_keys(job: dict, directory: Path) -> dict[str, tuple[Path, Path]]:
     return {site["name"]: identity.make().write(directory / site["name"]) for site in job["spec"]["sites"]}
 
 
-def _compare_with_baseline(job: dict, paths: Paths, site_files: dict[str, Path], model: dict, say: Callable[[str], None]) -> dict:
+def _baseline(job: dict, site_files: dict[str, Path]) -> dict:
     """Trains the same model on the pooled training data (possible only because every
-    site's data is on this machine), prints it beside the federated result and keeps it
-    in baseline.json."""
+    site's data is on this machine)."""
     # torch, imported only now: this process holds none of its memory while the run goes on
     from . import baseline
 
-    result = baseline.centralized(job, site_files)
+    return baseline.centralized(job, site_files)
+
+
+def _compare_with_baseline(paths: Paths, result: dict, model: dict, say: Callable[[str], None]) -> dict:
+    """Prints the baseline beside the federated result and keeps it in baseline.json."""
     outputs.write_json(paths.out / BASELINE, result)
     federated = model["metrics"]
     say(f"evaluated on the {result['evaluatedOn']}:")

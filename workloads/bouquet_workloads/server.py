@@ -175,8 +175,10 @@ def serve(
         server.submit()
         server.follow(say, started)
     finally:
-        processes.stop()
+        # The gate and the Control client first: a SuperLink told to stop waits for their
+        # connections to close.
         server.stop()
+        processes.stop()
         metrics_server.shutdown()
         if reporter:
             reporter.stop()
