@@ -192,7 +192,7 @@ class Gate:
                 await self._pull_held(client, request, send)
                 return
             reply = await client.send(request, stream=True)
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, RuntimeError) as error:  # RuntimeError: the gate is stopping (its client closed)
             # Before the SuperLink first answered it is starting (the health check polls it meanwhile).
             log.log(logging.ERROR if self._answered else logging.DEBUG, "the SuperLink did not answer %s %s: %s", method, path, error)
             await _reply(send, 502, b"the server is not ready\n")
