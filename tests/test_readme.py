@@ -168,3 +168,7 @@ def test_the_benchmarks_print_their_figures(session):
     assert "wall time" in local.stdout and "peak memory, all procs" in local.stdout and "final accuracy          0.9737" in local.stdout
     [operator] = session.run_block("bench-operator", timeout=1200)
     assert "median" in operator.stdout and "operator memory (RSS)" in operator.stdout
+    [compared] = session.run_block("bench", timeout=1800)
+    for figure in ("round time, median", "round overhead, median", "peak RSS, server side", "peak PSS, all processes"):
+        assert re.search(rf"{figure} +-?[\d.,]+ \w+ +-?[\d.,]+ \w+", compared.stdout), f"no {figure} of both in:\n{compared.stdout}"
+    assert "stock Flower's median round is" in compared.stdout

@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
-from . import datasets, outputs, pulls, report, wakes, wire
+from . import datasets, outputs, pulls, wakes, wire
 from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, min_sites, resume_problem
 from .strategies import make_strategy, restore_strategy_state, strategy_state
@@ -137,6 +137,8 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
             "createdAt": _now(),
         },
     )
+    from . import report  # matplotlib: imported only now, not while the sites wait for the first round
+
     report.plot(out / outputs.REPORT, job, history, None)
     _progress(out, job, "Succeeded", round_=rounds)
     _tell_sites_the_run_is_over(grid, out)
