@@ -125,6 +125,12 @@ def diagnose(kubeconfig: str, namespace: str) -> str:
         parts.append(f"--- {pod}\n{logs.stdout[-2500:]}{logs.stderr[-500:]}")
     operator = kubectl(kubeconfig, "logs", "-n", RELEASE_NAMESPACE, f"deployment/{RELEASE}", "--tail=40", check=False)
     parts.append(f"--- the operator\n{operator.stdout[-4000:]}{operator.stderr[-500:]}")
+    # Last, where a cut log keeps it: each job's status, whose sites carry their pods' last
+    # words (the termination message) after the pods themselves are gone.
+    jobs = kubectl(kubeconfig, "get", "federatedjobs", "-n", namespace, "-o", "json", check=False)
+    for job in json.loads(jobs.stdout or '{"items": []}')["items"] if jobs.returncode == 0 else []:
+        summary = {k: job.get("status", {}).get(k) for k in ("phase", "progress", "sites", "conditions")}
+        parts.append(f"--- federatedjob {namespace}/{job['metadata']['name']}: {json.dumps(summary)}")
     return "\n".join(parts)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -45,8 +47,9 @@ def workers(below: int) -> list[int]:
     return running("bouquet_workloads.worker", below)
 
 
-def _site(tmp_path: Path):
-    """A server for the example job, and `bouquet site` for its hospital-a, started."""
+def _site(tmp_path: Path, port=None):
+    """A server for the example job, and `bouquet site` for its hospital-a, started; it dials
+    port(server's port), the server's own by default."""
     job = yaml.safe_load(EXAMPLE.read_text())
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
@@ -58,7 +61,53 @@ def _site(tmp_path: Path):
     server = Server(job, tmp_path / "out", job_tls, processes)
     server.start()
     log = tmp_path / "site.log"
-    return server, processes, start_bouquet(site_args(job_file, "hospital-a", server.port, data, certs["ca.crt"]), log), log
+    dialled = port(server.port) if port else server.port
+    return server, processes, start_bouquet(site_args(job_file, "hospital-a", dialled, data, certs["ca.crt"]), log), log
+
+
+class BreaksOff:
+    """A port that takes the first `breaks` connections and closes them before a byte of TLS
+    (as a server whose pod stops, or that is not serving yet, does mid-handshake), then passes
+    connections on to `upstream`."""
+
+    def __init__(self, breaks: int) -> None:
+        self.breaks = breaks
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.upstream = 0
+
+    def __call__(self, upstream: int) -> int:
+        self.upstream = upstream
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self.port
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.breaks > 0:
+                self.breaks -= 1
+                conn.close()
+                continue
+            far = socket.create_connection(("127.0.0.1", self.upstream))
+            for a, b in ((conn, far), (far, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def _stop(tmp_path: Path, server, processes, bouquet_site) -> None:
@@ -114,3 +163,35 @@ def test_a_supernode_that_ends_before_the_run_is_over_is_started_again(tmp_path)
     finally:
         if server is not None:
             _stop(tmp_path, server, processes, bouquet_site)
+
+
+def test_a_site_whose_tls_handshake_is_broken_off_tries_again(tmp_path):
+    """Flower's SuperNode gives up at once on a connection error that mentions TLS. A server
+    stopping, or not serving yet, in the middle of the handshake breaks it off so: the site
+    says so and tries again, and joins once the server answers."""
+    server = processes = bouquet_site = None
+    breaks = BreaksOff(2)
+    try:
+        server, processes, bouquet_site, log = _site(tmp_path, breaks)
+        wait_for(lambda: log.read_text().count("SuperNode ID") == 1, timeout=90, what="the site to join")
+        said = log.read_text()
+        assert "site hospital-a: site hospital-a could not connect to the server: [SSL: UNEXPECTED_EOF_WHILE_READING]" in said, said
+        assert f"trying again (2 of {site.SUPERNODE_RESTARTS})" in said
+        assert bouquet_site.poll() is None
+    finally:
+        breaks.listener.close()
+        if server is not None:
+            _stop(tmp_path, server, processes, bouquet_site)
+
+
+def test_only_a_broken_off_connection_is_tried_again():
+    eof = "Failed to initialize the connection to the SuperLink. [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol"
+    assert site.broken_off(eof)
+    assert site.broken_off("Failed to initialize the connection to the SuperLink. Server disconnected without sending a response.")
+    for refused in (
+        "Failed to initialize the connection to the SuperLink. [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+        "unable to get local issuer certificate (_ssl.c:1006)",
+        "[code: 2004] Attempted to register SuperNode with public key: b'...', exception: No SuperNode found. EOF occurred",
+        "Client error '404 Not Found' for url 'https://localhost:9092/v1/fleet/activate-node'",
+    ):
+        assert not site.broken_off(refused), refused

@@ -62,27 +62,29 @@ class Server:
         return f"localhost:{self.port}"
 
     def start(self) -> None:
-        """Starts the SuperLink and the gate, waits until they answer, and registers the
-        sites' keys."""
+        """Starts the SuperLink, registers the sites' keys, and only then opens the gate: a
+        site that dialled a server whose keys were not registered yet was refused (Flower's
+        code 2004), and the site gives up on a refusal (bouquet_workloads.site)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.processes.start("server", flower.superlink_command(self.superlink_port, self.tls, self.public_keys is not None))
+        flower.wait_healthy(self.superlink_port, self.tls, START_SECONDS, self.processes)
+        self.control = flower.Control(self.superlink_port, self.tls)
+        if self.public_keys is not None:
+            # The SuperLink just started holds no key, whatever an earlier server registered;
+            # nodes.json (node id -> site and key) is what the ServerApp names sites by.
+            nodes = flower.register_site_keys(self.public_keys, self.control)
+            outputs.write_json(self.out / outputs.NODES, {str(node): entry for node, entry in sorted(nodes.items())})
         try:
             self.gate.start()
         except OSError as error:
             raise flower.LaunchError(str(error)) from None
         flower.wait_healthy(self.port, self.tls, START_SECONDS, self.processes)
-        self.control = flower.Control(self.superlink_port, self.tls)
         # The ServerApp it starts writes to the SuperLink's log, as it would under the SuperLink.
         pin = flower.superexec_command(
             self.superlink_port, self.tls, flower.app_sha256(self.job), self.out / "logs" / "server-refused.json"
         )
         # The ServerApp it starts tells the gate when it pushed messages (bouquet_workloads.wakes).
         self.processes.start("superexec", pin, log_as="server", env={wakes.NOTICE_PORT_VARIABLE: str(self.gate.notice_port)})
-        if self.public_keys is not None:
-            # The SuperLink just started holds no key, whatever an earlier server registered;
-            # nodes.json (node id -> site and key) is what the ServerApp names sites by.
-            nodes = flower.register_site_keys(self.public_keys, self.control)
-            outputs.write_json(self.out / outputs.NODES, {str(node): entry for node, entry in sorted(nodes.items())})
 
     def stop(self) -> None:
         self.gate.stop()

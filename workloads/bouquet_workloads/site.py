@@ -52,6 +52,20 @@ def still_online(flower_message: str) -> bool:
     return KEY_NOT_REGISTERED in flower_message and STILL_ONLINE in flower_message
 
 
+# Flower's SuperNode gives up at once on a connection error that mentions TLS, as a certificate
+# its CA does not vouch for does; but a server that stops (its pod replaced) or is not yet
+# serving in the middle of a site's TLS handshake breaks it off the same way, and that passes.
+BROKEN_OFF = ("eof occurred", "unexpected_eof", "connection reset", "server disconnected", "broken pipe")
+
+
+def broken_off(flower_message: str) -> bool:
+    """Whether the SuperNode's connection broke off (the site tries again) rather than being
+    refused: no Flower code, no certificate at fault, no HTTP answer."""
+    text = flower_message.lower()
+    refused = "[code:" in text or "certificate" in text or " error '" in text
+    return not refused and any(words in text for words in BROKEN_OFF)
+
+
 def not_admitted(site: str, key: Path | None, flower_message: str) -> str:
     """What Flower's connection error means for the site, as the site's log and (on
     Kubernetes, from its pod's termination message) the job's status say it."""
@@ -100,16 +114,23 @@ def run_site(job: dict, site: str, server: str, data: Path, ca: Path | None, run
                     message = connection_error.read_text() if connection_error.exists() else ""
                     if still_online(message) and time.monotonic() < patience:
                         why = "the server still counts an earlier connection of this site online; trying again"
-                    elif message:
+                    elif message and not broken_off(message):
                         verdict = not_admitted(site, key, message)
                         return code
                     elif done.exists():
                         continue  # it ended as the run did: the run is over
                     elif restarts < SUPERNODE_RESTARTS:
                         restarts += 1
-                        why = f"the SuperNode stopped (exit {code}) before the run was over; starting it again ({restarts} of {SUPERNODE_RESTARTS})"
+                        if message:
+                            why = f"{not_admitted(site, key, message)}; trying again ({restarts} of {SUPERNODE_RESTARTS})"
+                        else:
+                            why = f"the SuperNode stopped (exit {code}) before the run was over; starting it again ({restarts} of {SUPERNODE_RESTARTS})"
                     else:
-                        verdict = f"the site's SuperNode stopped {restarts + 1} times before the run was over (last exit {code})"
+                        verdict = (
+                            not_admitted(site, key, message)
+                            if message
+                            else f"the site's SuperNode stopped {restarts + 1} times before the run was over (last exit {code})"
+                        )
                         return code or 1
                     print(f"site {site}: {why}", flush=True)
                     connection_error.unlink(missing_ok=True)
