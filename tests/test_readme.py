@@ -104,9 +104,18 @@ def test_predict_reproduces_the_held_out_accuracy(session):
 def test_own_data_trains_from_the_files_the_readme_writes(session):
     results = session.run_block("own-data-local", timeout=900)
     assert (session.cwd / "examples" / "own-data" / "hospital-a.csv").exists()
-    assert "round   3/3" in results[-1].stdout
     history = json.loads((session.cwd / "runs" / "own-data" / "history.json").read_text())
     assert [e["sites"] for e in history] == [["hospital-a", "hospital-b"]] * 3
+    # No test set at the server: the sites' evaluation scores each round. It rides on the next
+    # round's training messages, and the final model's comes in one exchange of its own; each
+    # round is shown once, in order, once its evaluation is in.
+    assert all(e["evaluatedOn"] == "sites' validation data" and 0 < e["accuracy"] <= 1 for e in history)
+    shown = [line.split() for line in results[-1].stdout.splitlines() if line.startswith("round ")]
+    assert [(words[1], "accuracy" in words) for words in shown] == [("1/3", True), ("2/3", True), ("3/3", True)]
+    audit = [json.loads(line) for line in (session.cwd / "runs" / "own-data" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["round"], e["phase"]) for e in audit if e["phase"] in ("train", "evaluate")] == [
+        (round_, phase) for round_, phase in [(1, "train"), (2, "train"), (3, "train"), (3, "evaluate")] for _ in range(2)
+    ]
 
 
 @pytest.fixture(scope="module")

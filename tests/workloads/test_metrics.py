@@ -19,6 +19,8 @@ def entry(round_: int, duration: float) -> dict:
         "loss": 0.4 / round_,
         "accuracy": 0.8 + round_ / 100,
         "auroc": 0.9,
+        "evaluatedOn": "held-out test set",
+        "siteEvaluation": {},
         "durationSeconds": duration,
         "bytesSent": 1000,
         "bytesReceived": 500,
@@ -60,6 +62,16 @@ def test_metrics_follow_the_committed_history(tmp_path):
     assert found['bouquet_round_duration_seconds_bucket{le="5.0"}'] == 1
     assert found['bouquet_round_duration_seconds_bucket{le="15.0"}'] == 2
     assert found['bouquet_round_duration_seconds_bucket{le="+Inf"}'] == 3
+
+
+def test_a_round_whose_evaluation_comes_with_the_next_leaves_the_previous_rounds_metrics(tmp_path):
+    """Scored by the sites alone, a round's model is evaluated in the next round's exchange
+    (bouquet_workloads.server_app.evaluates_ahead): until then the metrics are the last ones known."""
+    pending = {k: v for k, v in entry(3, 40.0).items() if k not in ("loss", "accuracy", "auroc", "evaluatedOn", "siteEvaluation")}
+    write(tmp_path, [entry(1, 3.0), entry(2, 12.0), pending])
+    found = samples(exposition(tmp_path))
+    assert found["bouquet_job_current_round"] == 3
+    assert found["bouquet_round_accuracy"] == pytest.approx(0.82)
 
 
 def test_a_job_that_has_not_started_has_round_zero_and_no_accuracy(tmp_path):

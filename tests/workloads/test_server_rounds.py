@@ -4,6 +4,7 @@ TLS, is tests/workloads/test_local_run.py and tests/workloads/test_resume.py.)""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import uuid
@@ -16,7 +17,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from flwr.supercore.task_identity import TaskIdentity
 
 from bouquet.schema import load_valid
-from bouquet_workloads import client_app, flower, outputs, server_app
+from bouquet_workloads import client_app, datasets, flower, outputs, server_app
 from bouquet_workloads import roster as roster_module
 from bouquet_workloads.local import write_builtin_shares
 from bouquet_workloads.roster import Roster
@@ -408,3 +409,73 @@ def test_with_a_site_to_spare_the_run_waits_for_the_one_still_connecting(tmp_pat
     server_app.train_federated(grid, job, tmp_path)
     [entry] = json.loads((tmp_path / "history.json").read_text())
     assert entry["sites"] == ["b", "c"]
+
+
+def own_data_job(rounds: int) -> tuple[dict, dict]:
+    """A job whose sites bring their own files (the built-in shares, written out) and whose
+    server holds no test set: its rounds are scored by the sites' evaluation alone."""
+    job = make_job("FedAvg", rounds=rounds)
+    own = copy.deepcopy(job)  # as its sites' files are here: their data settings say nothing more to the server
+    own["spec"]["task"]["features"] = datasets.describe(own["spec"].pop("dataset")["name"])[0]
+    return job, own
+
+
+def test_one_exchange_a_round_evaluates_every_rounds_model_as_an_exchange_of_its_own_does(tmp_path, monkeypatch):
+    """Site evaluation on (every site trains and evaluates): each training message also asks
+    for the evaluation of the model it carries, which completes the previous round's entry, and
+    the final model is evaluated alone at the end: 3 rounds in 4 exchanges, not 6. The weights
+    and every round's site evaluation are those of a separate evaluation exchange per round."""
+    with_dataset, job = own_data_job(rounds=3)
+    assert server_app.evaluates_ahead(job["spec"])
+    runs = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(server_app, "evaluates_ahead", lambda spec, ahead=ahead: ahead)
+        out = tmp_path / str(ahead)
+        grid = InProcessGrid(job, out, sites_and_files(with_dataset, out))
+        server_app.train_federated(grid, job, out)
+        types = [m.metadata.message_type for m in grid.seen if m.metadata.message_type != "query"]
+        runs[ahead] = (types, json.loads((out / "history.json").read_text()), json.loads((out / "model.json").read_text()))
+    (types, history, model), (separate_types, separate_history, separate_model) = runs[True], runs[False]
+    assert types == ["train"] * 9 + ["evaluate"] * 3
+    assert separate_types == (["train"] * 3 + ["evaluate"] * 3) * 3
+    assert model["sha256"] == separate_model["sha256"]  # evaluating first changes nothing of the training
+    assert [e["round"] for e in history] == [1, 2, 3]
+    for entry, separate in zip(history, separate_history, strict=True):
+        assert entry["evaluatedOn"] == separate["evaluatedOn"] == "sites' validation data"
+        assert set(entry["siteEvaluation"]) == {"loss", "accuracy", "auroc"}
+        for key in ("loss", "accuracy", "auroc"):
+            assert entry["siteEvaluation"][key] == pytest.approx(separate["siteEvaluation"][key], abs=1e-9)
+            assert entry[key] == pytest.approx(separate[key], abs=1e-9)
+    assert model["metrics"] == pytest.approx(separate_model["metrics"])
+    # The model goes out once a round instead of twice, and the final one once more.
+    once = separate_history[0]["bytesSent"] // 2
+    assert [e["bytesSent"] for e in history] == [once, once, 2 * once]
+    # Every reply carried the evaluation beside the training metrics; the audit lists both.
+    audit = [json.loads(line) for line in (tmp_path / "True" / "audit.jsonl").read_text().splitlines()]
+    asked = [e for e in audit if e["phase"] == "train" and e["round"] > 1]
+    assert asked and all(e["metrics"]["evaluation"]["accuracy"] == "float" for e in asked)
+    assert all("evaluation" not in e["metrics"] for e in audit if e["phase"] == "train" and e["round"] == 1)
+
+
+def test_a_round_committed_before_its_evaluation_is_completed_by_the_resumed_run(tmp_path):
+    """The server stops as round 3 goes out: round 2 was committed without the sites'
+    evaluation of its model, which the resumed run's first training message asks for."""
+    with_dataset, job = own_data_job(rounds=3)
+    files = sites_and_files(with_dataset, tmp_path)
+    context = Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path, "claims"))
+    grid = InProcessGrid(job, tmp_path, files)
+    grid.stop_at = 3
+    with pytest.raises(SystemExit):
+        server_app.main(grid, context)
+    committed = json.loads((tmp_path / "history.json").read_text())
+    assert [("siteEvaluation" in e, "accuracy" in e) for e in committed] == [(True, True), (False, False)]
+    assert outputs.last_evaluated(committed) == committed[0]
+    server_app.main(InProcessGrid(job, tmp_path, files), context)
+    history = json.loads((tmp_path / "history.json").read_text())
+    straight = tmp_path / "straight"
+    server_app.train_federated(InProcessGrid(job, straight, sites_and_files(with_dataset, straight)), job, straight)
+    reference = json.loads((straight / "history.json").read_text())
+    assert [e["round"] for e in history] == [1, 2, 3]
+    for entry, expected in zip(history, reference, strict=True):
+        assert entry["siteEvaluation"] == pytest.approx(expected["siteEvaluation"], abs=1e-9)
+    assert json.loads((tmp_path / "model.json").read_text())["sha256"] == json.loads((straight / "model.json").read_text())["sha256"]

@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from . import wire
 from .outputs import REFUSED_RUNS
 from .roster import DATA_CHECK
-from .strategies import AUROC_WEIGHT_KEY, WEIGHT_KEY
+from .strategies import AUROC_WEIGHT_KEY, EVALUATE_INCOMING, EVALUATION, WEIGHT_KEY
 from .tables import DataError, Table, read_task_table, split_rows
 from .task import build_model, evaluate, feature_moments, load_arrays, pick_device, site_seed, state_arrays, train
 
@@ -146,6 +146,9 @@ def train_site(message: Message, context: Context) -> Message:
     config = message.content.config_records["config"]
     model = site.model(message.content.array_records["arrays"])
     device = pick_device(site.settings["gpus"])
+    # The weights sent are the previous round's model: asked, the site evaluates them before
+    # it trains, and the server completes that round with it (one exchange per round).
+    evaluation = _evaluation(site, model, device) if int(config.get(EVALUATE_INCOMING, 0)) else None
     train_rows = site.data[0]
     loss = train(
         model,
@@ -155,18 +158,26 @@ def train_site(message: Message, context: Context) -> Message:
         device=device,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    return _reply(message, site, {"loss": loss, WEIGHT_KEY: len(train_rows)}, state_arrays(model.cpu()))
+    reply = _reply(message, site, {"loss": loss, WEIGHT_KEY: len(train_rows)}, state_arrays(model.cpu()))
+    if evaluation is not None:
+        reply.content[EVALUATION] = MetricRecord(evaluation)
+    return reply
 
 
 @app.evaluate()
 def evaluate_site(message: Message, context: Context) -> Message:
     site = Site.from_context(context)
     model = site.model(message.content.array_records["arrays"])
+    return _reply(message, site, _evaluation(site, model, pick_device(site.settings["gpus"])))
+
+
+def _evaluation(site: Site, model, device) -> dict:
+    """The model's metrics on the site's validation rows."""
     rows = site.data[1]
-    metrics = evaluate(model, rows, pick_device(site.settings["gpus"]))
+    metrics = evaluate(model, rows, device)
     # Every reply carries the same keys (Flower's aggregation requires it); a site whose
     # validation rows hold one class gives AUROC no weight.
     metrics[AUROC_WEIGHT_KEY] = len(rows) if "auroc" in metrics else 0
     metrics.setdefault("auroc", 0.0)
     metrics[WEIGHT_KEY] = len(rows)
-    return _reply(message, site, metrics)
+    return metrics

@@ -44,13 +44,15 @@ class JobCollector(Collector):
         yield self._gauge(
             "bouquet_job_failed", "1 if the server's training stopped with an error, else 0.", int(progress.get("state") == "Failed")
         )
+        # The newest round's evaluation may come with the next round (server_app.evaluates_ahead).
+        scored = outputs.last_evaluated(history)
         for name, help_text in [
-            ("loss", "Evaluation loss after the latest round."),
-            ("accuracy", "Evaluation accuracy after the latest round."),
-            ("auroc", "Evaluation AUROC after the latest round (two classes only)."),
+            ("loss", "Evaluation loss of the latest round evaluated."),
+            ("accuracy", "Evaluation accuracy of the latest round evaluated."),
+            ("auroc", "Evaluation AUROC of the latest round evaluated (two classes only)."),
         ]:
-            if name in latest:
-                yield self._gauge(f"bouquet_round_{name}", help_text, latest[name])
+            if name in scored:
+                yield self._gauge(f"bouquet_round_{name}", help_text, scored[name])
         if "train" in latest and "loss" in latest["train"]:
             yield self._gauge("bouquet_round_train_loss", "Sites' mean training loss in the latest round.", latest["train"]["loss"])
         yield self._gauge("bouquet_round_sites", "Sites that took part in the latest round.", len(latest.get("sites", [])))

@@ -87,6 +87,18 @@ class Checkpoint:
     history: list[dict] = field(default_factory=list)
 
 
+def evaluated(entry: Mapping) -> bool:
+    """Whether a history entry holds its round's evaluation: one committed before the sites
+    evaluated its model (in the next round's exchange) does not yet, unless the server's own
+    test set scored it."""
+    return "evaluatedOn" in entry or "siteEvaluation" in entry
+
+
+def last_evaluated(history: list[dict]) -> dict:
+    """The newest entry that holds its round's evaluation ({} if none does)."""
+    return next((entry for entry in reversed(history) if evaluated(entry)), {})
+
+
 def _checkpoint_path(out: Path, round_: int) -> Path:
     return out / CHECKPOINTS / f"round-{round_:06d}.safetensors"
 

@@ -45,8 +45,10 @@ def read(out: Path) -> dict:
         last = history[-1]
         progress["round"] = last["round"]
         progress["sites"] = len(last["sites"])
+        # The newest round's evaluation may come with the next round (server_app.evaluates_ahead).
+        scored = outputs.last_evaluated(history) or last
         progress["metrics"] = {
-            k: float(v) for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_METRICS
+            k: float(v) for k, v in scored.items() if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_METRICS
         }
     refused = outputs.refused_runs(history)
     if refused:

@@ -114,10 +114,13 @@ class Server:
             status = self.control.run_status(self.run_id)
             # Read after the status, so that the rounds of a run that just finished are shown.
             history = outputs.read_json(self.out / outputs.HISTORY, []) or []
+            finished = status.startswith("finished")
             for entry in history[reported:]:
+                if not (finished or outputs.evaluated(entry)):
+                    break  # its evaluation comes with the next round's exchange (server_app.evaluates_ahead)
                 say(round_line(entry, rounds, history[first_new:], started))
-            reported = max(reported, len(history))
-            if status.startswith("finished"):
+                reported += 1
+            if finished:
                 break
             time.sleep(POLL_SECONDS)
         progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}

@@ -6,6 +6,13 @@ committed (checkpoint, history, metrics) the moment it ends; and replies are col
 as the gate says they came (bouquet_workloads.wakes), instead of Flower's fixed three-second
 waits.
 The strategies themselves are Flower's.
+
+One exchange per round where the job allows it (evaluates_ahead): the message that asks the
+sites to train on round r's model also asks them to evaluate it on their validation rows
+first, and that evaluation completes round r-1's history entry, which was committed without
+it. After the last round, the sites are asked to evaluate the final model alone. So a run of
+R rounds costs R + 1 exchanges instead of 2R, and every entry still holds the sites'
+evaluation of that round's model.
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ from flwr.serverapp import Grid, ServerApp
 from . import datasets, outputs, pulls, wakes, wire
 from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, min_sites, resume_problem
-from .strategies import make_strategy, restore_strategy_state, strategy_state
+from .strategies import (
+    EVALUATE_INCOMING,
+    EVALUATION,
+    WEIGHT_KEY,
+    aggregate_metrics,
+    make_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 from .tables import class_names
 from .task import build_model, evaluate, load_arrays, set_standardization, state_arrays
 
@@ -41,6 +56,7 @@ FINISH_TIMEOUT_SECONDS = 30
 # Under Bouquet's server the gate hears when messages were pushed and tells when replies came
 # (bouquet_workloads.wakes): then the looks above are only the fallback.
 NOTICE: list[wakes.Notice] = []
+SITE_EVALUATION = "siteEvaluation"
 
 app = ServerApp()
 
@@ -102,20 +118,23 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
         log.info("resuming %s from the checkpoint of round %d", job["metadata"]["name"], checkpoint.round)
     test_data = datasets.split(spec["dataset"], [s["name"] for s in spec["sites"]], spec["seed"]).test if "dataset" in spec else None
 
+    keep = spec["output"]["checkpointsToKeep"]
     for round_ in range(first, rounds + 1):
         _progress(out, job, "Running", round_=round_)
-        weights, entry = _round(roster, strategy, spec, weights, round_, out)
+        weights, entry = _round(roster, strategy, spec, weights, round_, out, history)
         if test_data is not None:
             load_arrays(model, weights)
             entry["test"] = evaluate(model, test_data, torch.device("cpu"))
         entry.update(_headline(entry))
         history.append(entry)
-        outputs.save_checkpoint(
-            out,
-            outputs.Checkpoint(round_, weights, strategy_state(strategy), history),
-            keep=spec["output"]["checkpointsToKeep"],
-        )
+        outputs.save_checkpoint(out, outputs.Checkpoint(round_, weights, strategy_state(strategy), history), keep=keep)
         log.info("round %d/%d: %s", round_, rounds, {k: entry.get(k) for k in ("loss", "accuracy", "auroc")})
+    if history and SITE_EVALUATION not in history[-1]:
+        # The final model's evaluation at the sites, which no further round brings: the
+        # last round is committed again with it.
+        site_metrics, sent, _ = _evaluate_at_sites(roster, strategy, spec, weights, history[-1]["round"], out)
+        _settle(history[-1], site_metrics, sent)
+        outputs.save_checkpoint(out, outputs.Checkpoint(history[-1]["round"], weights, strategy_state(strategy), history), keep=keep)
 
     final = history[-1] if history else {}
     outputs.save_model(
@@ -152,16 +171,33 @@ def _tell_sites_the_run_is_over(grid: Grid, out: Path) -> None:
     _audit(out, 0, "run-finished", _exchange(grid, messages, FINISH_TIMEOUT_SECONDS))
 
 
-def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, out: Path) -> tuple[dict, dict]:
+def evaluates_ahead(spec: Mapping) -> bool:
+    """Whether the sites evaluate each round's model in the next round's training message:
+    when they evaluate at all, and as many are asked to evaluate as to train (with fewer
+    asked, a separate exchange asks the sample the strategy picks)."""
+    strategy = spec["strategy"]
+    return strategy["fractionEvaluate"] > 0 and strategy["fractionEvaluate"] == strategy["fractionTrain"]
+
+
+def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, out: Path, history: list[dict]) -> tuple[dict, dict]:
     """One round: the sites train on the current weights, the strategy aggregates their
-    updates, and the sites evaluate the result. Returns the new weights and the round's
-    history entry (without the server's own test)."""
+    updates, and the sites evaluate the result: in the same exchange as the next round's
+    training (evaluates_ahead: the entry is committed without it, and the next round or the
+    run's end completes it), else in an exchange of their own. With evaluates_ahead, the
+    sites evaluate the weights they are sent first, and that completes the previous round's
+    entry in history. Returns the new weights and the round's history entry (without the
+    server's own test)."""
     started = time.monotonic()
     timeout = spec["strategy"]["roundTimeoutSeconds"]
+    ahead = evaluates_ahead(spec)
+    # The weights sent are the previous round's result: its entry waits for their evaluation
+    # (also when a resumed job no longer evaluates ahead).
+    previous = history[-1] if history and SITE_EVALUATION not in history[-1] else None
     while True:
         grid = roster.participants(round_)
         record = _to_record(weights)
-        messages = list(strategy.configure_train(round_, record, ConfigRecord(), grid))
+        config = ConfigRecord({EVALUATE_INCOMING: 1} if previous is not None else {})
+        messages = list(strategy.configure_train(round_, record, config, grid))
         gone: set[int] = set()
         replies = _in_site_order(roster, _exchange(grid, messages, timeout, gone))
         _audit(out, round_, "train", replies)
@@ -186,33 +222,60 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
             f"round {round_}: {len(updates)} of the {len(messages)} sites asked returned an update (not {', '.join(missing)}: "
             f"{why}), fewer than strategy.minSites ({min_sites(spec)})"
         )
+    # The evaluations ride beside the training metrics; the strategy aggregates the latter only.
+    evaluations = [RecordDict({"metrics": r.content.metric_records[EVALUATION]}) for r in updates if EVALUATION in r.content.metric_records]
+    for reply in updates:
+        if EVALUATION in reply.content.metric_records:
+            del reply.content[EVALUATION]
+    if previous is not None:
+        _settle(previous, aggregate_metrics(evaluations, WEIGHT_KEY) if evaluations else {}, 0)
     sent = record.count_bytes() * len(messages)
     received = sum(r.content.array_records["arrays"].count_bytes() for r in updates)
     aggregated, train_metrics = strategy.aggregate_train(round_, replies)
     if aggregated is None:
         raise RoundFailed(f"round {round_}: no site returned an update ({_errors(replies)})")
     weights = wire.unpack({k: v.numpy() for k, v in aggregated.items()}, weights)
-
-    record = _to_record(weights)
-    eval_messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
-    eval_replies = _in_site_order(roster, _exchange(grid, eval_messages, timeout))
-    _audit(out, round_, "evaluate", eval_replies)
-    sent += record.count_bytes() * len(eval_messages)
-    site_metrics = strategy.aggregate_evaluate(round_, eval_replies)
     entry = {
         "round": round_,
         "sites": sorted(roster.site(r.metadata.src_node_id) for r in updates),
         "train": dict(train_metrics or {}),
-        "siteEvaluation": dict(site_metrics or {}),
-        "durationSeconds": round(time.monotonic() - started, 3),
-        "bytesSent": sent,
-        "bytesReceived": received,
-        "finishedAt": _now(),
     }
+    eval_replies: list[Message] = []
+    if not ahead:
+        site_metrics, eval_sent, eval_replies = _evaluate_at_sites(roster, strategy, spec, weights, round_, out)
+        entry[SITE_EVALUATION] = site_metrics
+        sent += eval_sent
+    entry.update(
+        {
+            "durationSeconds": round(time.monotonic() - started, 3),
+            "bytesSent": sent,
+            "bytesReceived": received,
+            "finishedAt": _now(),
+        }
+    )
     refused = _refused_runs(roster, [*updates, *eval_replies])
     if refused:
         entry[REFUSED_RUNS] = refused
     return weights, entry
+
+
+def _evaluate_at_sites(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, out: Path) -> tuple[dict, int, list[Message]]:
+    """The sites' evaluation of weights in an exchange of its own: the aggregated metrics
+    (empty when site evaluation is off), the bytes sent and the replies."""
+    grid = roster.participants(round_)
+    record = _to_record(weights)
+    messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
+    replies = _in_site_order(roster, _exchange(grid, messages, spec["strategy"]["roundTimeoutSeconds"]))
+    _audit(out, round_, "evaluate", replies)
+    return dict(strategy.aggregate_evaluate(round_, replies) or {}), record.count_bytes() * len(messages), replies
+
+
+def _settle(entry: dict, site_metrics: Mapping, sent: int) -> None:
+    """Completes a committed round's entry with the sites' evaluation of its model (and the
+    headline from it, when the server holds no test set of its own)."""
+    entry[SITE_EVALUATION] = dict(site_metrics)
+    entry["bytesSent"] = entry.get("bytesSent", 0) + sent
+    entry.update(_headline(entry))
 
 
 def packed_strategy_state(state: Mapping[str, np.ndarray], layout: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -287,8 +350,10 @@ def _headline(entry: Mapping) -> dict:
     one, else the sites' own validation rows, example-weighted."""
     if "test" in entry:
         source, name = "test", "held-out test set"
-    elif entry["siteEvaluation"]:
-        source, name = "siteEvaluation", "sites' validation data"
+    elif SITE_EVALUATION not in entry:
+        return {}  # its evaluation comes with the next exchange (evaluates_ahead)
+    elif entry[SITE_EVALUATION]:
+        source, name = SITE_EVALUATION, "sites' validation data"
     else:
         return {"evaluatedOn": "nothing: site evaluation is off and the server holds no test set"}
     metrics = entry[source]

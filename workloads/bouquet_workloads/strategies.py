@@ -13,6 +13,10 @@ WEIGHT_KEY = "num-examples"
 # The number of examples a site's AUROC was computed over (0 when its validation rows
 # hold one class only, where AUROC is undefined).
 AUROC_WEIGHT_KEY = "auroc-examples"
+# A training message's config key that asks the site to evaluate the weights it is sent before
+# it trains on them (one exchange per round, bouquet_workloads.server_app); the reply then
+# carries that evaluation as the metric record EVALUATION beside its training metrics.
+EVALUATE_INCOMING, EVALUATION = "evaluate-incoming", "evaluation"
 
 # Strategy attributes that change from round to round: the optimiser moments of the
 # adaptive strategies and FedAvgM's momentum. A checkpoint saves them so that a resumed
