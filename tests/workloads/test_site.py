@@ -66,9 +66,9 @@ def _site(tmp_path: Path, port=None):
 
 
 class BreaksOff:
-    """A port that takes the first `breaks` connections and closes them before a byte of TLS
-    (as a server whose pod stops, or that is not serving yet, does mid-handshake), then passes
-    connections on to `upstream`."""
+    """A port that takes the first `breaks` connections and closes them without a byte of TLS
+    in answer (as a server whose pod stops, or that is not serving yet, does mid-handshake),
+    then passes connections on to `upstream`."""
 
     def __init__(self, breaks: int) -> None:
         self.breaks = breaks
@@ -89,6 +89,9 @@ class BreaksOff:
                 return
             if self.breaks > 0:
                 self.breaks -= 1
+                # The ClientHello read first: closed with it unread, the connection would be
+                # reset (RST), an error Flower's SuperNode retries by itself.
+                conn.recv(65536)
                 conn.close()
                 continue
             far = socket.create_connection(("127.0.0.1", self.upstream))
