@@ -68,6 +68,7 @@ def test_a_round_whose_evaluation_comes_with_the_next_leaves_the_previous_rounds
     """Scored by the sites alone, a round's model is evaluated in the next round's exchange
     (bouquet_workloads.server_app.evaluates_ahead): until then the metrics are the last ones known."""
     pending = {k: v for k, v in entry(3, 40.0).items() if k not in ("loss", "accuracy", "auroc", "evaluatedOn", "siteEvaluation")}
+    pending["awaitingSiteEvaluation"] = True
     write(tmp_path, [entry(1, 3.0), entry(2, 12.0), pending])
     found = samples(exposition(tmp_path))
     assert found["bouquet_job_current_round"] == 3

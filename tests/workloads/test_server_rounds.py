@@ -468,7 +468,10 @@ def test_a_round_committed_before_its_evaluation_is_completed_by_the_resumed_run
     with pytest.raises(SystemExit):
         server_app.main(grid, context)
     committed = json.loads((tmp_path / "history.json").read_text())
-    assert [("siteEvaluation" in e, "accuracy" in e) for e in committed] == [(True, True), (False, False)]
+    assert [("siteEvaluation" in e, "accuracy" in e, "awaitingSiteEvaluation" in e) for e in committed] == [
+        (True, True, False),
+        (False, False, True),
+    ]
     assert outputs.last_evaluated(committed) == committed[0]
     server_app.main(InProcessGrid(job, tmp_path, files), context)
     history = json.loads((tmp_path / "history.json").read_text())
@@ -476,6 +479,7 @@ def test_a_round_committed_before_its_evaluation_is_completed_by_the_resumed_run
     server_app.train_federated(InProcessGrid(job, straight, sites_and_files(with_dataset, straight)), job, straight)
     reference = json.loads((straight / "history.json").read_text())
     assert [e["round"] for e in history] == [1, 2, 3]
+    assert not any("awaitingSiteEvaluation" in e for e in history)
     for entry, expected in zip(history, reference, strict=True):
         assert entry["siteEvaluation"] == pytest.approx(expected["siteEvaluation"], abs=1e-9)
     assert json.loads((tmp_path / "model.json").read_text())["sha256"] == json.loads((straight / "model.json").read_text())["sha256"]

@@ -87,11 +87,15 @@ class Checkpoint:
     history: list[dict] = field(default_factory=list)
 
 
+# Marks a history entry committed before the sites evaluated its round's model: their
+# evaluation comes with the next round's exchange (server_app.evaluates_ahead).
+AWAITING_SITE_EVALUATION = "awaitingSiteEvaluation"
+
+
 def evaluated(entry: Mapping) -> bool:
-    """Whether a history entry holds its round's evaluation: one committed before the sites
-    evaluated its model (in the next round's exchange) does not yet, unless the server's own
-    test set scored it."""
-    return "evaluatedOn" in entry or "siteEvaluation" in entry
+    """Whether a history entry holds its round's evaluation (one awaiting the sites' does
+    not, unless the server's own test set scored it)."""
+    return not entry.get(AWAITING_SITE_EVALUATION) or "evaluatedOn" in entry
 
 
 def last_evaluated(history: list[dict]) -> dict:

@@ -57,6 +57,7 @@ FINISH_TIMEOUT_SECONDS = 30
 # (bouquet_workloads.wakes): then the looks above are only the fallback.
 NOTICE: list[wakes.Notice] = []
 SITE_EVALUATION = "siteEvaluation"
+AWAITING = outputs.AWAITING_SITE_EVALUATION
 
 app = ServerApp()
 
@@ -129,7 +130,7 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
         history.append(entry)
         outputs.save_checkpoint(out, outputs.Checkpoint(round_, weights, strategy_state(strategy), history), keep=keep)
         log.info("round %d/%d: %s", round_, rounds, {k: entry.get(k) for k in ("loss", "accuracy", "auroc")})
-    if history and SITE_EVALUATION not in history[-1]:
+    if history and history[-1].get(AWAITING):
         # The final model's evaluation at the sites, which no further round brings: the
         # last round is committed again with it.
         site_metrics, sent, _ = _evaluate_at_sites(roster, strategy, spec, weights, history[-1]["round"], out)
@@ -192,7 +193,7 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     ahead = evaluates_ahead(spec)
     # The weights sent are the previous round's result: its entry waits for their evaluation
     # (also when a resumed job no longer evaluates ahead).
-    previous = history[-1] if history and SITE_EVALUATION not in history[-1] else None
+    previous = history[-1] if history and history[-1].get(AWAITING) else None
     while True:
         grid = roster.participants(round_)
         record = _to_record(weights)
@@ -241,7 +242,9 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
         "train": dict(train_metrics or {}),
     }
     eval_replies: list[Message] = []
-    if not ahead:
+    if ahead:
+        entry[AWAITING] = True
+    else:
         site_metrics, eval_sent, eval_replies = _evaluate_at_sites(roster, strategy, spec, weights, round_, out)
         entry[SITE_EVALUATION] = site_metrics
         sent += eval_sent
@@ -273,6 +276,7 @@ def _evaluate_at_sites(roster: Roster, strategy, spec: Mapping, weights: dict, r
 def _settle(entry: dict, site_metrics: Mapping, sent: int) -> None:
     """Completes a committed round's entry with the sites' evaluation of its model (and the
     headline from it, when the server holds no test set of its own)."""
+    entry.pop(AWAITING, None)
     entry[SITE_EVALUATION] = dict(site_metrics)
     entry["bytesSent"] = entry.get("bytesSent", 0) + sent
     entry.update(_headline(entry))
@@ -350,7 +354,7 @@ def _headline(entry: Mapping) -> dict:
     one, else the sites' own validation rows, example-weighted."""
     if "test" in entry:
         source, name = "test", "held-out test set"
-    elif SITE_EVALUATION not in entry:
+    elif entry.get(AWAITING):
         return {}  # its evaluation comes with the next exchange (evaluates_ahead)
     elif entry[SITE_EVALUATION]:
         source, name = SITE_EVALUATION, "sites' validation data"
