@@ -363,16 +363,23 @@ def test_the_same_job_gives_the_same_weights_whatever_the_node_ids_and_reply_ord
     assert json.loads((first / "model.json").read_text())["sha256"] == json.loads((second / "model.json").read_text())["sha256"]
 
 
+def stopped_as_round_goes_out(job: dict, out: Path, files: dict[str, Path], round_: int) -> Context:
+    """Runs the job's ServerApp until it is told to stop (SIGTERM) as round_'s training
+    messages go out; returns the run's context, for a successor to continue with."""
+    context = Context(1, 0, {}, RecordDict(), flower.run_config(job, out, "claims"))
+    grid = InProcessGrid(job, out, files)
+    grid.stop_at = round_
+    with pytest.raises(SystemExit):
+        server_app.main(grid, context)
+    return context
+
+
 def test_a_server_told_to_stop_records_no_failure_and_its_successor_continues(tmp_path):
     """A deleted server pod's ServerApp gets SIGTERM mid-round: that is no failure of the
     training (the job's status must not read Failed), and a new server picks up."""
     job = make_job("FedAvg", rounds=3)
     files = sites_and_files(job, tmp_path)
-    context = Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path, "claims"))
-    grid = InProcessGrid(job, tmp_path, files)
-    grid.stop_at = 2
-    with pytest.raises(SystemExit):
-        server_app.main(grid, context)
+    context = stopped_as_round_goes_out(job, tmp_path, files, 2)
     assert json.loads((tmp_path / "progress.json").read_text())["state"] == "Running"
     server_app.main(InProcessGrid(job, tmp_path, files), context)
     assert [e["round"] for e in json.loads((tmp_path / "history.json").read_text())] == [1, 2, 3]
@@ -462,11 +469,7 @@ def test_a_round_committed_before_its_evaluation_is_completed_by_the_resumed_run
     evaluation of its model, which the resumed run's first training message asks for."""
     with_dataset, job = own_data_job(rounds=3)
     files = sites_and_files(with_dataset, tmp_path)
-    context = Context(1, 0, {}, RecordDict(), flower.run_config(job, tmp_path, "claims"))
-    grid = InProcessGrid(job, tmp_path, files)
-    grid.stop_at = 3
-    with pytest.raises(SystemExit):
-        server_app.main(grid, context)
+    context = stopped_as_round_goes_out(job, tmp_path, files, 3)
     committed = json.loads((tmp_path / "history.json").read_text())
     assert [("siteEvaluation" in e, "accuracy" in e, "awaitingSiteEvaluation" in e) for e in committed] == [
         (True, True, False),

@@ -224,9 +224,10 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
             f"{why}), fewer than strategy.minSites ({min_sites(spec)})"
         )
     # The evaluations ride beside the training metrics; the strategy aggregates the latter only.
-    evaluations = [RecordDict({"metrics": r.content.metric_records[EVALUATION]}) for r in updates if EVALUATION in r.content.metric_records]
+    evaluations = []
     for reply in updates:
         if EVALUATION in reply.content.metric_records:
+            evaluations.append(RecordDict({"metrics": reply.content.metric_records[EVALUATION]}))
             del reply.content[EVALUATION]
     if previous is not None:
         _settle(previous, aggregate_metrics(evaluations, WEIGHT_KEY) if evaluations else {}, 0)
