@@ -141,3 +141,24 @@ def test_a_site_refused_by_the_server_says_why_while_it_retries_and_once_it_has_
         "name": "hospital-c",
         "state": "Running",
     }
+
+
+def test_a_final_phase_stays_final_whatever_is_observed_afterwards(job):
+    """A server that restarted past backoffLimit fails the job; scaled to 0, its pods and their
+    restarts are gone, and the observation reads as a job waiting for its server. The job stays
+    Failed, for the reason recorded; a job that succeeded stays Succeeded."""
+    why = "the server restarted 4 times, more than runPolicy.backoffLimit (3)"
+    failed = derive(job, running(failure=why), T0)
+    assert failed["phase"] == "Failed"
+    job["status"] = failed
+    for later in (Observation(), running(), running(current_round=10, model={"path": "model.safetensors"})):
+        again = derive(job, later, T1)
+        assert again["phase"] == "Failed", later
+        [kept] = [c for c in again["conditions"] if c["type"] == "Failed"]
+        assert (kept["status"], kept["reason"], kept["message"], kept["lastTransitionTime"]) == ("True", "TrainingFailed", why, T0)
+        assert again["completionTime"] == failed["completionTime"]
+    del job["status"]  # another job, which succeeded
+    done = derive(job, running(current_round=10, model={"path": "model.safetensors"}), T0)
+    job["status"] = done
+    assert derive(job, Observation(), T1)["phase"] == "Succeeded"
+    assert derive(job, running(failure="training failed", deadline_exceeded=True), T1)["phase"] == "Succeeded"

@@ -437,10 +437,14 @@ def _apply_children(
     applied first, and each is read back before the server's Deployment or a site's Job is
     applied."""
     finished = {name for name, site_job in site_jobs.items() if _finished(site_job)}
+    going = {name for name, site_job in site_jobs.items() if site_job["metadata"].get("deletionTimestamp")}
     requeue = None
     guarded = False
     for child in children:
         if child["kind"] == "Job" and child["metadata"]["name"] in finished:
+            continue
+        if child["kind"] == "Job" and child["metadata"]["name"] in going:
+            requeue = 1.0  # its replacement is made once it is gone, with its pods
             continue
         if child["kind"] == "Secret":
             # A copy of the job's record, made once and never read back (see keep.py).
@@ -460,9 +464,10 @@ def _apply_children(
             immutable = error.status == 422 and "field is immutable" in str(error)
             if child["kind"] == "Job" and immutable:
                 # A Job's pod template cannot change: the spec did, so the site starts again
-                # from a new Job (training continues from the server's checkpoint).
+                # from a new Job (training continues from the server's checkpoint), made once
+                # the old one's pods are gone: never two SuperNodes of one site at once.
                 namespace, name = child["metadata"]["namespace"], child["metadata"]["name"]
-                client.delete("batch/v1", "Job", namespace, name)
+                client.delete("batch/v1", "Job", namespace, name, propagation="Foreground")
                 _event(client, job, "Normal", "SiteRestarted", f"Job {name} is replaced: the job's spec changed")
                 requeue = 1.0
                 continue

@@ -119,10 +119,14 @@ class Client:
         query = {"dryRun": "All"} if dry_run else None
         return self.request("POST", path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"]), body=obj, query=query)
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
-        """Deletes in the background (the garbage collector removes what the object owns);
-        with uid, only that incarnation of the object. False if it was already gone."""
-        body: dict = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+    def delete(
+        self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None, propagation: str = "Background"
+    ) -> bool:
+        """Deletes in the background (the garbage collector removes what the object owns), or
+        with propagation "Foreground", the object last (it stays, marked for deletion, until
+        what it owns is gone); with uid, only that incarnation of the object. False if it was
+        already gone."""
+        body: dict = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
         if uid:
             body["preconditions"] = {"uid": uid}
         try:

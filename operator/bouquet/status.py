@@ -4,7 +4,9 @@ The operator observes the job's children (the server Deployment, each site's Job
 pods) and the training's progress, and this module turns that into the status it writes:
 phase, conditions in the metav1.Condition shape, rounds, per-site states, metrics, the
 model. Being pure, the same observations always give the same status, which is what lets
-the operator reconcile from scratch after a restart.
+the operator reconcile from scratch after a restart. The status recorded before is one of
+them: a Succeeded or Failed phase is final, as a Kubernetes Job's is, whatever is left to
+observe afterwards.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
     spec, previous = job["spec"], job.get("status", {})
     generation = job["metadata"].get("generation", 0)
     rounds = spec["rounds"]
-    phase, reason, message = _phase(spec, seen)
+    phase, reason, message = _ended(previous) or _phase(spec, seen)
     status: dict = {
         "phase": phase,
         "observedGeneration": generation,
@@ -100,6 +102,17 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
         for kind, (is_true, why, text) in wanted.items()
     ]
     return status
+
+
+def _ended(previous: Mapping) -> tuple[str, str, str] | None:
+    """A phase that is final, as recorded: Succeeded or Failed, with its reason and message.
+    What made it so may be gone (the pods of a server that restarted past backoffLimit go
+    when it is scaled down), and a verdict recomputed from what is left would take it back."""
+    phase = previous.get("phase")
+    if phase not in (SUCCEEDED, FAILED):
+        return None
+    recorded = next((c for c in previous.get("conditions", []) if c["type"] == phase and c["status"] == "True"), None)
+    return (phase, recorded["reason"], recorded["message"]) if recorded else None
 
 
 def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:

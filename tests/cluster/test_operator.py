@@ -278,7 +278,7 @@ def test_restarting_the_operator_mid_job_changes_nothing(cluster, client, namesp
     assert re.search(r'bouquet_reconcile_total\{controller="federatedjob",result="success"\} [1-9]', operator.metrics())
 
 
-def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace, operator):
+def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace, operator, kubelet):
     job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
     name = job["metadata"]["name"]
     wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
@@ -291,7 +291,23 @@ def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace,
             what=f"{kind} {child} back",
         )
     site_uid = client.get("batch/v1", "Job", namespace, f"{name}-hospital-b")["metadata"]["uid"]
+    # hospital-b's pod takes its time to stop (a SuperNode finishing its reply): until it has
+    # stopped, no second Job, and so no second SuperNode, of hospital-b.
+    site_pods = f"bouquet.dev/job={name},bouquet.dev/site=hospital-b"
+    kubelet.lingering.add(f"{namespace}/{name}-hospital-b-")
     kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"rounds":12}}')
+    try:
+        wait_for(
+            lambda: any(p["metadata"].get("deletionTimestamp") for p in client.list("v1", "Pod", namespace, site_pods)),
+            what="hospital-b's pod told to stop",
+        )
+        for _ in range(4):
+            time.sleep(0.5)
+            assert [j["metadata"]["uid"] for j in client.list("batch/v1", "Job", namespace, site_pods)] in ([site_uid], []), (
+                "a second Job of hospital-b while its old pod is still stopping"
+            )
+    finally:
+        kubelet.lingering.clear()
 
     def updated():
         config = yaml.safe_load(client.get("v1", "ConfigMap", namespace, f"{name}-job")["data"]["job.yaml"])
@@ -562,6 +578,29 @@ def test_a_site_failing_past_the_backoff_limit_fails_the_job(cluster, client, na
     assert failed["message"] == f"site hospital-b failed more than runPolicy.backoffLimit times; site hospital-b: {why}", failed["message"]
     site = next(s for s in job["status"]["sites"] if s["name"] == "hospital-b")
     assert site == {"name": "hospital-b", "state": "Failed", "message": f"failed more than runPolicy.backoffLimit times: {why}"}
+
+
+def test_a_server_restarting_past_the_backoff_limit_fails_the_job_for_good(cluster, client, namespace, operator, kubelet):
+    """Failed scales the server to 0, and its pods go with the restart count that failed the
+    job: the job stays Failed, for that reason, and its server stays at 0 replicas."""
+    job = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    job["metadata"]["name"] = "crashloop"
+    job["spec"]["runPolicy"] = {"backoffLimit": 1}
+    start_and_run(cluster, client, namespace, job)
+    [server] = client.list("v1", "Pod", namespace, "bouquet.dev/job=crashloop,app.kubernetes.io/component=server")
+    kubelet.set_phase(server, "Running", restarts=2)
+    job = wait_for(lambda: (j := get_job(client, namespace, "crashloop"))["status"]["phase"] == "Failed" and j, timeout=30, what="Failed")
+    why = "the server restarted 2 times, more than runPolicy.backoffLimit (1)"
+    assert (condition(job, "Failed")["reason"], condition(job, "Failed")["message"]) == ("TrainingFailed", why)
+    wait_for(
+        lambda: not client.list("v1", "Pod", namespace, "bouquet.dev/job=crashloop,app.kubernetes.io/component=server"),
+        what="the server's pod gone",
+    )
+    for _ in range(10):  # the operator has seen the pod go (it watches pods) and has nothing to undo
+        time.sleep(1)
+        job = get_job(client, namespace, "crashloop")
+        assert job["status"]["phase"] == "Failed" and condition(job, "Failed")["message"] == why, job["status"]
+        assert client.get("apps/v1", "Deployment", namespace, "crashloop-server")["spec"]["replicas"] == 0
 
 
 def test_a_finished_job_is_deleted_after_its_time_to_live(cluster, client, namespace, operator, server_identity):

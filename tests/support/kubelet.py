@@ -40,6 +40,7 @@ class Kubelet:
         self.nodes = nodes
         self.poll = poll
         self.held: set[str] = set()  # "namespace/name" prefixes of pods not to start
+        self.lingering: set[str] = set()  # "namespace/name" prefixes of pods that take their time to stop
         self.stopping = threading.Event()
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._pods, daemon=True), threading.Thread(target=self._heartbeats, daemon=True)]
@@ -131,6 +132,8 @@ class Kubelet:
                 continue
             key = f"{meta['namespace']}/{meta['name']}"
             if meta.get("deletionTimestamp"):
+                if any(key.startswith(h) for h in self.lingering):
+                    continue
                 self.client.request(
                     "DELETE",
                     f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
@@ -139,9 +142,9 @@ class Kubelet:
             elif status.get("phase") == "Pending" and not any(key.startswith(h) for h in self.held):
                 self.set_phase(pod, "Running")
 
-    def set_phase(self, pod: dict, phase: str, exit_code: int = 0, message: str = "") -> None:
+    def set_phase(self, pod: dict, phase: str, exit_code: int = 0, message: str = "", restarts: int = 0) -> None:
         """Reports pod as Running (and ready), or as Succeeded or Failed with exit_code and its
-        containers' termination message."""
+        containers' termination message; its containers restarted restarts times before."""
         now, running = _now(), phase == "Running"
         state = (
             {"running": {"startedAt": now}}
@@ -172,7 +175,7 @@ class Kubelet:
                     "image": c["image"],
                     "imageID": "",
                     "ready": running,
-                    "restartCount": 0,
+                    "restartCount": restarts,
                     "started": running,
                     "state": state,
                 }

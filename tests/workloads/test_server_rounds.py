@@ -486,3 +486,64 @@ def test_a_round_committed_before_its_evaluation_is_completed_by_the_resumed_run
     for entry, expected in zip(history, reference, strict=True):
         assert entry["siteEvaluation"] == pytest.approx(expected["siteEvaluation"], abs=1e-9)
     assert json.loads((tmp_path / "model.json").read_text())["sha256"] == json.loads((straight / "model.json").read_text())["sha256"]
+
+
+def told_the_run_is_over(grid: InProcessGrid) -> list[str]:
+    return [
+        grid.sites[m.metadata.dst_node_id][0]
+        for m in grid.seen
+        if m.metadata.message_type == "query" and m.content.config_records["config"]["query"] == "run-finished"
+    ]
+
+
+def test_the_sites_hear_the_run_is_over_before_it_reads_succeeded_and_one_away_hears_when_back(tmp_path):
+    """Once the job reads Succeeded the operator stops the server, and a site not told by then
+    would wait for it for ever. So the sites are told first; site c, whose node is away as the
+    run ends (its SuperNode starting again), is told once it is back."""
+    job = make_job("FedAvg", rounds=1)
+    grid = InProcessGrid(job, tmp_path, sites_and_files(job, tmp_path))
+    states: list[str] = []
+    away = {"looks": 0}
+    push, get_node_ids = grid.push_messages, grid.get_node_ids
+
+    def push_messages(messages):
+        if any(m.metadata.message_type == "query" and m.content.config_records["config"]["query"] == "run-finished" for m in messages):
+            states.append(json.loads((tmp_path / "progress.json").read_text())["state"])
+        return push(messages)
+
+    def nodes() -> list[int]:
+        if not (tmp_path / "model.json").exists() or away["looks"] >= 3:
+            return get_node_ids()
+        away["looks"] += 1
+        return [n for n in get_node_ids() if grid.sites[n][0] != "c"]
+
+    grid.push_messages, grid.get_node_ids = push_messages, nodes
+    server_app.train_federated(grid, job, tmp_path)
+    assert told_the_run_is_over(grid) == ["a", "b", "c"]
+    assert states == ["Running", "Running"]  # a and b first, then c: each before the run read Succeeded
+    assert json.loads((tmp_path / "progress.json").read_text())["state"] == "Succeeded"
+
+
+def test_a_server_stopped_after_its_last_round_writes_the_model_without_waiting_for_sites(tmp_path, monkeypatch):
+    """The server stops after the last round's checkpoint and before it reports the run over
+    (its pod deleted); its sites, told already, have ended. The next server writes the same
+    final model from the checkpoint and reports Succeeded, with no site to wait for."""
+    job = make_job("FedAvg", rounds=2)
+    train(job, tmp_path)
+    model = (tmp_path / "model.safetensors").read_bytes()
+    for name in ("model.safetensors", "model.json", "progress.json"):
+        (tmp_path / name).unlink()
+    monkeypatch.setattr(server_app, "FINISH_TIMEOUT_SECONDS", 0.5)
+    grid = InProcessGrid(job, tmp_path, {})
+    looks = []
+
+    def get_node_ids() -> list[int]:
+        looks.append(1)
+        assert len(looks) < 100, "the server waits for sites, though every round is done"
+        return []
+
+    grid.get_node_ids = get_node_ids
+    server_app.train_federated(grid, job, tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == model
+    assert json.loads((tmp_path / "progress.json").read_text())["state"] == "Succeeded"
+    assert grid.seen == []

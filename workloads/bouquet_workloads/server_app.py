@@ -53,6 +53,7 @@ log = logging.getLogger("bouquet_workloads.server")
 # milliseconds, a large one's in minutes; each look is a request to the SuperLink).
 FIRST_POLL_SECONDS, POLL_SECONDS, POLL_GROWTH = 0.005, 0.2, 2
 FINISH_TIMEOUT_SECONDS = 30
+FINISH_LOOK_SECONDS = 0.5  # how often a site not yet told the run is over is looked for
 # Under Bouquet's server the gate hears when messages were pushed and tells when replies came
 # (bouquet_workloads.wakes): then the looks above are only the fallback.
 NOTICE: list[wakes.Notice] = []
@@ -101,6 +102,12 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
         problem = resume_problem(spec, checkpoint.history)
         if problem:
             raise SitesNotReady(f"{problem}; start again from round 1 with an empty output folder, or lower strategy.minSites")
+    if checkpoint is not None and checkpoint.round >= rounds and not checkpoint.history[-1].get(AWAITING):
+        # Every round is done: a server stopped after its last checkpoint and before it said
+        # so. The sites are not needed, and those already told the run is over have ended.
+        log.info("all %d rounds of %s are done (its checkpoint): writing the final model", rounds, job["metadata"]["name"])
+        _finish(grid, job, out, _in_model_order(checkpoint.weights, model), checkpoint.history, [s["name"] for s in spec["sites"]])
+        return
     _progress(out, job, "Running", round_=checkpoint.round if checkpoint else 0, message="waiting for sites")
     roster = Roster(
         grid,
@@ -136,7 +143,16 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
         site_metrics, sent, _ = _evaluate_at_sites(roster, strategy, spec, weights, history[-1]["round"], out)
         _settle(history[-1], site_metrics, sent)
         outputs.save_checkpoint(out, outputs.Checkpoint(history[-1]["round"], weights, strategy_state(strategy), history), keep=keep)
+    _finish(grid, job, out, weights, history, sorted(set(roster.names.values())))
 
+
+def _finish(grid: Grid, job: Mapping, out: Path, weights: dict, history: list[dict], sites: list[str]) -> None:
+    """Writes the final model and its report, tells the sites the run is over, and only then
+    reports it Succeeded: from then on the operator stops this server, and a site not told
+    by then would wait for it for ever."""
+    spec = job["spec"]
+    rounds = spec["rounds"]
+    features = _feature_names(spec)
     final = history[-1] if history else {}
     outputs.save_model(
         out,
@@ -160,16 +176,34 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
     from . import report  # matplotlib: imported only now, not while the sites wait for the first round
 
     report.plot(out / outputs.REPORT, job, history, None)
+    _tell_sites_the_run_is_over(grid, out, sites)
     _progress(out, job, "Succeeded", round_=rounds)
-    _tell_sites_the_run_is_over(grid, out)
 
 
-def _tell_sites_the_run_is_over(grid: Grid, out: Path) -> None:
-    """Lets every connected site end (its Kubernetes Job then completes). Best effort: the
-    model is written already, and a site that misses this is stopped with the run."""
+def _tell_sites_the_run_is_over(grid: Grid, out: Path, sites: list[str]) -> None:
+    """Tells every connected site the run is over, so that it ends (its Kubernetes Job then
+    completes), and waits up to FINISH_TIMEOUT_SECONDS in all until each of sites has said it
+    heard: a site whose node is away (its SuperNode starting again) is told when it is back.
+    Best effort: the model is written already."""
     query = RecordDict({"config": ConfigRecord({"query": "run-finished"})})
-    messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
-    _audit(out, 0, "run-finished", _exchange(grid, messages, FINISH_TIMEOUT_SECONDS))
+    waiting, told = set(sites), set()
+    deadline = time.monotonic() + FINISH_TIMEOUT_SECONDS
+    while True:
+        fresh = [node for node in grid.get_node_ids() if node not in told]
+        if fresh:
+            gone: set[int] = set()
+            messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in fresh]
+            replies = _exchange(grid, messages, max(0.0, deadline - time.monotonic()), gone)
+            _audit(out, 0, "run-finished", replies)
+            told.update(set(fresh) - gone)
+            waiting -= {
+                str(r.content.config_records["site"]["name"]) for r in replies if not r.has_error() and "site" in r.content.config_records
+            }
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(FINISH_LOOK_SECONDS)
+    if waiting:
+        log.warning("site %s did not hear that the run is over within %ds", ", ".join(sorted(waiting)), FINISH_TIMEOUT_SECONDS)
 
 
 def evaluates_ahead(spec: Mapping) -> bool:
