@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bouquet import jobfile
-from bouquet.status import Observation, Site, condition, derive
+from bouquet.status import Observation, Site, condition, derive, refused
 
 ROOT = Path(__file__).resolve().parents[1]
 T0, T1 = "2026-11-22T10:00:00Z", "2026-11-22T10:05:00Z"
@@ -32,7 +32,14 @@ def running(**changes) -> Observation:
 def test_a_new_job_is_pending(job):
     status = derive(job, Observation(), T0)
     assert status["phase"] == "Pending" and status["round"] == "0/10" and "startTime" not in status
-    assert conditions(status) == {"Ready": "False", "Succeeded": "False", "Failed": "False", "Suspended": "False", "Unschedulable": "False"}
+    assert conditions(status) == {
+        "Ready": "False",
+        "Succeeded": "False",
+        "Failed": "False",
+        "Suspended": "False",
+        "Unschedulable": "False",
+        "Reconciled": "True",
+    }
 
 
 def test_a_running_job_reports_rounds_sites_and_metrics(job):
@@ -64,7 +71,7 @@ def test_transition_times_move_only_when_a_condition_changes(job):
     first = derive(job, running(), T0)
     job["status"] = first
     again = derive(job, running(current_round=4), T1)
-    assert [c["lastTransitionTime"] for c in again["conditions"]] == [T0] * 5
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == [T0] * 6
     job["status"] = again
     done = derive(job, running(current_round=10, model={"path": "model.safetensors"}), T1)
     times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
@@ -162,3 +169,37 @@ def test_a_final_phase_stays_final_whatever_is_observed_afterwards(job):
     job["status"] = done
     assert derive(job, Observation(), T1)["phase"] == "Succeeded"
     assert derive(job, running(failure="training failed", deadline_exceeded=True), T1)["phase"] == "Succeeded"
+
+
+def test_a_sites_only_job_runs_once_a_site_does():
+    """Its server is another cluster's, so only its sites say it runs: before any site pod
+    runs it is Pending, with no start time for runPolicy.activeDeadlineSeconds to count from."""
+    job = jobfile.load(ROOT / "examples" / "multi-cluster" / "hospital-a.yaml")
+    [site] = [s["name"] for s in job["spec"]["sites"]]
+    waiting = derive(job, Observation(server_ready=True, sites={site: Site()}), T0)
+    assert (waiting["phase"], "startTime" in waiting) == ("Pending", False)
+    assert next(c for c in waiting["conditions"] if c["type"] == "Ready")["message"] == "waiting for a site's pod to run"
+    running = derive(job, Observation(server_ready=True, sites={site: Site(active=1)}), T0)
+    assert (running["phase"], running["startTime"], conditions(running)["Ready"]) == ("Running", T0, "True")
+
+
+def test_a_spec_whose_children_could_not_be_applied_is_not_claimed_as_observed(job):
+    """Generation 2 was applied; generation 3's children are refused: the status keeps
+    observedGeneration 2 and says why in its Reconciled condition, until they are applied."""
+    job["status"] = derive(job, running(), T0)
+    job["metadata"]["generation"] = 3
+    why = "Secret breast-cancer-tls exists and is not this job's"
+    held = refused(job, derive(job, running(), T1), why, T1)
+    assert held["observedGeneration"] == 2
+    [reconciled] = [c for c in held["conditions"] if c["type"] == "Reconciled"]
+    assert (reconciled["status"], reconciled["reason"], reconciled["message"], reconciled["lastTransitionTime"]) == (
+        "False",
+        "ApplyFailed",
+        why,
+        T1,
+    )
+    job["status"] = held
+    applied = derive(job, running(), T1)
+    assert applied["observedGeneration"] == 3 and conditions(applied)["Reconciled"] == "True"
+    del job["status"]
+    assert "observedGeneration" not in refused(job, derive(job, Observation(), T0), why, T0), "no generation was applied yet"

@@ -104,6 +104,8 @@ class Memory:
     something a restarted operator would need."""
 
     applied: str = ""  # digest of the children last applied in full
+    # (kind, name) -> uid of the children seen to be the job's own, so not looked up again
+    own: dict[tuple[str, str], str] = field(default_factory=dict)
     last_error: str = ""
     attempt: int = 0  # failed reconciles in a row, for the backoff
 
@@ -327,6 +329,19 @@ class Refused(Exception):
     """The job cannot be reconciled until someone changes something; the message says what."""
 
 
+def _with_progress(new_status: Mapping, before: Mapping) -> dict:
+    """The whole status: what the operator writes and the progress, which is the server's."""
+    return {**new_status, "progress": before["progress"]} if "progress" in before else dict(new_status)
+
+
+def _write_status(client: kube.Client, job: Mapping, new_status: Mapping) -> None:
+    """Writes new_status if it changes what job's status says, with an Event for each transition."""
+    before = job.get("status", {})
+    if _with_progress(new_status, before) != before:
+        client.apply(_status_body(job, new_status), FIELD_MANAGER, subresource="status")
+        _transition_events(client, job, before, new_status)
+
+
 def _status_body(job: Mapping, new_status: Mapping) -> dict:
     return {
         "apiVersion": API_VERSION,
@@ -429,13 +444,38 @@ class ClusterNetwork:
 cluster_network = ClusterNetwork()
 
 
+def _not_its_own(client: kube.Client, job: Mapping, child: Mapping, site_jobs: Mapping[str, dict]) -> str:
+    """Why child cannot be applied: an object of its kind and name exists that the job does
+    not control (made by someone else, or another job's of a name that renders the same).
+    Server-side apply would take it over; it is refused instead. "" when there is none."""
+    meta = child["metadata"]
+    # The job's site Jobs are listed already (by its labels); any other object is looked up.
+    live = site_jobs.get(meta["name"]) if child["kind"] == "Job" else None
+    live = live or client.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+    if live is None:
+        return ""
+    owner = next((o for o in live["metadata"].get("ownerReferences", []) if o.get("controller")), None)
+    if owner is not None and owner.get("uid") == job["metadata"]["uid"]:
+        return ""
+    whose = f"{owner['kind']} {owner['name']}'s" if owner else "made by someone else"
+    return f"{child['kind']} {meta['name']} exists and is not this job's ({whose}): delete or rename it, or rename the job"
+
+
 def _apply_children(
-    client: kube.Client, config: Config, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict], record: keep.Record
+    client: kube.Client,
+    config: Config,
+    job: Mapping,
+    children: list[dict],
+    site_jobs: Mapping[str, dict],
+    record: keep.Record,
+    memory: Memory | None = None,
 ) -> float | None:
     """Applies every child but finished site Jobs; returns seconds to requeue after when one
     had to be replaced. No pod of the job is created unguarded: the job's NetworkPolicies are
     applied first, and each is read back before the server's Deployment or a site's Job is
-    applied."""
+    applied. An object of a child's name that the job does not control is refused, never
+    taken over (each child is looked up once: memory keeps those seen to be the job's)."""
+    own = memory.own if memory is not None else {}
     finished = {name for name, site_job in site_jobs.items() if _finished(site_job)}
     going = {name for name, site_job in site_jobs.items() if site_job["metadata"].get("deletionTimestamp")}
     requeue = None
@@ -458,8 +498,15 @@ def _apply_children(
                         f"NetworkPolicy {policy['metadata']['name']} does not exist after it was applied: no pod of the job starts without it"
                     )
             guarded = True
+        key = (child["kind"], child["metadata"]["name"])
+        if child["metadata"].get("ownerReferences") and key not in own:
+            problem = _not_its_own(client, job, child, site_jobs)
+            if problem:
+                raise Refused(problem)
         try:
-            client.apply(child, FIELD_MANAGER)
+            applied = client.apply(child, FIELD_MANAGER)
+            if child["metadata"].get("ownerReferences"):
+                own[key] = applied["metadata"]["uid"]
         except kube.ApiError as error:
             immutable = error.status == 422 and "field is immutable" in str(error)
             if child["kind"] == "Job" and immutable:
@@ -468,6 +515,7 @@ def _apply_children(
                 # the old one's pods are gone: never two SuperNodes of one site at once.
                 namespace, name = child["metadata"]["namespace"], child["metadata"]["name"]
                 client.delete("batch/v1", "Job", namespace, name, propagation="Foreground")
+                own.pop(key, None)
                 _event(client, job, "Normal", "SiteRestarted", f"Job {name} is replaced: the job's spec changed")
                 requeue = 1.0
                 continue
@@ -556,30 +604,36 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         )
         seen = replace(seen, server_waits_for=missing)
     after = status.derive(job, seen, _rfc3339(now))
-    after_full = {**after, "progress": before["progress"]} if "progress" in before else after  # progress is the server's
-    if after_full != before:
-        client.apply(_status_body(job, after), FIELD_MANAGER, subresource="status")
-        _transition_events(client, job, before, after)
-    job = {**job, "status": after_full}
-
-    dns, api_server = cluster_network.get(client, config.dns_service)
-    bundle, site_keys, record = _material(client, config, job)
-    settings = Settings(
-        config.image,
-        bundle,
-        site_keys,
-        config.metrics_scrapers,
-        dns,
-        api_server,
-        remote_site_keys,
-    )
-    children = render.render(job, settings)
-    digest = json.dumps(children, sort_keys=True)
-    requeue = None
-    if force or digest != memory.applied:
-        requeue = _apply_children(client, config, job, children, site_jobs, record)
-        _pruned_events(client, job, _prune(client, config, job, children, site_jobs, record))
-        memory.applied = "" if requeue else digest
+    observed = job
+    # The children are rendered from the new status (a job that ended scales its server to 0),
+    # which is written once they are applied: what it says of the spec's generation was done.
+    job = {**job, "status": _with_progress(after, before)}
+    try:
+        dns, api_server = cluster_network.get(client, config.dns_service)
+        bundle, site_keys, record = _material(client, config, job)
+        settings = Settings(
+            config.image,
+            bundle,
+            site_keys,
+            config.metrics_scrapers,
+            dns,
+            api_server,
+            remote_site_keys,
+        )
+        children = render.render(job, settings)
+        digest = json.dumps(children, sort_keys=True)
+        requeue = None
+        if force or digest != memory.applied:
+            requeue = _apply_children(client, config, job, children, site_jobs, record, memory)
+            _pruned_events(client, job, _prune(client, config, job, children, site_jobs, record))
+            memory.applied = "" if requeue else digest
+    except (Refused, kube.ApiError) as error:
+        try:
+            _write_status(client, observed, status.refused(observed, after, str(error), _rfc3339(now)))
+        except kube.ApiError as unwritten:
+            log.warning("could not write the status of %s/%s: %s", namespace, name, unwritten)
+        raise
+    _write_status(client, observed, after)
 
     # When to look again without being told: the deadline, the time to live, a replaced Job.
     deadline = _deadline_remaining(job, now) if after["phase"] == "Running" else None

@@ -23,6 +23,7 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
 UNSCHEDULABLE = "Unschedulable"
+RECONCILED = "Reconciled"  # the job's children are as its spec (of observedGeneration) says
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,27 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
     if seen.server_unschedulable:
         unschedulable.insert(0, f"server: {seen.server_unschedulable}")
     wanted[UNSCHEDULABLE] = (bool(unschedulable), "Unschedulable" if unschedulable else "Scheduled", "; ".join(unschedulable))
+    # Written once the children are applied; `refused` makes it False when they could not be.
+    wanted[RECONCILED] = (True, "Applied", "")
     status["conditions"] = [
         condition(previous.get("conditions", []), kind, is_true, why, text, generation, now)
         for kind, (is_true, why, text) in wanted.items()
     ]
     return status
+
+
+def refused(job: Mapping, derived: Mapping, why: str, now: str) -> dict:
+    """The status derived for the job, for when its children could not be applied: the
+    Reconciled condition False with why, and observedGeneration still the last generation
+    whose children were applied (absent if none was)."""
+    previous = job.get("status", {})
+    result = {k: v for k, v in derived.items() if k != "observedGeneration"}
+    if "observedGeneration" in previous:
+        result["observedGeneration"] = previous["observedGeneration"]
+    generation = job["metadata"].get("generation", 0)
+    failed = condition(previous.get("conditions", []), RECONCILED, False, "ApplyFailed", why[:1024], generation, now)
+    result["conditions"] = [failed if c["type"] == RECONCILED else c for c in derived["conditions"]]
+    return result
 
 
 def _ended(previous: Mapping) -> tuple[str, str, str] | None:
@@ -135,6 +152,11 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
         return "Failed", "SiteFailed", f"site {', '.join(failed)} failed more than runPolicy.backoffLimit times{why}"
     if spec["runPolicy"]["suspend"]:
         return "Suspended", "Suspended", "runPolicy.suspend is true"
+    if spec["mode"] == "SitesOnly":
+        # The server is another cluster's: the job runs (and its deadline counts) once a site does.
+        if any(s.active for s in seen.sites.values()):
+            return "Running", "Running", f"{sum(1 for s in seen.sites.values() if s.active)} of {len(seen.sites)} sites running"
+        return "Pending", "Pending", "waiting for a site's pod to run"
     if seen.server_ready:
         return "Running", "Running", f"{seen.current_round} of {spec['rounds']} rounds done"
     return "Pending", "Pending", f"waiting for the server{': ' + seen.server_waits_for if seen.server_waits_for else ''}"

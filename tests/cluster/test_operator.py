@@ -355,6 +355,54 @@ def test_a_deleted_site_key_is_replaced_and_the_server_restarts_admitting_the_ne
     wait_for(lambda: keys_hash() != hash_before, what="the server's pod template to change with the keys")
 
 
+def test_an_object_of_a_childs_name_that_is_not_the_jobs_is_refused_not_taken_over(cluster, client, namespace, operator):
+    """A ConfigMap the user made under the name of the job's ConfigMap holds the job up, with
+    the reason in its status: it is neither overwritten nor adopted (owned, it would go with
+    the job). Once it is gone, the job gets its own."""
+    kubectl(cluster, "create", "configmap", "breast-cancer-job", "-n", namespace, "--from-literal=mine=yes")
+    job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    name = job["metadata"]["name"]
+    held = wait_for(
+        lambda: (j := get_job(client, namespace, name)) and condition(j, "Reconciled").get("status") == "False" and j, what="refused"
+    )
+    assert condition(held, "Reconciled")["message"] == (
+        "ConfigMap breast-cancer-job exists and is not this job's (made by someone else): delete or rename it, or rename the job"
+    )
+    mine = client.get("v1", "ConfigMap", namespace, "breast-cancer-job")
+    assert mine["data"] == {"mine": "yes"} and "ownerReferences" not in mine["metadata"], "left as it was"
+    assert client.list("apps/v1", "Deployment", namespace, f"bouquet.dev/job={name}") == []
+    client.delete("v1", "ConfigMap", namespace, "breast-cancer-job")
+    wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
+    assert condition(get_job(client, namespace, name), "Reconciled")["status"] == "True"
+
+
+def test_two_jobs_whose_children_would_have_one_name_do_not_share_them(cluster, client, namespace, operator):
+    """Job `a` with site `b-c` and job `a-b` with site `c` both name a site Job `a-b-c`: the
+    job that comes second is refused, naming the object and its owner; the first keeps it.
+    (With TLS, their sites' key Secrets, `a-b-c-key`, collide first, and are refused as well.)"""
+    first = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    first["metadata"]["name"] = "a-b"
+    first["spec"]["sites"] = [{"name": "c"}, {"name": "d"}]
+    first["spec"]["security"] = {"tls": {"mode": "Disabled"}}
+    first = start_and_run(cluster, client, namespace, first)
+    shared = client.get("batch/v1", "Job", namespace, "a-b-c")
+    second = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
+    second["metadata"]["name"] = "a"
+    second["spec"]["sites"] = [{"name": "b-c"}, {"name": "e"}]
+    second["spec"]["security"] = {"tls": {"mode": "Disabled"}}
+    apply_job(cluster, namespace, second)
+    held = wait_for(
+        lambda: (j := get_job(client, namespace, "a")) and condition(j, "Reconciled").get("status") == "False" and j, what="refused"
+    )
+    assert condition(held, "Reconciled")["message"] == (
+        "Job a-b-c exists and is not this job's (FederatedJob a-b's): delete or rename it, or rename the job"
+    )
+    after = client.get("batch/v1", "Job", namespace, "a-b-c")
+    assert after["metadata"]["uid"] == shared["metadata"]["uid"]
+    assert [o["uid"] for o in after["metadata"]["ownerReferences"]] == [first["metadata"]["uid"]]
+    assert after["spec"]["template"] == shared["spec"]["template"]
+
+
 def test_the_jobs_keys_are_kept_in_the_operators_namespace_and_a_secret_it_did_not_make_is_refused(cluster, client, namespace, operator):
     """The job's private material is in its record, bouquet-job-<uid> in the operator's
     namespace; the Secrets the pods mount are copies of it. A Secret of a copy's name that
@@ -369,8 +417,16 @@ def test_the_jobs_keys_are_kept_in_the_operators_namespace_and_a_secret_it_did_n
 
     wait_for(lambda: "Secret breast-cancer-tls exists and is not this job's" in messages(), what="the job held up by the foreign Secret")
     assert client.list("apps/v1", "Deployment", namespace, f"bouquet.dev/job={name}") == []
+    held = wait_for(lambda: (j := get_job(client, namespace, name)).get("status", {}).get("conditions") and j, what="a status")
+    assert "observedGeneration" not in held["status"], "no generation of the job was applied"
+    reconciled = condition(held, "Reconciled")
+    assert (reconciled["status"], reconciled["reason"]) == ("False", "ApplyFailed")
+    assert "Secret breast-cancer-tls exists and is not this job's" in reconciled["message"]
     client.delete("v1", "Secret", namespace, "breast-cancer-tls")
     wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
+    applied = wait_for(lambda: (j := get_job(client, namespace, name))["status"].get("observedGeneration") and j, what="observedGeneration")
+    assert applied["status"]["observedGeneration"] == applied["metadata"]["generation"]
+    assert condition(applied, "Reconciled")["status"] == "True"
 
     record = client.get("v1", "Secret", "bouquet-system", f"bouquet-job-{uid}")
     labels = record["metadata"]["labels"]
@@ -417,6 +473,7 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     )
     assert [s["name"] for s in get_job(client, namespace, name)["status"]["sites"]] == ["hospital-a", "hospital-b", "hospital-c"]
     key_a_before = client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")
+    old_jobs = {o["metadata"]["uid"] for (kind, _), o in children(client, namespace, name).items() if kind == "Job"}
 
     kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/2"}]')
     controller.reconcile(client, config, namespace, name, memory, force=False)
@@ -449,7 +506,13 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
         kubectl(cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
     )
     assert [e["reason"] for e in events["items"]].count("SiteRemoved") == 1
-    assert sum(1 for kind, _ in children(client, namespace, name) if kind == "Job") == 2
+
+    def replaced() -> bool:  # each once its old Job is gone, pods and all (the requeue does this)
+        controller.reconcile(client, config, namespace, name, memory, force=False)
+        jobs = {n: o for (kind, n), o in children(client, namespace, name).items() if kind == "Job"}
+        return sorted(jobs) == [f"{name}-hospital-a", f"{name}-hospital-b"] and not {o["metadata"]["uid"] for o in jobs.values()} & old_jobs
+
+    wait_for(replaced, interval=0.5, what="the other sites' Jobs replaced")
 
 
 def test_an_aggregator_admits_the_public_keys_it_is_given_and_refuses_a_bad_one(cluster, client, namespace, operator):
