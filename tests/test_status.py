@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bouquet import jobfile
-from bouquet.status import Observation, Site, condition, derive, refused
+from bouquet.status import Observation, Site, condition, derive, refused, remote_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 T0, T1 = "2026-11-22T10:00:00Z", "2026-11-22T10:05:00Z"
@@ -203,3 +203,35 @@ def test_a_spec_whose_children_could_not_be_applied_is_not_claimed_as_observed(j
     assert applied["observedGeneration"] == 3 and conditions(applied)["Reconciled"] == "True"
     del job["status"]
     assert "observedGeneration" not in refused(job, derive(job, Observation(), T0), why, T0), "no generation was applied yet"
+
+
+def test_a_server_only_jobs_sites_are_what_its_server_reports_of_them():
+    """The sites of a ServerOnly job run in other clusters: the server's report of the last
+    round says which take part. Ready only once every site does, and after success those of
+    the final round have succeeded; none reads Running before it took part."""
+    job = jobfile.load(ROOT / "examples" / "multi-cluster" / "aggregator.yaml")
+    spec, names = job["spec"], [s["name"] for s in job["spec"]["sites"]]
+    assert len(names) >= 2
+
+    def status_for(progress: dict) -> dict:
+        return derive(job, Observation(server_ready=True, sites=remote_sites(spec, progress), current_round=progress.get("round", 0)), T0)
+
+    waiting = status_for({})
+    assert [s["state"] for s in waiting["sites"]] == ["Pending"] * len(names) and conditions(waiting)["Ready"] == "False"
+    all_in = status_for({"state": "Running", "round": 3, "takingPart": names})
+    assert [s["state"] for s in all_in["sites"]] == ["Running"] * len(names) and conditions(all_in)["Ready"] == "True"
+    assert all_in["sitesReady"] == len(names)
+    one_out = status_for({"state": "Running", "round": 4, "takingPart": names[1:]})
+    assert [s["state"] for s in one_out["sites"]] == ["Pending"] + ["Running"] * (len(names) - 1)
+    assert conditions(one_out)["Ready"] == "False"
+    done = derive(
+        job,
+        Observation(
+            server_ready=True,
+            sites=remote_sites(spec, {"state": "Succeeded", "round": 10, "takingPart": names}),
+            current_round=10,
+            model={"path": "model.safetensors"},
+        ),
+        T1,
+    )
+    assert done["phase"] == "Succeeded" and [s["state"] for s in done["sites"]] == ["Succeeded"] * len(names)

@@ -179,7 +179,10 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
     pods = client.list("v1", "Pod", namespace, f"{JOB_LABEL}={name}")
     server_pods = [p for p in pods if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "server"]
     sites: dict[str, status.Site] = {}
-    if spec["mode"] != "ServerOnly":
+    progress = previous.get("progress", {})
+    if spec["mode"] == "ServerOnly":
+        sites = status.remote_sites(spec, progress)
+    else:
         for site in spec["sites"]:
             found = site_jobs.get(render.site_job_name(job, site["name"]))
             if found is None:
@@ -198,7 +201,6 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
     else:
         deployment = client.get("apps/v1", "Deployment", namespace, names(job)["server"])
         server_ready = bool(deployment and deployment.get("status", {}).get("readyReplicas", 0) >= 1)
-    progress = previous.get("progress", {})
     failure = progress.get("message", "training failed") if progress.get("state") == "Failed" else ""
     restarts, limit = _restarts(server_pods), spec["runPolicy"]["backoffLimit"]
     if not failure and restarts > limit:

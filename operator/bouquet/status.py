@@ -52,6 +52,18 @@ class Observation:
     server_waits_for: str = ""  # what the server cannot start without (the sites' public keys)
 
 
+def remote_sites(spec: Mapping, progress: Mapping) -> dict[str, Site]:
+    """What a ServerOnly job knows of its sites, which run in other clusters: the server's
+    report of who took part in the last round (running, or once the run has succeeded,
+    done). A site that took no part in it reads Pending."""
+    taking_part = set(progress.get("takingPart", []))
+    done = progress.get("state") == "Succeeded"
+    return {
+        s["name"]: Site(active=int(s["name"] in taking_part and not done), succeeded=done and s["name"] in taking_part)
+        for s in spec["sites"]
+    }
+
+
 def derive(job: Mapping, seen: Observation, now: str) -> dict:
     """The status to write for the job, given what was observed at time now (RFC 3339)."""
     spec, previous = job["spec"], job.get("status", {})

@@ -185,6 +185,11 @@ def test_server_only_and_sites_only_jobs_in_two_namespaces(e2e_cluster, release)
         )
         assert waited.returncode == 0, f"{waited.output}\n{diagnose(e2e_cluster, 'hospital-a')}"
         assert job_status(e2e_cluster, "aggregator", "breast-cancer")["progress"]["round"] == 10
+        # The aggregator's job knows its sites from its server's report: both took part to the end.
+        waited = release.run("kubectl wait --for=condition=Succeeded fj/breast-cancer -n aggregator --timeout=2m", timeout=200, check=False)
+        assert waited.returncode == 0, waited.output
+        sites = job_status(e2e_cluster, "aggregator", "breast-cancer")["sites"]
+        assert sites == [{"name": "hospital-a", "state": "Succeeded"}, {"name": "hospital-b", "state": "Succeeded"}], sites
         # Only the server ran in the one namespace, only the sites in the other.
         assert kubectl(e2e_cluster, "get", "jobs", "-n", "aggregator", "-o", "name").stdout.split() == []
         assert kubectl(e2e_cluster, "get", "deployments", "-n", "hospital-a", "-o", "name").stdout.split() == []

@@ -45,6 +45,7 @@ def read(out: Path) -> dict:
         last = history[-1]
         progress["round"] = last["round"]
         progress["sites"] = len(last["sites"])
+        progress["takingPart"] = sorted(last["sites"])
         # The newest round's evaluation may come with the next round (server_app.evaluates_ahead).
         scored = outputs.last_evaluated(history) or last
         progress["metrics"] = {
