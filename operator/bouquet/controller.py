@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 
 import kopf
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import identity, keep, kube, render, status, tls
 from .render import API_VERSION, KIND, Settings, names
@@ -696,8 +696,9 @@ class WorkQueue:
 class Metrics:
     """The operator's metrics, named after controller-runtime's with a bouquet_ prefix."""
 
-    def __init__(self, phases) -> None:
+    def __init__(self, phases, requests=dict) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_RequestCollector(requests))
         self.reconciles = Counter(
             "bouquet_reconcile",
             "Reconciles by controller and result (success, error, requeue).",
@@ -717,6 +718,20 @@ class Metrics:
             self.reconciles.labels(CONTROLLER, result)
         self.errors.labels(CONTROLLER)
         self.duration.labels(CONTROLLER)
+
+
+class _RequestCollector:
+    """The operator's requests to the API server, by method, as its client counted them."""
+
+    def __init__(self, requests) -> None:
+        self.requests = requests
+
+    def collect(self):
+        family = CounterMetricFamily("bouquet_api_requests", "Requests the operator made to the API server, by method.", labels=["method"])
+        counts = {method: 0 for method in ("GET", "POST", "PATCH", "DELETE")} | self.requests()
+        for method, count in sorted(counts.items()):
+            family.add_metric([method], count)
+        yield family
 
 
 class _PhaseCollector:
@@ -745,7 +760,7 @@ class Controller:
     metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: self.jobs)
+        self.metrics = Metrics(lambda: self.jobs, lambda: dict(self.client.requests))
 
     async def start(self) -> None:
         self.tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
@@ -786,8 +801,11 @@ class Controller:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            for key in list(self.jobs):
-                self.queue.add(key, force=True)
+            for key, phase in list(self.jobs.items()):
+                # A finished job's children are applied again only if they would change: it
+                # costs no writes at rest. (Its server's Deployment or a Job deleted since is
+                # still restored: their watch forces an apply.)
+                self.queue.add(key, force=phase not in ("Succeeded", "Failed"))
             try:
                 await asyncio.to_thread(keep.collect, self.client, self.config.own_namespace, self._job_exists)
             except kube.ApiError as error:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import Counter
 from collections.abc import Mapping
 from urllib.parse import quote
 
@@ -59,6 +61,9 @@ def path(api_version: str, kind: str, namespace: str, name: str = "", subresourc
 class Client:
     def __init__(self, api_client) -> None:
         self.api = api_client
+        # Requests made, by HTTP method (the operator's load on the API server, as a metric).
+        self.requests: Counter[str] = Counter()
+        self.counting = threading.Lock()
 
     @classmethod
     def from_environment(cls, pool_size: int = 16) -> Client:
@@ -76,6 +81,8 @@ class Client:
         return cls(client.ApiClient(configuration))
 
     def request(self, method: str, url: str, body=None, query: Mapping | None = None, content_type: str = "application/json"):
+        with self.counting:
+            self.requests[method] += 1
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type

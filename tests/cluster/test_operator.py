@@ -213,6 +213,16 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
     assert re.search(r'bouquet_reconcile_total\{controller="federatedjob",result="success"\} [1-9]', metrics_text), metrics_text
     assert 'bouquet_federatedjobs{phase="Succeeded"} 1.0' in metrics_text
     assert "bouquet_reconcile_time_seconds_bucket" in metrics_text
+
+    def writes() -> float:
+        found = re.findall(r'bouquet_api_requests_total\{method="(?:PATCH|POST|DELETE)"\} (\S+)', operator.metrics())
+        assert len(found) == 3, "the operator counts its writes"
+        return sum(float(v) for v in found)
+
+    # At rest a finished job costs the API server no writes: resyncs (every 2 s here) apply nothing.
+    before = writes()
+    time.sleep(7)
+    assert writes() == before
     try:
         assert empty_panels(prometheus, "operator") == [], "every panel of the operator's dashboard has data"
         assert prometheus.value('bouquet_federatedjobs{phase="Succeeded"}') >= 1
