@@ -62,6 +62,13 @@ def test_the_default_install_watches_every_namespace(helm):
         ("bouquet-system", "bouquet-records"): [
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "patch", "delete"]},
             {"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": ["bouquet"], "verbs": ["get"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": ["bouquet-operator"],
+                "verbs": ["get", "update"],
+            },
         ],
         ("default", "bouquet-cluster-network"): endpoints,
         ("kube-system", "bouquet-cluster-network"): endpoints,
@@ -104,6 +111,17 @@ def test_listed_namespaces_get_a_role_each_and_no_cluster_role(helm):
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["hospital-a", "hospital-b"]
     command = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert [a for a in command if a.startswith("--namespace")] == ["--namespace=hospital-a", "--namespace=hospital-b"]
+
+
+def test_more_replicas_roll_one_at_a_time_and_keep_one_through_a_drain(helm):
+    assert "PodDisruptionBudget" not in by_kind(template(helm)), "one replica: a budget would block every drain"
+    kinds = by_kind(template(helm, "operator.replicas=2"))
+    [deployment] = kinds["Deployment"]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+    [budget] = kinds["PodDisruptionBudget"]
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
 def test_the_crd_can_be_left_to_someone_else(helm):

@@ -38,6 +38,7 @@ def test_a_new_job_is_pending(job):
         "Failed": "False",
         "Suspended": "False",
         "Unschedulable": "False",
+        "PodsFailing": "False",
         "Reconciled": "True",
     }
 
@@ -71,7 +72,7 @@ def test_transition_times_move_only_when_a_condition_changes(job):
     first = derive(job, running(), T0)
     job["status"] = first
     again = derive(job, running(current_round=4), T1)
-    assert [c["lastTransitionTime"] for c in again["conditions"]] == [T0] * 6
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == [T0] * 7
     job["status"] = again
     done = derive(job, running(current_round=10, model={"path": "model.safetensors"}), T1)
     times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
@@ -235,3 +236,19 @@ def test_a_server_only_jobs_sites_are_what_its_server_reports_of_them():
         T1,
     )
     assert done["phase"] == "Succeeded" and [s["state"] for s in done["sites"]] == ["Succeeded"] * len(names)
+
+
+def test_a_pod_that_cannot_start_or_keeps_crashing_is_a_condition_with_kubernetes_reason(job):
+    """The kubelet's reason and message for each part of the job whose pod is stuck: the
+    server's first, then the sites' by name."""
+    pull = ("ImagePullBackOff", 'Back-off pulling image "registry.example/bouquet-workloads:9.9"')
+    status = derive(
+        job, running(failing={"site hospital-b": ("CrashLoopBackOff", "back-off 40s restarting failed container"), "server": pull}), T0
+    )
+    [failing] = [c for c in status["conditions"] if c["type"] == "PodsFailing"]
+    assert (failing["status"], failing["reason"]) == ("True", "ImagePullBackOff")
+    assert failing["message"] == (
+        'server: ImagePullBackOff: Back-off pulling image "registry.example/bouquet-workloads:9.9"; '
+        "site hospital-b: CrashLoopBackOff: back-off 40s restarting failed container"
+    )
+    assert conditions(derive(job, running(), T0))["PodsFailing"] == "False"

@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the operator's ServiceAccount in its own namespace: the jobs' records are owned by it, and go when it does",
     )
     operator.add_argument(
+        "--no-leader-election",
+        dest="leader_election",
+        action="store_false",
+        help="act without holding the Lease bouquet-operator in the own namespace (only for a single replica)",
+    )
+    operator.add_argument(
         "--dns-service",
         default="kube-system/kube-dns",
         metavar="NS/NAME",
@@ -318,6 +324,7 @@ def _operator(args) -> int:
         resync_seconds=args.resync_seconds,
         workers=args.workers,
         port=args.port,
+        leader_election=args.leader_election,
     )
     logging.getLogger().handlers.clear()  # kopf's format only (an imported module may have set one)
     kopf.configure(verbose=False)

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import kopf
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import identity, keep, kube, render, status, tls
+from . import identity, keep, kube, leader, render, status, tls
 from .render import API_VERSION, KIND, Settings, names
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -68,6 +68,8 @@ class Config:
     workers: int = 4
     port: int = 8080  # /metrics and /healthz; 0 for none
     host: str = "0.0.0.0"
+    # Only the replica holding the Lease bouquet-operator in own_namespace acts (leader.py).
+    leader_election: bool = True
 
     @classmethod
     def from_environment(cls) -> Config:
@@ -82,6 +84,7 @@ class Config:
             workers=int(env.get("BOUQUET_WORKERS", cls.workers)),
             port=int(env.get("BOUQUET_OPERATOR_PORT", cls.port)),
             host=env.get("BOUQUET_OPERATOR_HOST", cls.host),
+            leader_election=env.get("BOUQUET_LEADER_ELECTION", "true").lower() != "false",
         )
 
 
@@ -104,6 +107,7 @@ class Memory:
     something a restarted operator would need."""
 
     applied: str = ""  # digest of the children last applied in full
+    generation: int = -1  # the job's generation they were applied for
     # (kind, name) -> uid of the children seen to be the job's own, so not looked up again
     own: dict[tuple[str, str], str] = field(default_factory=dict)
     last_error: str = ""
@@ -135,6 +139,32 @@ def _unschedulable(pods: list[Mapping]) -> str:
             if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
                 return c.get("message", "Unschedulable")
     return ""
+
+
+# Why a container waits that it will not get past by itself (the kubelet's reasons).
+STUCK = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
+
+
+def _failing(pods: list[Mapping]) -> tuple[str, str] | None:
+    """Kubernetes' reason and message for the first of pods whose container is stuck waiting
+    (an image it cannot pull, a crash loop), else None."""
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        pod_status = pod.get("status", {})
+        for container in pod_status.get("initContainerStatuses", []) + pod_status.get("containerStatuses", []):
+            waiting = container.get("state", {}).get("waiting", {})
+            if waiting.get("reason") in STUCK:
+                return waiting["reason"], waiting.get("message", "")
+    return None
 
 
 ERROR_PREFIX = "error: "
@@ -179,6 +209,9 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
     pods = client.list("v1", "Pod", namespace, f"{JOB_LABEL}={name}")
     server_pods = [p for p in pods if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "server"]
     sites: dict[str, status.Site] = {}
+    failing: dict[str, tuple[str, str]] = {}
+    if (stuck := _failing(server_pods)) is not None:
+        failing["server"] = stuck
     progress = previous.get("progress", {})
     if spec["mode"] == "ServerOnly":
         sites = status.remote_sites(spec, progress)
@@ -189,6 +222,8 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
                 sites[site["name"]] = status.Site()
                 continue
             site_pods = [p for p in pods if p["metadata"].get("labels", {}).get("bouquet.dev/site") == site["name"]]
+            if (stuck := _failing(site_pods)) is not None:
+                failing[f"site {site['name']}"] = stuck
             sites[site["name"]] = status.Site(
                 active=found.get("status", {}).get("ready", 0) or 0,
                 succeeded=_condition(found, "Complete") is not None,
@@ -211,6 +246,7 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
     return status.Observation(
         server_ready=server_ready,
         server_unschedulable=_unschedulable(server_pods),
+        failing=failing,
         sites=sites,
         current_round=progress.get("round", 0),
         round_sites=progress.get("sites"),
@@ -408,10 +444,10 @@ def _transition_events(client: kube.Client, job: Mapping, before: Mapping, after
                 "someone who reaches its server submitted other code; nothing of it ran at the site",
             )
     for c in after["conditions"]:
-        if c["type"] == status.UNSCHEDULABLE and c["status"] == "True":
+        if c["type"] in (status.UNSCHEDULABLE, status.PODS_FAILING) and c["status"] == "True":
             old = was.get(c["type"], {})
             if old.get("status") != "True" or old.get("message") != c["message"]:
-                _event(client, job, "Warning", "Unschedulable", c["message"])
+                _event(client, job, "Warning", c["reason"], c["message"])
 
 
 def _network(client: kube.Client, namespace: str, service: str) -> render.Destination | None:
@@ -461,6 +497,14 @@ def _not_its_own(client: kube.Client, job: Mapping, child: Mapping, site_jobs: M
         return ""
     whose = f"{owner['kind']} {owner['name']}'s" if owner else "made by someone else"
     return f"{child['kind']} {meta['name']} exists and is not this job's ({whose}): delete or rename it, or rename the job"
+
+
+def _settled(before: Mapping, after: Mapping, memory: Memory, generation: int, force: bool) -> bool:
+    """Whether the job finished before this look, and its children were applied for its spec
+    as it is: then they are left alone (no key is probed, nothing applied), unless a deleted
+    child forces it."""
+    finished = after["phase"] in (status.SUCCEEDED, status.FAILED) and before.get("phase") == after["phase"]
+    return finished and not force and bool(memory.applied) and memory.generation == generation
 
 
 def _apply_children(
@@ -610,6 +654,11 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
     # The children are rendered from the new status (a job that ended scales its server to 0),
     # which is written once they are applied: what it says of the spec's generation was done.
     job = {**job, "status": _with_progress(after, before)}
+    requeue = None
+    generation = observed["metadata"].get("generation", 0)
+    if _settled(before, after, memory, generation, force):
+        _write_status(client, observed, after)
+        return Outcome(requeue_after=_ttl_remaining(ttl, after, now), phase=after["phase"])
     try:
         dns, api_server = cluster_network.get(client, config.dns_service)
         bundle, site_keys, record = _material(client, config, job)
@@ -624,11 +673,11 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         )
         children = render.render(job, settings)
         digest = json.dumps(children, sort_keys=True)
-        requeue = None
         if force or digest != memory.applied:
             requeue = _apply_children(client, config, job, children, site_jobs, record, memory)
             _pruned_events(client, job, _prune(client, config, job, children, site_jobs, record))
             memory.applied = "" if requeue else digest
+        memory.generation = generation
     except (Refused, kube.ApiError) as error:
         try:
             _write_status(client, observed, status.refused(observed, after, str(error), _rfc3339(now)))
@@ -696,9 +745,11 @@ class WorkQueue:
 class Metrics:
     """The operator's metrics, named after controller-runtime's with a bouquet_ prefix."""
 
-    def __init__(self, phases, requests=dict) -> None:
+    def __init__(self, phases, requests=dict, leading=lambda: True) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_RequestCollector(requests))
+        self.leader = Gauge("bouquet_leader", "1 while this replica holds the Lease and acts, else 0.", registry=self.registry)
+        self.leader.set_function(lambda: 1.0 if leading() else 0.0)
         self.reconciles = Counter(
             "bouquet_reconcile",
             "Reconciles by controller and result (success, error, requeue).",
@@ -758,23 +809,40 @@ class Controller:
     uids: dict = field(default_factory=dict)  # (namespace, name) -> uid, from the watch
     tasks: list = field(default_factory=list)
     metrics: Metrics | None = None
+    elector: leader.Elector | None = None
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: self.jobs, lambda: dict(self.client.requests))
+        self.metrics = Metrics(lambda: self.jobs, lambda: dict(self.client.requests), lambda: self.leading())
 
     async def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
-        self.tasks.append(asyncio.create_task(self._resync()))
+        """Serves the metrics and acts: at once, or (with leader election) once it holds the
+        Lease. Meanwhile the watches keep the jobs it would act on."""
         if self.config.port:
             self.tasks.append(asyncio.create_task(self._serve()))
+        if self.config.leader_election:
+            self.elector = leader.Elector(self.client, self.config.own_namespace)
+            self.tasks.append(asyncio.create_task(self.elector.run(self._act, _stop_acting)))
+        else:
+            await self._act()
+
+    async def _act(self) -> None:
+        self.tasks += [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
+        self.tasks.append(asyncio.create_task(self._resync()))
+        for key, phase in list(self.jobs.items()):  # what the watches brought while following
+            self.queue.add(key, force=phase not in ("Succeeded", "Failed"))
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.elector is not None:
+            await asyncio.to_thread(self.elector.release)
 
     def alive(self) -> bool:
         return bool(self.tasks) and not any(t.done() for t in self.tasks)
+
+    def leading(self) -> bool:
+        return self.elector is None or self.elector.leading
 
     def job_seen(self, event_type: str | None, body: Mapping) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -878,6 +946,14 @@ class Controller:
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
+
+
+def _stop_acting() -> None:
+    """The Lease was lost: another replica may act by now, and a reconcile of this one may be
+    under way in a thread that cannot be stopped. So the process ends at once (its pod starts
+    again, following), as client-go's leader election ends it."""
+    logging.shutdown()
+    os._exit(1)
 
 
 # --- kopf's handlers ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ PLURALS = {
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("bouquet.dev/v1alpha1", "FederatedJob"): "federatedjobs",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
 }
 
 
@@ -119,6 +120,12 @@ class Client:
         metadata = obj["metadata"]
         url = path(obj["apiVersion"], obj["kind"], metadata["namespace"], metadata["name"], subresource)
         return self.request("PATCH", url, body=obj, query={"fieldManager": manager, "force": "true"}, content_type=APPLY)
+
+    def replace(self, obj: Mapping) -> dict:
+        """Replaces obj as it stands; with metadata.resourceVersion set, only that version of
+        it (409 Conflict if it changed since it was read)."""
+        metadata = obj["metadata"]
+        return self.request("PUT", path(obj["apiVersion"], obj["kind"], metadata["namespace"], metadata["name"]), body=obj)
 
     def create(self, obj: Mapping, dry_run: bool = False) -> dict:
         """Creates obj; with dry_run, only asks the API server whether it would (nothing is

@@ -23,6 +23,7 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
 UNSCHEDULABLE = "Unschedulable"
+PODS_FAILING = "PodsFailing"  # a pod of the job cannot start or keeps crashing (Kubernetes' reason)
 RECONCILED = "Reconciled"  # the job's children are as its spec (of observedGeneration) says
 
 
@@ -50,6 +51,9 @@ class Observation:
     deadline_exceeded: bool = False
     refused_runs: Mapping[str, int] = field(default_factory=dict)  # site -> runs of other apps it refused
     server_waits_for: str = ""  # what the server cannot start without (the sites' public keys)
+    # "server" or "site <name>" -> (Kubernetes' reason, its message) for a pod of it that
+    # cannot start (ErrImagePull, ImagePullBackOff, ...) or keeps crashing (CrashLoopBackOff)
+    failing: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def remote_sites(spec: Mapping, progress: Mapping) -> dict[str, Site]:
@@ -110,6 +114,12 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
     if seen.server_unschedulable:
         unschedulable.insert(0, f"server: {seen.server_unschedulable}")
     wanted[UNSCHEDULABLE] = (bool(unschedulable), "Unschedulable" if unschedulable else "Scheduled", "; ".join(unschedulable))
+    failing = sorted(seen.failing.items(), key=lambda item: (item[0] != "server", item[0]))
+    wanted[PODS_FAILING] = (
+        bool(failing),
+        failing[0][1][0] if failing else "NoFailingPods",
+        "; ".join(f"{who}: {why}: {message}" if message else f"{who}: {why}" for who, (why, message) in failing),
+    )
     # Written once the children are applied; `refused` makes it False when they could not be.
     wanted[RECONCILED] = (True, "Applied", "")
     status["conditions"] = [

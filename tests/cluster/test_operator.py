@@ -219,7 +219,16 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
         assert len(found) == 3, "the operator counts its writes"
         return sum(float(v) for v in found)
 
-    # At rest a finished job costs the API server no writes: resyncs (every 2 s here) apply nothing.
+    # At rest a finished job costs the API server no writes: resyncs (every 2 s here) apply
+    # nothing. (Once the jobs of the tests before, whose namespaces are going, are gone.)
+    wait_for(
+        lambda: (
+            [j["metadata"]["namespace"] for j in client.request("GET", "/apis/bouquet.dev/v1alpha1/federatedjobs")["items"]] == [namespace]
+        ),
+        timeout=120,
+        what="no job but this one",
+    )
+    time.sleep(3)
     before = writes()
     time.sleep(7)
     assert writes() == before
@@ -537,7 +546,8 @@ def test_an_aggregator_admits_the_public_keys_it_is_given_and_refuses_a_bad_one(
         return server and server["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/site-keys-hash"]
 
     absent = wait_for(keys_hash, what="the server Deployment")
-    waiting = condition(get_job(client, namespace, name), "Ready")["message"]
+    # The status is written once the children are applied: a moment after the Deployment.
+    waiting = wait_for(lambda: condition(get_job(client, namespace, name), "Ready").get("message"), what="the Ready condition")
     assert (
         waiting
         == "waiting for the server: ConfigMap federation-site-keys (security.siteKeys.configMapName), the sites' public keys, does not exist yet"
@@ -674,6 +684,43 @@ def test_a_server_restarting_past_the_backoff_limit_fails_the_job_for_good(clust
         job = get_job(client, namespace, "crashloop")
         assert job["status"]["phase"] == "Failed" and condition(job, "Failed")["message"] == why, job["status"]
         assert client.get("apps/v1", "Deployment", namespace, "crashloop-server")["spec"]["replicas"] == 0
+
+
+def test_a_site_pod_that_cannot_pull_its_image_is_a_condition_and_an_event(cluster, client, namespace, operator, kubelet):
+    kubelet.held.add(f"{namespace}/breast-cancer-hospital-b-")
+    try:
+        apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+        selector = "bouquet.dev/job=breast-cancer,bouquet.dev/site=hospital-b"
+        [pod] = wait_for(lambda: client.list("v1", "Pod", namespace, selector), what="hospital-b's pod")
+        why = 'Back-off pulling image "bouquet-workloads:0.1.0": ErrImagePull: not found'
+        kubelet.stuck(pod, "ImagePullBackOff", why)
+        job = wait_for(
+            lambda: (j := get_job(client, namespace, "breast-cancer")) and condition(j, "PodsFailing").get("status") == "True" and j,
+            timeout=30,
+            what="PodsFailing",
+        )
+        assert condition(job, "PodsFailing")["reason"] == "ImagePullBackOff"
+        assert condition(job, "PodsFailing")["message"] == f"site hospital-b: ImagePullBackOff: {why}"
+        reasons = kubectl(
+            cluster,
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            "involvedObject.name=breast-cancer",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ).stdout.split()
+        assert "ImagePullBackOff" in reasons, reasons
+    finally:
+        kubelet.held.clear()
+    # Pulled at last, the pod runs: the condition clears.
+    wait_for(
+        lambda: condition(get_job(client, namespace, "breast-cancer"), "PodsFailing").get("status") == "False",
+        timeout=30,
+        what="PodsFailing cleared",
+    )
 
 
 def test_a_finished_job_is_deleted_after_its_time_to_live(cluster, client, namespace, operator, server_identity):

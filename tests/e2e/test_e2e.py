@@ -555,6 +555,25 @@ def test_the_chart_ships_both_dashboards(release):
     assert sorted(names) == ["bouquet-dashboard-operator", "bouquet-dashboard-training"], listed.stdout
 
 
+def test_a_server_image_that_cannot_be_pulled_is_the_jobs_condition(e2e_cluster, release, namespace):
+    """A real kubelet that cannot pull the server's image: the job says so, with the
+    kubelet's reason and message, instead of staying Pending without a word."""
+    job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
+    job["metadata"] = {"name": "no-image", "namespace": namespace}
+    job["spec"]["server"] = {"image": "bouquet-workloads:0.0.0-missing"}
+    kubectl(e2e_cluster, "apply", "-f", "-", input=yaml.safe_dump(job))
+
+    def failing() -> dict:
+        found = [c for c in job_status(e2e_cluster, namespace, "no-image").get("conditions", []) if c["type"] == "PodsFailing"]
+        return found[0] if found and found[0]["status"] == "True" else {}
+
+    shown = wait_for(failing, timeout=120, interval=1, what="the PodsFailing condition")
+    assert shown["reason"] in ("ErrImagePull", "ImagePullBackOff"), shown
+    assert shown["message"].startswith(f"server: {shown['reason']}: ") and "bouquet-workloads:0.0.0-missing" in shown["message"], shown
+    assert job_status(e2e_cluster, namespace, "no-image")["phase"] == "Pending"
+    kubectl(e2e_cluster, "delete", "fj", "no-image", "-n", namespace)
+
+
 def test_helm_uninstall_leaves_only_retained_claims(e2e_cluster, release, namespace):
     job = yaml.safe_load(Path(release.cwd / "examples" / "gpu.yaml").read_text())
     job["metadata"] = {"name": "left-running", "namespace": namespace}

@@ -63,6 +63,9 @@ class Operator:
         self.port = free_port()
         self.env = {
             "BOUQUET_RESYNC_SECONDS": str(resync_seconds),
+            # An operator that loses its Lease ends its process, here the tests' own: the Lease
+            # is tested with operators in processes of their own (tests/cluster/test_leader.py).
+            "BOUQUET_LEADER_ELECTION": "false",
             "BOUQUET_OPERATOR_PORT": str(self.port),
             "BOUQUET_OPERATOR_HOST": "127.0.0.1",
         }

@@ -187,6 +187,30 @@ class Kubelet:
             "PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body={"status": status}, content_type=kube.MERGE
         )
 
+    def stuck(self, pod: dict, reason: str, message: str) -> None:
+        """Reports pod Pending, its containers waiting for reason (ErrImagePull, ImagePullBackOff,
+        CrashLoopBackOff...) with message, as the kubelet does; hold the pod (held) first, or
+        the next sync starts it."""
+        status = {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "image": c["image"],
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "started": False,
+                    "state": {"waiting": {"reason": reason, "message": message}},
+                }
+                for c in pod["spec"]["containers"]
+            ],
+        }
+        meta = pod["metadata"]
+        self.client.request(
+            "PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body={"status": status}, content_type=kube.MERGE
+        )
+
     def finish(self, namespace: str, selector: str, phase: str = "Succeeded", exit_code: int = 0, message: str = "") -> int:
         """Ends the running pods that match selector; returns how many."""
         pods = self.client.list("v1", "Pod", namespace, selector)
