@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -699,13 +699,15 @@ class WorkQueue:
     """Each key at most once in the queue and at most one worker on it; a key added while
     a worker has it is queued again when the worker is done (client-go's workqueue)."""
 
-    def __init__(self) -> None:
+    def __init__(self, added: Callable[[], None] = lambda: None, waited: Callable[[float], None] = lambda seconds: None) -> None:
         self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.pending: set = set()
         self.active: set = set()
         self.dirty: set = set()
         self.forced: set = set()
         self.timers: dict = {}
+        self.queued_at: dict = {}  # key -> when it was queued
+        self.added, self.waited = added, waited  # for the metrics: a key queued; how long one waited
 
     def add(self, key: tuple[str, str], force: bool = False) -> None:
         if force:
@@ -714,6 +716,8 @@ class WorkQueue:
             self.dirty.add(key)
         elif key not in self.pending:
             self.pending.add(key)
+            self.queued_at[key] = time.monotonic()
+            self.added()
             self.queue.put_nowait(key)
 
     def add_after(self, key: tuple[str, str], seconds: float, force: bool = False) -> None:
@@ -724,6 +728,7 @@ class WorkQueue:
 
     async def get(self) -> tuple[tuple[str, str], bool]:
         key = await self.queue.get()
+        self.waited(time.monotonic() - self.queued_at.pop(key, time.monotonic()))
         self.pending.discard(key)
         self.active.add(key)
         force = key in self.forced
@@ -765,6 +770,15 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_PhaseCollector(phases))
+        # As client-go's workqueue metrics: how many keys wait, were queued, and how long they waited.
+        self.depth = Gauge("bouquet_workqueue_depth", "Jobs waiting in the work queue.", registry=self.registry)
+        self.adds = Counter("bouquet_workqueue_adds", "Jobs queued for a reconcile.", registry=self.registry)
+        self.queue_duration = Histogram(
+            "bouquet_workqueue_queue_duration_seconds",
+            "How long a job waited in the work queue before a worker took it.",
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
         for result in ("success", "error", "requeue"):
             self.reconciles.labels(CONTROLLER, result)
         self.errors.labels(CONTROLLER)
@@ -813,6 +827,8 @@ class Controller:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.jobs, lambda: dict(self.client.requests), lambda: self.leading())
+        self.queue.added, self.queue.waited = self.metrics.adds.inc, self.metrics.queue_duration.observe
+        self.metrics.depth.set_function(lambda: len(self.queue.pending))
 
     async def start(self) -> None:
         """Serves the metrics and acts: at once, or (with leader election) once it holds the

@@ -213,6 +213,8 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
     assert re.search(r'bouquet_reconcile_total\{controller="federatedjob",result="success"\} [1-9]', metrics_text), metrics_text
     assert 'bouquet_federatedjobs{phase="Succeeded"} 1.0' in metrics_text
     assert "bouquet_reconcile_time_seconds_bucket" in metrics_text
+    assert re.search(r"^bouquet_workqueue_adds_total [1-9]", metrics_text, re.MULTILINE), metrics_text
+    assert re.search(r"^bouquet_workqueue_queue_duration_seconds_count [1-9]", metrics_text, re.MULTILINE), metrics_text
 
     def writes() -> float:
         found = re.findall(r'bouquet_api_requests_total\{method="(?:PATCH|POST|DELETE)"\} (\S+)', operator.metrics())
