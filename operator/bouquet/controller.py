@@ -278,7 +278,7 @@ def _deadline_remaining(job: Mapping, now: datetime) -> float | None:
 def _ttl_remaining(ttl: int | None, job_status: Mapping, now: datetime) -> float | None:
     """Seconds until runPolicy.ttlSecondsAfterFinished deletes a finished job; None for a job
     not finished, or without a time to live."""
-    if ttl is None or job_status.get("phase") not in ("Succeeded", "Failed") or not job_status.get("completionTime"):
+    if ttl is None or job_status.get("phase") not in status.FINAL or not job_status.get("completionTime"):
         return None
     return (_parse(job_status["completionTime"]) + timedelta(seconds=ttl) - now).total_seconds()
 
@@ -503,7 +503,7 @@ def _settled(before: Mapping, after: Mapping, memory: Memory, generation: int, f
     """Whether the job finished before this look, and its children were applied for its spec
     as it is: then they are left alone (no key is probed, nothing applied), unless a deleted
     child forces it."""
-    finished = after["phase"] in (status.SUCCEEDED, status.FAILED) and before.get("phase") == after["phase"]
+    finished = after["phase"] in status.FINAL and before.get("phase") == after["phase"]
     return finished and not force and bool(memory.applied) and memory.generation == generation
 
 
@@ -514,14 +514,14 @@ def _apply_children(
     children: list[dict],
     site_jobs: Mapping[str, dict],
     record: keep.Record,
-    memory: Memory | None = None,
+    memory: Memory,
 ) -> float | None:
     """Applies every child but finished site Jobs; returns seconds to requeue after when one
     had to be replaced. No pod of the job is created unguarded: the job's NetworkPolicies are
     applied first, and each is read back before the server's Deployment or a site's Job is
     applied. An object of a child's name that the job does not control is refused, never
     taken over (each child is looked up once: memory keeps those seen to be the job's)."""
-    own = memory.own if memory is not None else {}
+    own = memory.own
     finished = {name for name, site_job in site_jobs.items() if _finished(site_job)}
     going = {name for name, site_job in site_jobs.items() if site_job["metadata"].get("deletionTimestamp")}
     requeue = None
@@ -544,14 +544,14 @@ def _apply_children(
                         f"NetworkPolicy {policy['metadata']['name']} does not exist after it was applied: no pod of the job starts without it"
                     )
             guarded = True
-        key = (child["kind"], child["metadata"]["name"])
-        if child["metadata"].get("ownerReferences") and key not in own:
+        key, owned = (child["kind"], child["metadata"]["name"]), bool(child["metadata"].get("ownerReferences"))
+        if owned and key not in own:
             problem = _not_its_own(client, job, child, site_jobs)
             if problem:
                 raise Refused(problem)
         try:
             applied = client.apply(child, FIELD_MANAGER)
-            if child["metadata"].get("ownerReferences"):
+            if owned:
                 own[key] = applied["metadata"]["uid"]
         except kube.ApiError as error:
             immutable = error.status == 422 and "field is immutable" in str(error)
@@ -844,8 +844,15 @@ class Controller:
     async def _act(self) -> None:
         self.tasks += [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
         self.tasks.append(asyncio.create_task(self._resync()))
-        for key, phase in list(self.jobs.items()):  # what the watches brought while following
-            self.queue.add(key, force=phase not in ("Succeeded", "Failed"))
+        self._queue_every_job()  # what the watches brought while following
+
+    def _queue_every_job(self) -> None:
+        """Queues every job, forcing its children to be applied again unless it is finished: a
+        finished job's are applied only if they would change, so it costs no writes at rest.
+        (Its server's Deployment or a Job deleted since is still restored: their watch forces
+        an apply.)"""
+        for key, phase in list(self.jobs.items()):
+            self.queue.add(key, force=phase not in status.FINAL)
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -885,11 +892,7 @@ class Controller:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            for key, phase in list(self.jobs.items()):
-                # A finished job's children are applied again only if they would change: it
-                # costs no writes at rest. (Its server's Deployment or a Job deleted since is
-                # still restored: their watch forces an apply.)
-                self.queue.add(key, force=phase not in ("Succeeded", "Failed"))
+            self._queue_every_job()
             try:
                 await asyncio.to_thread(keep.collect, self.client, self.config.own_namespace, self._job_exists)
             except kube.ApiError as error:

@@ -22,6 +22,7 @@ READY = "Ready"  # the server is up and every site is running
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
+FINAL = (SUCCEEDED, FAILED)  # phases that never change once recorded
 UNSCHEDULABLE = "Unschedulable"
 PODS_FAILING = "PodsFailing"  # a pod of the job cannot start or keeps crashing (Kubernetes' reason)
 RECONCILED = "Reconciled"  # the job's children are as its spec (of observedGeneration) says
@@ -98,7 +99,7 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
     start = None if phase == "Suspended" else previous.get("startTime") or (now if phase in ("Running", "Succeeded", "Failed") else None)
     if start:
         status["startTime"] = start
-    if phase in ("Succeeded", "Failed"):
+    if phase in FINAL:
         status["completionTime"] = previous.get("completionTime") or now
     wanted = {
         READY: (
@@ -148,7 +149,7 @@ def _ended(previous: Mapping) -> tuple[str, str, str] | None:
     What made it so may be gone (the pods of a server that restarted past backoffLimit go
     when it is scaled down), and a verdict recomputed from what is left would take it back."""
     phase = previous.get("phase")
-    if phase not in (SUCCEEDED, FAILED):
+    if phase not in FINAL:
         return None
     recorded = next((c for c in previous.get("conditions", []) if c["type"] == phase and c["status"] == "True"), None)
     return (phase, recorded["reason"], recorded["message"]) if recorded else None

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bouquet_workloads import progress
-from support.cluster import ROOT, Operator, apply_job, condition, get_job, kubectl
+from support.cluster import ROOT, Operator, apply_job, condition, event_reasons, get_job, kubectl
 from support.kubelet import wait_for
 
 CHART = ROOT / "charts" / "bouquet"
@@ -105,19 +105,9 @@ def take_a_job_through(cluster, client, namespace, server_identity, operator_kub
         model = {"path": "/model.safetensors", "sizeBytes": 1, "sha256": "00" * 32}
         progress.apply(server_identity(namespace, name), namespace, name, {"state": "Succeeded", "round": 10, "model": model})
         wait_for(lambda: get_job(client, namespace, name) is None, timeout=60, what="Succeeded, then deleted by ttlSecondsAfterFinished")
-        reasons = kubectl(
-            cluster,
-            "get",
-            "events",
-            "-n",
-            namespace,
-            "--field-selector",
-            f"involvedObject.name={name}",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        )
-        assert {"Running", "SiteRemoved", "TrainingComplete", "Deleted"} <= set(reasons.stdout.split()), reasons.stdout
-        assert "ReconcileFailed" not in reasons.stdout, "no request was refused"
+        reasons = event_reasons(cluster, namespace, name)
+        assert {"Running", "SiteRemoved", "TrainingComplete", "Deleted"} <= set(reasons), reasons
+        assert "ReconcileFailed" not in reasons, "no request was refused"
         # The job's record (its keys, in the operator's namespace) goes with it.
         wait_for(
             lambda: not client.list("v1", "Secret", "bouquet-system", f"bouquet.dev/job-namespace={namespace},bouquet.dev/job-name={name}"),

@@ -19,7 +19,7 @@ from bouquet import controller, identity, kubeyaml, schema, tls
 from bouquet import render as render_module
 from bouquet.render import CHILD_KINDS, Settings, render
 from bouquet_workloads import progress
-from support.cluster import ROOT, apply_job, condition, get_job, kubectl
+from support.cluster import ROOT, apply_job, condition, event_reasons, get_job, kubectl
 from support.dashboards import empty_panels
 from support.kubelet import wait_for
 from support.prometheus import Prometheus
@@ -198,9 +198,7 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
     assert job["status"]["phase"] == "Succeeded"
     assert client.get("v1", "PersistentVolumeClaim", namespace, f"{name}-output") is not None
 
-    reasons = kubectl(
-        cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}"
-    ).stdout.split()
+    reasons = event_reasons(cluster, namespace, name)
     assert {"Pending", "Running", "TrainingComplete"} <= set(reasons), reasons
     messages = kubectl(
         cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "jsonpath={.items[*].message}"
@@ -604,10 +602,7 @@ def test_a_gpu_site_lands_on_the_gpu_node_and_too_many_gpus_is_unschedulable(clu
     assert "site four-gpus:" in message and "Insufficient nvidia.com/gpu" in message, message
     assert "one-gpu" not in message and "no-gpu" not in message
     assert next(s for s in job["status"]["sites"] if s["name"] == "four-gpus")["state"] == "Pending"
-    reasons = kubectl(
-        cluster, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=gpus", "-o", "jsonpath={.items[*].reason}"
-    ).stdout
-    assert "Unschedulable" in reasons
+    assert "Unschedulable" in event_reasons(cluster, namespace, "gpus")
 
 
 def test_suspend_stops_every_pod_and_resume_starts_them_again(cluster, client, namespace, operator, server_identity):
@@ -641,10 +636,7 @@ def test_the_deadline_fails_the_job_and_stops_its_pods(cluster, client, namespac
     wait_for(lambda: not client.list("v1", "Pod", namespace, "bouquet.dev/job=deadline"), what="every pod of the job gone")
     time.sleep(3)
     assert get_job(client, namespace, "deadline")["status"]["phase"] == "Failed", "a failed job stays failed"
-    events = kubectl(
-        cluster, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=deadline", "-o", "jsonpath={.items[*].reason}"
-    ).stdout
-    assert "DeadlineExceeded" in events
+    assert "DeadlineExceeded" in event_reasons(cluster, namespace, "deadline")
 
 
 def test_a_site_failing_past_the_backoff_limit_fails_the_job(cluster, client, namespace, operator, kubelet):
@@ -703,17 +695,7 @@ def test_a_site_pod_that_cannot_pull_its_image_is_a_condition_and_an_event(clust
         )
         assert condition(job, "PodsFailing")["reason"] == "ImagePullBackOff"
         assert condition(job, "PodsFailing")["message"] == f"site hospital-b: ImagePullBackOff: {why}"
-        reasons = kubectl(
-            cluster,
-            "get",
-            "events",
-            "-n",
-            namespace,
-            "--field-selector",
-            "involvedObject.name=breast-cancer",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ).stdout.split()
+        reasons = event_reasons(cluster, namespace, "breast-cancer")
         assert "ImagePullBackOff" in reasons, reasons
     finally:
         kubelet.held.clear()

@@ -45,6 +45,14 @@ def apply_job(cluster: str, namespace: str, job: dict | Path) -> dict:
     return json.loads(kubectl(cluster, "get", "federatedjob", document["metadata"]["name"], "-n", namespace, "-o", "json").stdout)
 
 
+def event_reasons(cluster: str, namespace: str, name: str) -> list[str]:
+    """The reasons of the Events about the object name in namespace, as kubectl lists them."""
+    listed = kubectl(
+        cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}"
+    )
+    return listed.stdout.split()
+
+
 def get_job(client: kube.Client, namespace: str, name: str) -> dict | None:
     return client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name)
 

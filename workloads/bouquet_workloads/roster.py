@@ -148,7 +148,7 @@ class Roster:
                 or self._problem(reply, node, name)
                 or (
                     # Two nodes at once saying they are the same site: neither can be told from an impostor.
-                    f"nodes {', '.join(str(r.metadata.src_node_id) for r in replies if _claimed_name(r) == name)} all say they are site {name}"
+                    f"nodes {', '.join(str(r.metadata.src_node_id) for r in replies if claimed_name(r) == name)} all say they are site {name}"
                     if claims.count(name) > 1
                     else ""
                 )
@@ -165,7 +165,7 @@ class Roster:
     def _name(self, reply: Message, known: Mapping[int, str]) -> str | None:
         """The site a reply comes from: the owner of its node's key, or (with no keys) its claim."""
         if self.identities is None:
-            return _claimed_name(reply)
+            return claimed_name(reply)
         return known.get(reply.metadata.src_node_id)
 
     def _identity_problem(self, reply: Message, node: int, known: Mapping[int, str]) -> str:
@@ -173,7 +173,7 @@ class Roster:
             return ""
         if node not in known:
             return f"node {node} holds no key of the job's sites (its key was removed or replaced)"
-        claim = _claimed_name(reply)
+        claim = claimed_name(reply)
         if claim is not None and claim != known[node]:
             return f"node {node} holds site {known[node]}'s key but says it is site {claim!r}: it takes no part"
         return ""
@@ -241,7 +241,7 @@ class Roster:
             time.sleep(WAIT_SECONDS)
 
 
-def _claimed_name(reply: Message) -> str | None:
+def claimed_name(reply: Message) -> str | None:
     """The site a reply says it comes from."""
     if reply.has_error():
         return None

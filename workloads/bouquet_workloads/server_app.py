@@ -33,7 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import datasets, outputs, pulls, wakes, wire
 from .outputs import REFUSED_RUNS
-from .roster import Roster, SitesNotReady, min_sites, resume_problem
+from .roster import Roster, SitesNotReady, claimed_name, min_sites, resume_problem
 from .strategies import (
     EVALUATE_INCOMING,
     EVALUATION,
@@ -196,9 +196,7 @@ def _tell_sites_the_run_is_over(grid: Grid, out: Path, sites: list[str]) -> None
             replies = _exchange(grid, messages, max(0.0, deadline - time.monotonic()), gone)
             _audit(out, 0, "run-finished", replies)
             told.update(set(fresh) - gone)
-            waiting -= {
-                str(r.content.config_records["site"]["name"]) for r in replies if not r.has_error() and "site" in r.content.config_records
-            }
+            waiting -= {claimed_name(r) for r in replies}
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(FINISH_LOOK_SECONDS)
