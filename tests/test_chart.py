@@ -61,7 +61,6 @@ def test_the_default_install_watches_every_namespace(helm):
     assert roles == {
         ("bouquet-system", "bouquet-records"): [
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "patch", "delete"]},
-            {"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": ["bouquet"], "verbs": ["get"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
             {
                 "apiGroups": ["coordination.k8s.io"],
@@ -77,6 +76,8 @@ def test_the_default_install_watches_every_namespace(helm):
     [cluster_role] = kinds["ClusterRole"]
     assert [r["verbs"] for r in cluster_role["rules"] if "secrets" in r["resources"]] == [["create", "delete"]]
     [crd] = kinds["CustomResourceDefinition"]
+    kept = crd["metadata"].pop("annotations")
+    assert kept == {"helm.sh/resource-policy": "keep"}, "uninstalling leaves the CRD, and so every FederatedJob"
     assert crd == yaml.safe_load((ROOT / "crds" / "federatedjob.yaml").read_text()), "the chart's CRD is crds/federatedjob.yaml"
     [binding] = kinds["ClusterRoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bouquet", "namespace": "bouquet-system"}]
@@ -125,7 +126,25 @@ def test_more_replicas_roll_one_at_a_time_and_keep_one_through_a_drain(helm):
 
 
 def test_the_crd_can_be_left_to_someone_else(helm):
-    assert "CustomResourceDefinition" not in by_kind(template(helm, "crds.enabled=false"))
+    kinds = by_kind(template(helm, "crds.enabled=false"))
+    assert "CustomResourceDefinition" not in kinds
+    command = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert not [a for a in command if a.startswith("--own-service-account")], "the jobs outlive the release: so do their records"
+
+
+def test_the_crd_is_deleted_on_uninstall_only_when_asked_and_then_the_records_go_too(helm):
+    kept = by_kind(template(helm))
+    command = kept["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert not [a for a in command if a.startswith("--own-service-account")], "kept jobs keep their records"
+    assert not [r for role in kept["Role"] for r in role["rules"] if "serviceaccounts" in r["resources"] and "get" in r["verbs"]]
+
+    deleted = by_kind(template(helm, "crds.keep=false"))
+    [crd] = deleted["CustomResourceDefinition"]
+    assert "annotations" not in crd["metadata"]
+    command = deleted["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--own-service-account=bouquet" in command, "the records are owned by the account the uninstall deletes"
+    [records] = [r for r in deleted["Role"] if r["metadata"]["name"] == "bouquet-records"]
+    assert {"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": ["bouquet"], "verbs": ["get"]} in records["rules"]
 
 
 def test_a_service_monitor_when_asked(helm):

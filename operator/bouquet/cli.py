@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     operator.add_argument(
         "--own-service-account",
         metavar="NAME",
-        help="the operator's ServiceAccount in its own namespace: the jobs' records are owned by it, and go when it does",
+        help="the operator's ServiceAccount in its own namespace: the jobs' records are owned by it, and go when it does "
+        "(for installs whose uninstall deletes the jobs; without it, a record goes when its job does)",
     )
     operator.add_argument(
         "--no-leader-election",

@@ -63,7 +63,7 @@ class Config:
     # Where the jobs' records (their private material, see keep.py) are kept: the operator's
     # own namespace.
     own_namespace: str = "bouquet-system"
-    own_account: str | None = None  # the operator's ServiceAccount there, which owns the records
+    own_account: str | None = None  # the operator's ServiceAccount there, which then owns the records
     resync_seconds: float = 60.0
     workers: int = 4
     port: int = 8080  # /metrics and /healthz; 0 for none
@@ -340,7 +340,7 @@ def _material(
             else:
                 keys[site] = identity.make()
                 record.data.update({private: keys[site].private, public: keys[site].public})
-    if record.snapshot() != before:
+    if record.snapshot() != before or record.stale:
         keep.save(client, config.own_namespace, job, record)
     return bundle, keys, record
 

@@ -15,8 +15,11 @@ not make is refused, and a copy it made that is gone (someone deleted it: a key 
 is made again from new material. The record is written before a copy is made, so that no
 copy ever holds material the record lacks.
 
-Records are owned by the operator's ServiceAccount, when it runs under one: uninstalling
-the chart removes them with it (and the jobs with the CRD), leaving no key behind.
+A record lives as long as its job: the operator deletes it when the job is deleted, or at its
+next start when the job went while it was away. When the chart is installed to delete the CRD
+on uninstall (`crds.keep=false`), the records are also owned by the operator's ServiceAccount
+(--own-service-account), so that they go with the jobs; by default the CRD, the jobs and their
+records all stay, and the next install takes them up.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Record:
     copies: dict[str, str] = field(default_factory=dict)
     exists: bool = False
     owners: list[dict] = field(default_factory=list)  # its owner references (see owner())
+    stale: bool = False  # saved with other owners than these
 
     def snapshot(self) -> str:
         return json.dumps([{k: base64.b64encode(v).decode() for k, v in sorted(self.data.items())}, self.copies], sort_keys=True)
@@ -59,7 +63,8 @@ def load(client: kube.Client, namespace: str, job: Mapping, owners: list[dict] |
         return Record(owners=list(owners or []))
     data = {k: base64.b64decode(v) for k, v in (found.get("data") or {}).items()}
     copies = json.loads(data.pop(COPIES, b"{}"))
-    return Record(data, copies, exists=True, owners=list(owners or []))
+    owners = list(owners or [])
+    return Record(data, copies, exists=True, owners=owners, stale=found["metadata"].get("ownerReferences", []) != owners)
 
 
 def owner(client: kube.Client, namespace: str, account: str | None) -> list[dict]:
@@ -94,8 +99,9 @@ def save(client: kube.Client, namespace: str, job: Mapping, record: Record) -> N
         "type": "Opaque",
         "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())},
     }
-    client.apply(body, FIELD_MANAGER)
+    client.apply(body, FIELD_MANAGER)  # (owner references it no longer sets are removed)
     record.exists = True
+    record.stale = False
 
 
 def taken(client: kube.Client, secret: Mapping) -> bool:

@@ -55,7 +55,7 @@ def install_rbac(cluster):
 
 
 def _chart_rbac(cluster: str, helm: str, *values: str) -> list[dict]:
-    args = [helm, "template", "bouquet", str(CHART), "--namespace", "bouquet-system", "--set", "crds.enabled=false"]
+    args = [helm, "template", "bouquet", str(CHART), "--namespace", "bouquet-system"]
     args += ["--set", "dashboards.enabled=false", "--set", "admission.enabled=false"]
     for value in values:
         args += ["--set-json", value]
@@ -67,10 +67,14 @@ def _chart_rbac(cluster: str, helm: str, *values: str) -> list[dict]:
     return wanted
 
 
-def take_a_job_through(cluster, client, namespace, server_identity, operator_kubeconfig: str, namespaces: list[str] | None = None) -> None:
+def take_a_job_through(
+    cluster, client, namespace, server_identity, operator_kubeconfig: str, namespaces: list[str] | None = None, records_owned: bool = False
+) -> None:
     """As the chart's ServiceAccount: a job from apply to Running, a site withdrawn, the job
-    Succeeded and deleted by its time to live; no request of the operator's refused."""
-    operator = Operator(kubeconfig=operator_kubeconfig, namespaces=namespaces, account="bouquet").start()
+    Succeeded and deleted by its time to live; no request of the operator's refused.
+    records_owned: installed with crds.keep=false, so the jobs' records are owned by the
+    operator's ServiceAccount (started with --own-service-account, as the chart starts it)."""
+    operator = Operator(kubeconfig=operator_kubeconfig, namespaces=namespaces, account="bouquet" if records_owned else None).start()
     try:
         job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
         job["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 2}
@@ -84,13 +88,17 @@ def take_a_job_through(cluster, client, namespace, server_identity, operator_kub
         assert running["status"]["phase"] == "Running"
         secret = client.get("v1", "Secret", namespace, f"{name}-tls")
         assert base64.b64decode(secret["data"]["ca.crt"]).startswith(b"-----BEGIN CERTIFICATE-----")
-        # The job's keys are in its record, owned by the operator's ServiceAccount: uninstalling
-        # the chart removes them with it.
         record = client.get("v1", "Secret", "bouquet-system", f"bouquet-job-{running['metadata']['uid']}")
-        account = client.get("v1", "ServiceAccount", "bouquet-system", "bouquet")
-        assert [(o["kind"], o["name"], o["uid"]) for o in record["metadata"]["ownerReferences"]] == [
-            ("ServiceAccount", "bouquet", account["metadata"]["uid"])
-        ]
+        if records_owned:
+            # The job's keys are in its record, owned by the operator's ServiceAccount: uninstalling
+            # the chart (and with it the CRD and the jobs) removes them with it.
+            account = client.get("v1", "ServiceAccount", "bouquet-system", "bouquet")
+            assert [(o["kind"], o["name"], o["uid"]) for o in record["metadata"]["ownerReferences"]] == [
+                ("ServiceAccount", "bouquet", account["metadata"]["uid"])
+            ]
+        else:
+            # Kept with the CRD and the jobs on uninstall: the record lives as long as its job.
+            assert "ownerReferences" not in record["metadata"], record["metadata"]
         # The operator may not read even the copies it made.
         refused = kubectl(operator_kubeconfig, "get", "secret", "-n", namespace, f"{name}-tls", check=False)
         assert refused.returncode != 0 and "Forbidden" in refused.stderr, refused.stderr
@@ -128,10 +136,11 @@ def refused(kubeconfig: str, *args: str) -> str:
 def test_installed_cluster_wide_the_operator_works_and_reads_no_secret_it_did_not_make(
     cluster, client, kubelet, helm, namespace, server_identity, tmp_path, install_rbac
 ):
-    wanted = install_rbac(helm)
+    wanted = install_rbac(helm, "crds.keep=false")
     # The operator's account, its ClusterRole and binding, a Role and binding in each of
     # default and kube-system (where the API server's and the DNS's endpoints are listed),
-    # and one in its own namespace (the jobs' records).
+    # and one in its own namespace (the jobs' records, and with crds.keep=false the account
+    # itself, which owns them).
     assert sorted((d["kind"], d["metadata"].get("namespace", "")) for d in wanted) == [
         ("ClusterRole", ""),
         ("ClusterRoleBinding", ""),
@@ -152,13 +161,19 @@ def test_installed_cluster_wide_the_operator_works_and_reads_no_secret_it_did_no
     refused(kubeconfig, "get", "secrets", "--all-namespaces")
     # A patch answers with the object: refused too, even one that changes nothing.
     refused(kubeconfig, "patch", "secret", "hospital-db", "-n", namespace, "--type=merge", "-p", "{}")
-    take_a_job_through(cluster, client, namespace, server_identity, kubeconfig)
+    take_a_job_through(cluster, client, namespace, server_identity, kubeconfig, records_owned=True)
 
 
 def test_installed_for_some_namespaces_the_operator_works_there_and_nowhere_else(
     cluster, client, kubelet, helm, namespace, server_identity, tmp_path, install_rbac
 ):
     install_rbac(helm, f'watchNamespaces=["{namespace}"]')
+    # Installed to keep the CRD on uninstall (the default): the account may not even read itself.
+    account = "system:serviceaccount:bouquet-system:bouquet"
+    refused_account = kubectl(
+        cluster, "auth", "can-i", "get", "serviceaccount/bouquet", "-n", "bouquet-system", "--as", account, check=False
+    )
+    assert refused_account.stdout.strip() == "no", refused_account.stdout
     kubeconfig = service_account_kubeconfig(cluster, client, "bouquet-system", "bouquet", tmp_path / "operator.kubeconfig")
     other = f"{namespace}-other"
     kubectl(cluster, "create", "namespace", other)

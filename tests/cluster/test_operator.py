@@ -15,7 +15,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from bouquet import controller, identity, kubeyaml, schema, tls
+from bouquet import controller, identity, keep, kubeyaml, schema, tls
 from bouquet import render as render_module
 from bouquet.render import CHILD_KINDS, Settings, render
 from bouquet_workloads import progress
@@ -475,6 +475,33 @@ def test_the_jobs_keys_are_kept_in_the_operators_namespace_and_a_secret_it_did_n
 
     kubectl(cluster, "delete", "fj", name, "-n", namespace)
     wait_for(lambda: client.get("v1", "Secret", "bouquet-system", f"bouquet-job-{uid}") is None, what="the record gone with the job")
+
+
+def test_a_record_owned_by_an_earlier_installs_account_is_no_longer_owned(cluster, client, namespace, operator):
+    """An install that deleted the CRD on uninstall owned the records by its ServiceAccount;
+    installed to keep the CRD (and so the jobs), the operator drops that owner, or uninstalling
+    would delete the keys of jobs that stay."""
+    kubectl(cluster, "create", "serviceaccount", "earlier-install", "-n", "bouquet-system", check=False)
+    account = client.get("v1", "ServiceAccount", "bouquet-system", "earlier-install")
+    job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    name = f"bouquet-job-{job['metadata']['uid']}"
+    wait_for(
+        lambda: get_job(client, namespace, job["metadata"]["name"]).get("status", {}).get("observedGeneration"), what="the job applied"
+    )
+    record = client.get("v1", "Secret", "bouquet-system", name)
+    owner = {"apiVersion": "v1", "kind": "ServiceAccount", "name": "earlier-install", "uid": account["metadata"]["uid"]}
+    # As the earlier operator saved it: the same field manager, with the owner.
+    meta = record["metadata"]
+    earlier = {"name": name, "namespace": "bouquet-system", "labels": meta["labels"], "ownerReferences": [owner]}
+    saved = client.apply(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": earlier, "type": "Opaque", "data": record["data"]}, keep.FIELD_MANAGER
+    )
+    assert saved["metadata"]["ownerReferences"] == [owner]
+    wait_for(
+        lambda: "ownerReferences" not in client.get("v1", "Secret", "bouquet-system", name)["metadata"],
+        what="the record's owner dropped at the next reconcile",
+    )
+    assert client.get("v1", "Secret", "bouquet-system", name)["data"] == record["data"], "the keys are the same"
 
 
 def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, client, namespace):

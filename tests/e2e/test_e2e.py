@@ -574,13 +574,57 @@ def test_a_server_image_that_cannot_be_pulled_is_the_jobs_condition(e2e_cluster,
     kubectl(e2e_cluster, "delete", "fj", "no-image", "-n", namespace)
 
 
-def test_helm_uninstall_leaves_only_retained_claims(e2e_cluster, release, namespace):
+def test_helm_uninstall_keeps_the_jobs_a_reinstall_takes_them_up_and_keep_false_leaves_only_claims(e2e_cluster, release, namespace):
+    """By default the CRD, the jobs and their keys outlive `helm uninstall`, and installing
+    again (the README's command) carries on with them, keys unchanged; installed with
+    crds.keep=false, uninstalling leaves nothing of Bouquet but the retained claims."""
     job = yaml.safe_load(Path(release.cwd / "examples" / "gpu.yaml").read_text())
     job["metadata"] = {"name": "left-running", "namespace": namespace}
     job["spec"]["rounds"] = 50
     kubectl(e2e_cluster, "apply", "-f", "-", input=json.dumps(job))
     wait_for_round(e2e_cluster, namespace, "left-running", 1)
 
+    def get(*args: str) -> dict:
+        return json.loads(kubectl(e2e_cluster, "get", *args, "-o", "json").stdout)
+
+    uid = get("fj", "left-running", "-n", namespace)["metadata"]["uid"]
+    copy_before = get("secret", "left-running-tls", "-n", namespace)["metadata"]["uid"]
+    record_before = get("secret", f"bouquet-job-{uid}", "-n", RELEASE_NAMESPACE)["data"]
+
+    release.run(f"helm uninstall {RELEASE} -n {RELEASE_NAMESPACE} --wait --timeout 5m", timeout=400)
+    wait_for(
+        lambda: not kubectl(e2e_cluster, "get", "deployment,pods", "-n", RELEASE_NAMESPACE, "-o", "name").stdout.strip(),
+        timeout=120,
+        what="the operator gone",
+    )
+    assert get("crd", "federatedjobs.bouquet.dev")["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert get("fj", "left-running", "-n", namespace)["metadata"]["uid"] == uid, "the job outlives the uninstall"
+    assert get("secret", f"bouquet-job-{uid}", "-n", RELEASE_NAMESPACE)["data"] == record_before, "and so do its keys"
+
+    [install] = [c for c in readme.commands("install") if c.startswith("helm install")]
+    release.run(install, timeout=600)
+    wait_for(
+        lambda: job_status(e2e_cluster, namespace, "left-running").get("phase") == "Succeeded",
+        timeout=600,
+        interval=2,
+        what="the job taken up by the new operator and carried on to the end",
+    )
+    taken_up = get("fj", "left-running", "-n", namespace)
+    reconciled = [c for c in taken_up["status"]["conditions"] if c["type"] == "Reconciled"]
+    assert [c["status"] for c in reconciled] == ["True"], taken_up["status"]["conditions"]
+    assert taken_up["status"]["observedGeneration"] == taken_up["metadata"]["generation"]
+    assert len(taken_up["status"]["model"]["sha256"]) == 64
+    assert get("secret", "left-running-tls", "-n", namespace)["metadata"]["uid"] == copy_before, "the same keys, not new ones"
+
+    # Installed to delete the CRD on uninstall: the records are then owned by the operator's
+    # ServiceAccount (the new operator takes them over), and go with it.
+    release.run(f"helm upgrade {RELEASE} charts/bouquet -n {RELEASE_NAMESPACE} --reuse-values --set crds.keep=false --wait", timeout=600)
+    wait_for(
+        lambda: get("secret", f"bouquet-job-{uid}", "-n", RELEASE_NAMESPACE)["metadata"].get("ownerReferences"),
+        timeout=120,
+        interval=2,
+        what="the job's record owned by the operator's ServiceAccount",
+    )
     release.run(f"helm uninstall {RELEASE} -n {RELEASE_NAMESPACE} --wait --timeout 5m", timeout=400)
     kinds = "deployments,replicasets,jobs,pods,services,secrets,configmaps,serviceaccounts,roles,rolebindings,networkpolicies"
 
