@@ -98,11 +98,11 @@ def test_a_gpu_site_gets_gpu_limits_and_the_gpu_toleration():
     job["spec"]["sites"][1]["gpus"] = 2
     job["spec"]["sites"][1]["nodeSelector"] = {"accelerator": "a100"}
     children = by_kind(render(job, SETTINGS))
-    gpu_pod = children[("Job", "breast-cancer-hospital-b")]["spec"]["template"]["spec"]
+    gpu_pod = children[("Job", "breast-cancer--hospital-b")]["spec"]["template"]["spec"]
     assert gpu_pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2}
     assert gpu_pod["tolerations"] == [GPU_TOLERATION]
     assert gpu_pod["nodeSelector"] == {"accelerator": "a100"}
-    cpu_pod = children[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]
+    cpu_pod = children[("Job", "breast-cancer--hospital-a")]["spec"]["template"]["spec"]
     assert "resources" not in cpu_pod["containers"][0] and "tolerations" not in cpu_pod
 
 
@@ -110,7 +110,7 @@ def test_a_site_with_its_own_claim_mounts_it_read_only():
     job = example("breast-cancer")
     job["spec"]["task"]["features"] = ["mean_radius"]
     job["spec"]["sites"][0]["data"] = {"path": "records/2026.parquet", "claimName": "records"}
-    pod = by_kind(render(job, SETTINGS))[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]
+    pod = by_kind(render(job, SETTINGS))[("Job", "breast-cancer--hospital-a")]["spec"]["template"]["spec"]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "records", "readOnly": True}} in pod["volumes"]
     assert {"name": "data", "mountPath": "/data", "readOnly": True} in pod["containers"][0]["volumeMounts"]
     assert pod["containers"][0]["command"][-2:] == ["--data", "/data/records/2026.parquet"]
@@ -135,14 +135,14 @@ def test_each_site_pod_mounts_its_own_key_only_and_the_server_only_public_keys()
     children = by_kind(render(example("breast-cancer"), SETTINGS))
     sites = ["hospital-a", "hospital-b", "hospital-c"]
     for site in sites:
-        pod = children[("Job", f"breast-cancer-{site}")]["spec"]["template"]["spec"]
+        pod = children[("Job", f"breast-cancer--{site}")]["spec"]["template"]["spec"]
         secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
         assert {
-            "secretName": f"breast-cancer-{site}-key",
+            "secretName": f"breast-cancer--{site}-key",
             "items": [{"key": "site.key", "path": "site.key"}],
             "defaultMode": 0o440,
         } in secrets
-        assert not [s for s in secrets if s["secretName"].endswith("-key") and s["secretName"] != f"breast-cancer-{site}-key"]
+        assert not [s for s in secrets if s["secretName"].endswith("-key") and s["secretName"] != f"breast-cancer--{site}-key"]
         assert "--key" in pod["containers"][0]["command"]
     server = children[("Deployment", "breast-cancer-server")]["spec"]["template"]
     assert not [v for v in server["spec"]["volumes"] if v.get("secret", {}).get("secretName", "").endswith("-key")]
@@ -174,10 +174,10 @@ def test_a_job_without_tls_has_no_site_keys():
 
 def test_across_clusters_the_sites_cluster_makes_the_keys_and_the_aggregator_admits_the_public_halves_it_names():
     hospital = by_kind(render(example("multi-cluster/hospital-a"), SETTINGS))
-    key = hospital[("Secret", "breast-cancer-hospital-a-key")]
+    key = hospital[("Secret", "breast-cancer--hospital-a-key")]
     assert sorted(key["data"]) == ["site.key", "site.pub"]
     assert list(hospital[("ConfigMap", "breast-cancer-site-keys")]["data"]) == ["hospital-a.pub"], "only public keys to hand over"
-    pod = hospital[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]
+    pod = hospital[("Job", "breast-cancer--hospital-a")]["spec"]["template"]["spec"]
     assert {
         "name": "site-key",
         "secret": {"secretName": key["metadata"]["name"], "items": [{"key": "site.key", "path": "site.key"}], "defaultMode": 0o440},
@@ -277,7 +277,7 @@ def test_a_sites_only_job_dials_the_remote_server_with_its_ca():
 
 def test_sites_get_the_ca_certificate_and_never_the_servers_key():
     children = by_kind(render(example("breast-cancer"), SETTINGS))
-    site_volumes = children[("Job", "breast-cancer-hospital-a")]["spec"]["template"]["spec"]["volumes"]
+    site_volumes = children[("Job", "breast-cancer--hospital-a")]["spec"]["template"]["spec"]["volumes"]
     server_volumes = children[("Deployment", "breast-cancer-server")]["spec"]["template"]["spec"]["volumes"]
     assert {"name": "tls", "secret": {"secretName": "breast-cancer-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in site_volumes
     assert {"name": "tls", "secret": {"secretName": "breast-cancer-tls"}} in server_volumes

@@ -257,7 +257,7 @@ def test_string_lengths(job):
 def test_pattern(job):
     job["spec"]["sites"][0]["name"] = "Hospital_A"
     assert messages(job) == [
-        "spec.sites[0].name: Invalid value: \"Hospital_A\": spec.sites[0].name in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"
+        "spec.sites[0].name: Invalid value: \"Hospital_A\": spec.sites[0].name in body should match '^[a-z0-9]+(-[a-z0-9]+)*$'"
     ]
 
 
@@ -337,7 +337,7 @@ def test_a_rule_on_the_root_names_the_field_it_checks(job):
 def test_a_rule_with_a_field_path_names_that_field(job):
     job["spec"]["sites"][0]["name"] = "hospital-" + "a" * 45
     assert messages(job) == [
-        'spec.sites: Invalid value: "object": each site\'s Job is named <job name>-<site name>, which must '
+        'spec.sites: Invalid value: "object": each site\'s Job is named <job name>--<site name>, which must '
         "fit in 63 characters: shorten the job or site name"
     ]
 

@@ -167,6 +167,28 @@ def _failing(pods: list[Mapping]) -> tuple[str, str] | None:
     return None
 
 
+PODLESS_LOOK_SECONDS = 5.0
+
+
+def _podless(site_job: Mapping, pods: list[Mapping]) -> bool:
+    """Whether a site Job that should be running has no pod at all."""
+    if pods or site_job.get("spec", {}).get("suspend") or site_job.get("status", {}).get("active"):
+        return False
+    return _condition(site_job, "Complete") is None and _condition(site_job, "Failed") is None
+
+
+def _refused_pods(client: kube.Client, site_job: Mapping) -> tuple[str, str] | None:
+    """Why a site Job has no pod, if its pods were refused at admission (a quota, a policy):
+    the newest FailedCreate Event of the Job controller's, which a Job's status does not
+    carry. Asked only while the Job has no pod at all, so a job at work lists no Events."""
+    meta = site_job["metadata"]
+    events = client.list("v1", "Event", meta["namespace"], fields=f"involvedObject.uid={meta['uid']},reason=FailedCreate")
+    if not events:
+        return None
+    newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or e["metadata"].get("creationTimestamp", ""))
+    return "FailedCreate", newest.get("message", "")
+
+
 ERROR_PREFIX = "error: "
 
 
@@ -210,6 +232,7 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
     server_pods = [p for p in pods if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "server"]
     sites: dict[str, status.Site] = {}
     failing: dict[str, tuple[str, str]] = {}
+    awaiting_pods = False
     if (stuck := _failing(server_pods)) is not None:
         failing["server"] = stuck
     progress = previous.get("progress", {})
@@ -222,7 +245,9 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
                 sites[site["name"]] = status.Site()
                 continue
             site_pods = [p for p in pods if p["metadata"].get("labels", {}).get("bouquet.dev/site") == site["name"]]
-            if (stuck := _failing(site_pods)) is not None:
+            podless = _podless(found, site_pods)
+            awaiting_pods = awaiting_pods or podless
+            if (stuck := _failing(site_pods) or (_refused_pods(client, found) if podless else None)) is not None:
                 failing[f"site {site['name']}"] = stuck
             sites[site["name"]] = status.Site(
                 active=found.get("status", {}).get("ready", 0) or 0,
@@ -236,6 +261,11 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
     else:
         deployment = client.get("apps/v1", "Deployment", namespace, names(job)["server"])
         server_ready = bool(deployment and deployment.get("status", {}).get("readyReplicas", 0) >= 1)
+        # Pods refused at admission (a quota, a policy): the Deployment says so, as its
+        # ReplicaSet does, with reason FailedCreate and the API server's answer.
+        refused = _condition(deployment, "ReplicaFailure") if deployment else None
+        if refused is not None and "server" not in failing:
+            failing["server"] = (refused.get("reason", "FailedCreate"), refused.get("message", ""))
     failure = progress.get("message", "training failed") if progress.get("state") == "Failed" else ""
     restarts, limit = _restarts(server_pods), spec["runPolicy"]["backoffLimit"]
     if not failure and restarts > limit:
@@ -255,6 +285,7 @@ def observe(client: kube.Client, job: Mapping, site_jobs: Mapping[str, dict], no
         failure=failure,
         deadline_exceeded=_deadline_passed(job, now),
         refused_runs=progress.get("refusedRuns", {}),
+        awaiting_pods=awaiting_pods,
     )
 
 
@@ -308,7 +339,7 @@ def _material(
                 remedy = (
                     "name your own with spec.security.tls.mode Secret and secretName"
                     if name == tls_name
-                    else f"rename site {name.removeprefix(job['metadata']['name'] + '-').removesuffix('-key')}"
+                    else f"rename site {render.site_of(job, name)}"
                 )
                 raise Refused(f"Secret {name} exists and is not this job's: delete it, or {remedy}")
             return False
@@ -573,34 +604,26 @@ def _prune(
     client: kube.Client, config: Config, job: Mapping, children: list[dict], site_jobs: Mapping[str, dict], record: keep.Record
 ) -> dict[str, list[str]]:
     """Deletes the site Jobs and site key Secrets the job has and render no longer gives (a
-    site taken out of spec.sites, sites or keys no longer kept here); returns what it deleted,
-    by site. Only the job's own objects are deleted. The candidates are the sites of the job's
-    Jobs, of its status, of its spec and of the key copies its record lists, so that no
-    Secret needs listing."""
+    site taken out of spec.sites, sites or keys no longer kept here, children of an earlier
+    naming); returns what it deleted, by site. Only the job's own objects are deleted: its
+    site Jobs as listed, and the key copies its record lists, so that no Secret needs listing."""
     meta = job["metadata"]
     namespace, uid = meta["namespace"], meta["uid"]
     wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
-    sites = {j["metadata"].get("labels", {}).get("bouquet.dev/site") for j in site_jobs.values()}
-    sites |= {s["name"] for s in job.get("status", {}).get("sites", [])} | {s["name"] for s in job["spec"]["sites"]}
-    prefix = f"{meta['name']}-"
-    sites |= {c.removeprefix(prefix).removesuffix("-key") for c in record.copies if c.startswith(prefix) and c.endswith("-key")}
     deleted: dict[str, list[str]] = {}
-    for site in sorted(s for s in sites if s):
-        for api_version, kind, name in (
-            ("batch/v1", "Job", render.site_job_name(job, site)),
-            ("v1", "Secret", render.site_key_secret_name(job, site)),
-        ):
-            if (kind, name) in wanted:
-                continue
-            if kind == "Secret":  # a copy of the record's (never read: see keep.py)
-                if keep.delete_copy(client, config.own_namespace, job, record, name):
-                    deleted.setdefault(site, []).append(f"{kind} {name}")
-                continue
-            obj = site_jobs.get(name)
-            if obj is None or uid not in {o.get("uid") for o in obj["metadata"].get("ownerReferences", [])}:
-                continue
-            if client.delete(api_version, kind, namespace, name, uid=obj["metadata"]["uid"]):
-                deleted.setdefault(site, []).append(f"{kind} {name}")
+    for name, obj in sorted(site_jobs.items()):
+        if ("Job", name) in wanted or uid not in {o.get("uid") for o in obj["metadata"].get("ownerReferences", [])}:
+            continue
+        site = obj["metadata"].get("labels", {}).get("bouquet.dev/site") or render.site_of(job, name)
+        if client.delete("batch/v1", "Job", namespace, name, uid=obj["metadata"]["uid"]):
+            deleted.setdefault(site, []).append(f"Job {name}")
+    tls_name = names(job)["tls"]  # (kept: a job that turns TLS off may turn it on again)
+    for name in sorted(record.copies):
+        if name == tls_name or ("Secret", name) in wanted:
+            continue
+        # A copy of the record's (never read: see keep.py)
+        if keep.delete_copy(client, config.own_namespace, job, record, name):
+            deleted.setdefault(render.site_of(job, name), []).append(f"Secret {name}")
     kept = {s["name"] for s in job["spec"]["sites"]} if render.makes_site_keys(job) else set()
     dropped = [k for k in record.data if k.startswith("site.") and k.split(".")[1] not in kept]
     for k in dropped:
@@ -686,9 +709,11 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         raise
     _write_status(client, observed, after)
 
-    # When to look again without being told: the deadline, the time to live, a replaced Job.
+    # When to look again without being told: the deadline, the time to live, a replaced Job,
+    # a site Job with no pod yet (pods refused at admission change nothing that is watched).
     deadline = _deadline_remaining(job, now) if after["phase"] == "Running" else None
-    waits = [w for w in (requeue, deadline, _ttl_remaining(ttl, after, now)) if w is not None]
+    podless = PODLESS_LOOK_SECONDS if seen.awaiting_pods and after["phase"] not in status.FINAL else None
+    waits = [w for w in (requeue, deadline, _ttl_remaining(ttl, after, now), podless) if w is not None]
     return Outcome(requeue_after=max(0.5, min(waits)) if waits else None, phase=after["phase"])
 
 

@@ -2,7 +2,7 @@
 
 A job's TLS CA, server certificate and key, and its sites' keys are made by the operator and
 kept in one Secret per job, `bouquet-job-<job uid>`, in the operator's own namespace: the
-job's record. The job's pods mount copies in the job's namespace (J-tls, J-<site>-key),
+job's record. The job's pods mount copies in the job's namespace (J-tls, J--<site>-key),
 which the operator creates from the record and never reads, patches or lists: its RBAC in
 job namespaces holds `create` and `delete` on Secrets and nothing more, so it can read no
 Secret of anyone's there (a PATCH, server-side apply included, answers with the object,

@@ -111,8 +111,11 @@ class Client:
                 return None
             raise
 
-    def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict]:
-        return self.request("GET", path(api_version, kind, namespace), query={"labelSelector": selector})["items"]
+    def list(self, api_version: str, kind: str, namespace: str, selector: str = "", fields: str = "") -> list[dict]:
+        """The objects whose labels match selector and whose fields match fields (both
+        Kubernetes' selector syntax; empty: all)."""
+        query = {k: v for k, v in (("labelSelector", selector), ("fieldSelector", fields)) if v}
+        return self.request("GET", path(api_version, kind, namespace), query=query)["items"]
 
     def apply(self, obj: Mapping, manager: str, subresource: str = "") -> dict:
         """Server-side apply of obj under field manager manager, taking over any field another

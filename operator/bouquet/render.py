@@ -9,7 +9,7 @@ For one job named J (mode ServerOnly leaves out the site Jobs and their keys; mo
 keeps only the sites' keys, the ConfigMaps and the site Jobs, which dial remoteServer with
 the CA in its Secret):
     Secret J-tls            the job's CA and server certificate (tls.mode Auto)
-    Secret J-<site>-key     each site's own key (sites in this cluster, with TLS): mounted by
+    Secret J--<site>-key    each site's own key (sites in this cluster, with TLS): mounted by
                             that site's pod only
     ConfigMap J-site-keys   the sites' public keys, for the server to admit them by (mode
                             ServerOnly mounts the one security.siteKeys names instead; a
@@ -188,8 +188,25 @@ def server_hostnames(job: Mapping) -> list[str]:
     ]
 
 
+# Between a job's name and a site's in the names of the site's children. Neither name may hold
+# it (the schema's rules), so that no two (job, site) pairs of a namespace name one object:
+# job `a` with site `b-c` and job `a-b` with site `c` make `a--b-c` and `a-b--c`. The job's
+# other children end in fixed words with no `--`, so none of them takes a site's name either.
+SITE_SEPARATOR = "--"
+
+
 def site_job_name(job: Mapping, site: str) -> str:
-    return f"{job['metadata']['name']}-{site}"
+    return f"{job['metadata']['name']}{SITE_SEPARATOR}{site}"
+
+
+def site_of(job: Mapping, child_name: str) -> str:
+    """The site a site child's name (its Job's, or its key Secret's) was made for; also of
+    the names of releases before SITE_SEPARATOR (<job>-<site>), which a job made then holds."""
+    name = job["metadata"]["name"]
+    for prefix in (f"{name}{SITE_SEPARATOR}", f"{name}-"):
+        if child_name.startswith(prefix):
+            return child_name.removeprefix(prefix).removesuffix("-key")
+    return child_name
 
 
 def render(job: Mapping, settings: Settings) -> list[dict]:

@@ -24,7 +24,7 @@ FAILED = "Failed"
 SUSPENDED = "Suspended"
 FINAL = (SUCCEEDED, FAILED)  # phases that never change once recorded
 UNSCHEDULABLE = "Unschedulable"
-PODS_FAILING = "PodsFailing"  # a pod of the job cannot start or keeps crashing (Kubernetes' reason)
+PODS_FAILING = "PodsFailing"  # a pod of the job cannot start, keeps crashing or is refused (Kubernetes' reason)
 RECONCILED = "Reconciled"  # the job's children are as its spec (of observedGeneration) says
 
 
@@ -53,8 +53,10 @@ class Observation:
     refused_runs: Mapping[str, int] = field(default_factory=dict)  # site -> runs of other apps it refused
     server_waits_for: str = ""  # what the server cannot start without (the sites' public keys)
     # "server" or "site <name>" -> (Kubernetes' reason, its message) for a pod of it that
-    # cannot start (ErrImagePull, ImagePullBackOff, ...) or keeps crashing (CrashLoopBackOff)
+    # cannot start (ErrImagePull, ImagePullBackOff, ...), keeps crashing (CrashLoopBackOff)
+    # or is refused at admission (FailedCreate)
     failing: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    awaiting_pods: bool = False  # a site Job that should run has no pod yet
 
 
 def remote_sites(spec: Mapping, progress: Mapping) -> dict[str, Site]:

@@ -104,7 +104,7 @@ def take_a_job_through(
         assert refused.returncode != 0 and "Forbidden" in refused.stderr, refused.stderr
         # A site withdrawn mid-run: its Job and key Secret deleted with the chart's rules.
         kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/2"}]')
-        gone = (("batch/v1", "Job", f"{name}-hospital-c"), ("v1", "Secret", f"{name}-hospital-c-key"))
+        gone = (("batch/v1", "Job", f"{name}--hospital-c"), ("v1", "Secret", f"{name}--hospital-c-key"))
         wait_for(
             lambda: all(client.get(*kind, namespace, child) is None for *kind, child in gone),
             timeout=30,

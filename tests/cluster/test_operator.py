@@ -115,7 +115,7 @@ def test_an_example_gets_every_child_as_rendered_with_owner_references(example, 
         assert kinds == {"Secret", "ConfigMap", "NetworkPolicy", "Job"}, (
             "the sites' keys, their public halves, the job, their policy, the site Jobs"
         )
-        volume = live[("Job", f"{name}-{job['spec']['sites'][0]['name']}")]["spec"]["template"]["spec"]["volumes"]
+        volume = live[("Job", f"{name}--{job['spec']['sites'][0]['name']}")]["spec"]["template"]["spec"]["volumes"]
         assert {
             "name": "tls",
             "secret": {
@@ -188,8 +188,8 @@ def test_status_follows_the_servers_reports_to_succeeded(cluster, client, namesp
     assert kubelet.finish(namespace, f"bouquet.dev/job={name},app.kubernetes.io/component=site") == 3
     for site in ("hospital-a", "hospital-b", "hospital-c"):
         wait_for(
-            lambda s=site: condition(client.get("batch/v1", "Job", namespace, f"{name}-{s}"), "Complete").get("status") == "True",
-            what=f"Job {name}-{site} Complete",
+            lambda s=site: condition(client.get("batch/v1", "Job", namespace, f"{name}--{s}"), "Complete").get("status") == "True",
+            what=f"Job {name}--{site} Complete",
         )
     job = wait_for(
         lambda: (j := get_job(client, namespace, name)) and all(s["state"] == "Succeeded" for s in j["status"]["sites"]) and j,
@@ -302,18 +302,18 @@ def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace,
     name = job["metadata"]["name"]
     wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
     for kind, api_version in (("Deployment", "apps/v1"), ("ConfigMap", "v1"), ("Job", "batch/v1")):
-        child = f"{name}-server" if kind == "Deployment" else f"{name}-job" if kind == "ConfigMap" else f"{name}-hospital-a"
+        child = f"{name}-server" if kind == "Deployment" else f"{name}-job" if kind == "ConfigMap" else f"{name}--hospital-a"
         uid = client.get(api_version, kind, namespace, child)["metadata"]["uid"]
         client.delete(api_version, kind, namespace, child)
         wait_for(
             lambda a=api_version, k=kind, c=child, u=uid: (o := client.get(a, k, namespace, c)) and o["metadata"]["uid"] != u,
             what=f"{kind} {child} back",
         )
-    site_uid = client.get("batch/v1", "Job", namespace, f"{name}-hospital-b")["metadata"]["uid"]
+    site_uid = client.get("batch/v1", "Job", namespace, f"{name}--hospital-b")["metadata"]["uid"]
     # hospital-b's pod takes its time to stop (a SuperNode finishing its reply): until it has
     # stopped, no second Job, and so no second SuperNode, of hospital-b.
     site_pods = f"bouquet.dev/job={name},bouquet.dev/site=hospital-b"
-    kubelet.lingering.add(f"{namespace}/{name}-hospital-b-")
+    kubelet.lingering.add(f"{namespace}/{name}--hospital-b-")
     kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"rounds":12}}')
     try:
         wait_for(
@@ -335,7 +335,7 @@ def test_a_deleted_child_and_a_changed_spec_converge(cluster, client, namespace,
     wait_for(updated, what="the new spec in the ConfigMap and the status")
     # A Job's pod template cannot change: the site's Job is replaced by one with the new spec.
     wait_for(
-        lambda: (j := client.get("batch/v1", "Job", namespace, f"{name}-hospital-b")) and j["metadata"]["uid"] != site_uid,
+        lambda: (j := client.get("batch/v1", "Job", namespace, f"{name}--hospital-b")) and j["metadata"]["uid"] != site_uid,
         timeout=30,
         what="the site's Job replaced",
     )
@@ -349,7 +349,7 @@ def test_a_deleted_site_key_is_replaced_and_the_server_restarts_admitting_the_ne
     wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
 
     def public(site: str) -> str:
-        return base64.b64decode(client.get("v1", "Secret", namespace, f"{name}-{site}-key")["data"]["site.pub"]).decode()
+        return base64.b64decode(client.get("v1", "Secret", namespace, f"{name}--{site}-key")["data"]["site.pub"]).decode()
 
     def keys_hash() -> str:
         return client.get("apps/v1", "Deployment", namespace, f"{name}-server")["spec"]["template"]["metadata"]["annotations"][
@@ -359,10 +359,10 @@ def test_a_deleted_site_key_is_replaced_and_the_server_restarts_admitting_the_ne
     before = {site: public(site) for site in ("hospital-a", "hospital-b", "hospital-c")}
     hash_before = keys_hash()
     assert len(set(before.values())) == 3
-    client.delete("v1", "Secret", namespace, f"{name}-hospital-a-key")
+    client.delete("v1", "Secret", namespace, f"{name}--hospital-a-key")
     wait_for(
         lambda: (
-            (s := client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")) and public("hospital-a") != before["hospital-a"] and s
+            (s := client.get("v1", "Secret", namespace, f"{name}--hospital-a-key")) and public("hospital-a") != before["hospital-a"] and s
         ),
         what="a new key for hospital-a",
     )
@@ -395,31 +395,53 @@ def test_an_object_of_a_childs_name_that_is_not_the_jobs_is_refused_not_taken_ov
     assert condition(get_job(client, namespace, name), "Reconciled")["status"] == "True"
 
 
-def test_two_jobs_whose_children_would_have_one_name_do_not_share_them(cluster, client, namespace, operator):
-    """Job `a` with site `b-c` and job `a-b` with site `c` both name a site Job `a-b-c`: the
-    job that comes second is refused, naming the object and its owner; the first keeps it.
-    (With TLS, their sites' key Secrets, `a-b-c-key`, collide first, and are refused as well.)"""
+def test_two_jobs_whose_names_run_into_their_sites_names_share_no_child(cluster, client, namespace, operator, kubelet):
+    """Job `a-b` with site `c` and job `a` with site `b-c` once both named a site Job (and key)
+    `a-b-c`; `--` between job and site keeps them apart: both run, each with its own. A site
+    Job and key of the earlier naming that a job still has are replaced by the new ones."""
     first = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
     first["metadata"]["name"] = "a-b"
     first["spec"]["sites"] = [{"name": "c"}, {"name": "d"}]
-    first["spec"]["security"] = {"tls": {"mode": "Disabled"}}
     first = start_and_run(cluster, client, namespace, first)
-    shared = client.get("batch/v1", "Job", namespace, "a-b-c")
     second = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
     second["metadata"]["name"] = "a"
     second["spec"]["sites"] = [{"name": "b-c"}, {"name": "e"}]
-    second["spec"]["security"] = {"tls": {"mode": "Disabled"}}
-    apply_job(cluster, namespace, second)
-    held = wait_for(
-        lambda: (j := get_job(client, namespace, "a")) and condition(j, "Reconciled").get("status") == "False" and j, what="refused"
-    )
-    assert condition(held, "Reconciled")["message"] == (
-        "Job a-b-c exists and is not this job's (FederatedJob a-b's): delete or rename it, or rename the job"
-    )
-    after = client.get("batch/v1", "Job", namespace, "a-b-c")
-    assert after["metadata"]["uid"] == shared["metadata"]["uid"]
-    assert [o["uid"] for o in after["metadata"]["ownerReferences"]] == [first["metadata"]["uid"]]
-    assert after["spec"]["template"] == shared["spec"]["template"]
+    second = start_and_run(cluster, client, namespace, second)
+    for job, site_job in ((first, "a-b--c"), (second, "a--b-c")):
+        uid = job["metadata"]["uid"]
+        for kind, name in (("batch/v1", "Job"), site_job), (("v1", "Secret"), f"{site_job}-key"):
+            found = client.get(*kind, namespace, name)
+            assert [o["uid"] for o in found["metadata"]["ownerReferences"]] == [uid], (name, found["metadata"])
+        assert condition(get_job(client, namespace, job["metadata"]["name"]), "Reconciled")["status"] == "True"
+
+    # A site Job named as before `--`, the job's own, as an earlier release of the operator
+    # made it: deleted, and the site's Job is the new one.
+    earlier = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": "a-b-d",
+            "namespace": namespace,
+            "labels": {"bouquet.dev/job": "a-b", "app.kubernetes.io/component": "site", "bouquet.dev/site": "d"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "bouquet.dev/v1alpha1",
+                    "kind": "FederatedJob",
+                    "name": "a-b",
+                    "uid": first["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {
+            "suspend": True,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "site", "image": "bouquet-workloads:0.1.0"}]}},
+        },
+    }
+    kubectl(cluster, "create", "-f", "-", input=json.dumps(earlier))
+    wait_for(lambda: client.get("batch/v1", "Job", namespace, "a-b-d") is None, what="the earlier naming's Job deleted")
+    assert client.get("batch/v1", "Job", namespace, "a-b--d"), "the site's Job is the new one"
+    assert "Pruned" in event_reasons(cluster, namespace, "a-b")
 
 
 def test_the_jobs_keys_are_kept_in_the_operators_namespace_and_a_secret_it_did_not_make_is_refused(cluster, client, namespace, operator):
@@ -453,22 +475,22 @@ def test_the_jobs_keys_are_kept_in_the_operators_namespace_and_a_secret_it_did_n
     data = {k: base64.b64decode(v) for k, v in record["data"].items()}
     copies = json.loads(data["copies.json"])
     live = {c: client.get("v1", "Secret", namespace, c) for c in copies}
-    assert sorted(copies) == sorted([f"{name}-tls", *(f"{name}-{site}-key" for site in ("hospital-a", "hospital-b", "hospital-c"))])
+    assert sorted(copies) == sorted([f"{name}-tls", *(f"{name}--{site}-key" for site in ("hospital-a", "hospital-b", "hospital-c"))])
     assert all(copies[c] == live[c]["metadata"]["uid"] for c in copies), "the record names each copy it made"
     tls_copy = {k: base64.b64decode(v) for k, v in live[f"{name}-tls"]["data"].items()}
     assert tls_copy == {k.removeprefix("tls."): v for k, v in data.items() if k.startswith("tls.")}
-    key_copy = base64.b64decode(live[f"{name}-hospital-a-key"]["data"]["site.key"])
+    key_copy = base64.b64decode(live[f"{name}--hospital-a-key"]["data"]["site.key"])
     assert key_copy == data["site.hospital-a.site.key"]
 
     # The operator stopped after noting that it was making hospital-a's copy, before making it.
-    copies[f"{name}-hospital-a-key"] = ""
+    copies[f"{name}--hospital-a-key"] = ""
     patch = {"data": {"copies.json": base64.b64encode(json.dumps(copies).encode()).decode()}}
     client.request(
         "PATCH", f"/api/v1/namespaces/bouquet-system/secrets/bouquet-job-{uid}", body=patch, content_type="application/merge-patch+json"
     )
-    old = live[f"{name}-hospital-a-key"]["metadata"]["uid"]
+    old = live[f"{name}--hospital-a-key"]["metadata"]["uid"]
     remade = wait_for(
-        lambda: (c := client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")) and c["metadata"]["uid"] != old and c,
+        lambda: (c := client.get("v1", "Secret", namespace, f"{name}--hospital-a-key")) and c["metadata"]["uid"] != old and c,
         what="hospital-a's copy made again",
     )
     assert base64.b64decode(remade["data"]["site.key"]) == data["site.hospital-a.site.key"], "from the same key"
@@ -514,19 +536,19 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     controller.reconcile(client, config, namespace, name, memory, force=False)
     server = client.get("apps/v1", "Deployment", namespace, f"{name}-server")
     hash_before = server["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/site-keys-hash"]
-    assert client.get("batch/v1", "Job", namespace, f"{name}-hospital-c") and client.get(
-        "v1", "Secret", namespace, f"{name}-hospital-c-key"
+    assert client.get("batch/v1", "Job", namespace, f"{name}--hospital-c") and client.get(
+        "v1", "Secret", namespace, f"{name}--hospital-c-key"
     )
     assert [s["name"] for s in get_job(client, namespace, name)["status"]["sites"]] == ["hospital-a", "hospital-b", "hospital-c"]
-    key_a_before = client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")
+    key_a_before = client.get("v1", "Secret", namespace, f"{name}--hospital-a-key")
     old_jobs = {o["metadata"]["uid"] for (kind, _), o in children(client, namespace, name).items() if kind == "Job"}
 
     kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/2"}]')
     controller.reconcile(client, config, namespace, name, memory, force=False)
 
-    assert client.get("batch/v1", "Job", namespace, f"{name}-hospital-c") is None
-    assert client.get("v1", "Secret", namespace, f"{name}-hospital-c-key") is None
-    key_a = client.get("v1", "Secret", namespace, f"{name}-hospital-a-key")
+    assert client.get("batch/v1", "Job", namespace, f"{name}--hospital-c") is None
+    assert client.get("v1", "Secret", namespace, f"{name}--hospital-c-key") is None
+    key_a = client.get("v1", "Secret", namespace, f"{name}--hospital-a-key")
     assert key_a and key_a["metadata"]["uid"] == key_a_before["metadata"]["uid"] and key_a["data"] == key_a_before["data"]
     assert sorted(client.get("v1", "ConfigMap", namespace, f"{name}-site-keys")["data"]) == ["hospital-a.pub", "hospital-b.pub"]
     server = client.get("apps/v1", "Deployment", namespace, f"{name}-server")
@@ -539,7 +561,7 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     )
     removed = [e["message"] for e in events["items"] if e["reason"] == "SiteRemoved"]
     assert removed == [
-        f"site hospital-c was removed from spec.sites: deleted Job {name}-hospital-c and Secret {name}-hospital-c-key; "
+        f"site hospital-c was removed from spec.sites: deleted Job {name}--hospital-c and Secret {name}--hospital-c-key; "
         "the server no longer admits its key"
     ], removed
 
@@ -556,7 +578,9 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     def replaced() -> bool:  # each once its old Job is gone, pods and all (the requeue does this)
         controller.reconcile(client, config, namespace, name, memory, force=False)
         jobs = {n: o for (kind, n), o in children(client, namespace, name).items() if kind == "Job"}
-        return sorted(jobs) == [f"{name}-hospital-a", f"{name}-hospital-b"] and not {o["metadata"]["uid"] for o in jobs.values()} & old_jobs
+        return (
+            sorted(jobs) == [f"{name}--hospital-a", f"{name}--hospital-b"] and not {o["metadata"]["uid"] for o in jobs.values()} & old_jobs
+        )
 
     wait_for(replaced, interval=0.5, what="the other sites' Jobs replaced")
 
@@ -708,7 +732,7 @@ def test_a_server_restarting_past_the_backoff_limit_fails_the_job_for_good(clust
 
 
 def test_a_site_pod_that_cannot_pull_its_image_is_a_condition_and_an_event(cluster, client, namespace, operator, kubelet):
-    kubelet.held.add(f"{namespace}/breast-cancer-hospital-b-")
+    kubelet.held.add(f"{namespace}/breast-cancer--hospital-b-")
     try:
         apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
         selector = "bouquet.dev/job=breast-cancer,bouquet.dev/site=hospital-b"
@@ -732,6 +756,47 @@ def test_a_site_pod_that_cannot_pull_its_image_is_a_condition_and_an_event(clust
         timeout=30,
         what="PodsFailing cleared",
     )
+
+
+def test_pods_refused_at_admission_are_a_condition_with_the_api_servers_answer(cluster, client, namespace, operator, kubelet):
+    """A quota that admits no pod: the server's Deployment and the site Jobs make none, and
+    the job says why (FailedCreate, the API server's message), where before it just stayed
+    Pending; once the quota goes, the pods are made and the condition clears."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods", "namespace": namespace},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    kubectl(cluster, "apply", "-f", "-", input=json.dumps(quota))
+    wait_for(
+        lambda: kubectl(cluster, "get", "resourcequota", "no-pods", "-n", namespace, "-o", "jsonpath={.status.hard.pods}").stdout == "0",
+        what="the quota in force",
+    )
+    apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
+    refused = {"server", "site hospital-a", "site hospital-b", "site hospital-c"}
+
+    def said() -> dict[str, str]:
+        found = condition(get_job(client, namespace, "breast-cancer"), "PodsFailing")
+        if found.get("status") != "True":
+            return {}
+        return dict(part.split(": ", 1) for part in found["message"].split("; "))
+
+    told = wait_for(lambda: (parts := said()) and set(parts) == refused and parts, timeout=60, what=f"PodsFailing naming {sorted(refused)}")
+    job = get_job(client, namespace, "breast-cancer")
+    assert condition(job, "PodsFailing")["reason"] == "FailedCreate"
+    assert job["status"]["phase"] == "Pending"
+    for who, message in told.items():
+        assert message.startswith("FailedCreate: ") and "exceeded quota: no-pods" in message, (who, message)
+    assert client.list("v1", "Pod", namespace, "bouquet.dev/job=breast-cancer") == []
+
+    kubectl(cluster, "delete", "resourcequota", "no-pods", "-n", namespace)
+    wait_for(
+        lambda: condition(get_job(client, namespace, "breast-cancer"), "PodsFailing").get("status") == "False",
+        timeout=120,
+        what="PodsFailing cleared once the pods are made",
+    )
+    assert len(client.list("v1", "Pod", namespace, "bouquet.dev/job=breast-cancer")) == 4
 
 
 def test_a_finished_job_is_deleted_after_its_time_to_live(cluster, client, namespace, operator, server_identity):

@@ -219,7 +219,7 @@ def test_gpu_site_placed_on_gpu_node_and_server_pod_deleted_mid_run_resumes(e2e_
     assert round_before < rounds, "the run ended before its server Pod could be deleted"
 
     listed = release.run(get_pods).stdout
-    assert gpu_node in listed and "gpu-hospital-a" in listed, listed
+    assert gpu_node in listed and "gpu--hospital-a" in listed, listed
     site_pods = json.loads(
         kubectl(e2e_cluster, "get", "pods", "-l", "bouquet.dev/site=hospital-a,bouquet.dev/job=gpu", "-o", "json").stdout
     )

@@ -59,9 +59,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create, patch]
+# Events: its own; and the Job controller's FailedCreate, why a site Job has no pod.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end -}}
 
 {{/* The NetworkPolicy peers that may scrape job servers' metrics: the release's namespace and metrics.scrapers. */}}
