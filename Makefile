@@ -15,7 +15,7 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test e2e e2e-kind lint venv debian-packages images cluster-build helm-build cluster cluster-down bench bench-local bench-operator
+.PHONY: help run test e2e e2e-kind lint venv debian-packages images cluster-build helm-build cluster cluster-down bench bench-local bench-operator bench-faults
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench        Bouquet next to stock Flower 1.41 on the same jobs (CASES=abc): round times, bytes, memory"
 	@echo "make bench-local  time a local run of $(JOB) and print figures"
 	@echo "make bench-operator  time the operator on the test control plane and print figures"
+	@echo "make bench-faults    kill the operator, its leader and the API server at random moments of jobs (TRIALS=10 each) and print what held"
 
 venv:
 	@scripts/venv.sh >/dev/null
@@ -92,3 +93,7 @@ bench-local: venv
 
 bench-operator: venv cluster-build
 	$(PYTHON) benchmarks/operator_load.py
+
+TRIALS ?= 10
+bench-faults: venv cluster-build
+	$(PYTHON) benchmarks/faults.py --trials $(TRIALS)

@@ -43,6 +43,8 @@ class Kubelet:
         self.lingering: set[str] = set()  # "namespace/name" prefixes of pods that take their time to stop
         self.stopping = threading.Event()
         self.errors: list[str] = []
+        # Set while the API server is down on purpose (support.faults): a kubelet retries.
+        self.outage = threading.Event()
         self.threads = [threading.Thread(target=self._pods, daemon=True), threading.Thread(target=self._heartbeats, daemon=True)]
 
     def start(self) -> Kubelet:
@@ -110,7 +112,8 @@ class Kubelet:
             try:
                 self._heartbeat()
             except Exception as error:  # noqa: BLE001 - kept for the test to see
-                self.errors.append(f"heartbeat: {error}")
+                if not self.outage.is_set():
+                    self.errors.append(f"heartbeat: {error}")
 
     # --- pods and claims ---
 
@@ -120,10 +123,11 @@ class Kubelet:
                 self._sync_pods()
                 self._bind_claims()
             except kube.ApiError as error:
-                if error.status not in (404, 409):  # raced with a controller: next time
+                if error.status not in (404, 409) and not self.outage.is_set():  # raced with a controller: next time
                     self.errors.append(f"pods: {error}")
             except Exception as error:  # noqa: BLE001
-                self.errors.append(f"pods: {error}")
+                if not self.outage.is_set():
+                    self.errors.append(f"pods: {error}")
 
     def _sync_pods(self) -> None:
         for pod in self.client.request("GET", "/api/v1/pods")["items"]:
