@@ -210,7 +210,7 @@ def test_every_metric_a_dashboard_queries_is_one_bouquet_exports(tmp_path):
     """The metric names (queries returning data from a real run is issue 4's end-to-end test)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from bouquet import controller
+    from bouquet.metrics import Metrics
     from bouquet_workloads import metrics, outputs
 
     outputs.write_json(
@@ -220,7 +220,7 @@ def test_every_metric_a_dashboard_queries_is_one_bouquet_exports(tmp_path):
     outputs.write_json(tmp_path / outputs.PROGRESS, {"state": "Running", "round": 1, "rounds": 2})
     registry = CollectorRegistry()
     registry.register(metrics.JobCollector(tmp_path, "ns", "job"))
-    exported = generate_latest(registry).decode() + generate_latest(controller.Metrics(lambda: {}).registry).decode()
+    exported = generate_latest(registry).decode() + generate_latest(Metrics(lambda: {}).registry).decode()
     series = {
         re.sub(r"_(bucket|count|sum)$", "", line.split("{")[0].split()[0]) for line in exported.splitlines() if line.startswith("bouquet_")
     }

@@ -71,6 +71,8 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 
 # The (apiVersion, kind) of every object render may return.
+JOB_LABEL = "bouquet.dev/job"  # on every child of a job, and its pods: the job's name
+
 CHILD_KINDS = (
     ("v1", "Secret"),
     ("v1", "PersistentVolumeClaim"),
@@ -283,7 +285,7 @@ def labels(job: Mapping, component: str) -> dict[str, str]:
         "app.kubernetes.io/instance": job["metadata"]["name"],
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": "bouquet-operator",
-        "bouquet.dev/job": job["metadata"]["name"],
+        JOB_LABEL: job["metadata"]["name"],
     }
 
 
@@ -475,7 +477,7 @@ def server_deployment(job: Mapping, settings: Settings) -> dict:
         "spec": {
             "replicas": server_replicas(job),
             "strategy": {"type": "Recreate"},  # one server at a time: it owns the output volume
-            "selector": {"matchLabels": {"bouquet.dev/job": job["metadata"]["name"], "app.kubernetes.io/component": "server"}},
+            "selector": {"matchLabels": {JOB_LABEL: job["metadata"]["name"], "app.kubernetes.io/component": "server"}},
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": annotations},
                 "spec": {
@@ -501,7 +503,7 @@ def server_service(job: Mapping) -> dict:
         "spec": {
             "type": server["serviceType"],
             **({"loadBalancerSourceRanges": list(ranges)} if ranges else {}),
-            "selector": {"bouquet.dev/job": job["metadata"]["name"], "app.kubernetes.io/component": "server"},
+            "selector": {JOB_LABEL: job["metadata"]["name"], "app.kubernetes.io/component": "server"},
             "ports": [
                 {"name": "flower", "port": SERVER_PORT, "targetPort": "flower"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
@@ -600,7 +602,7 @@ def site_job(job: Mapping, site: Mapping, settings: Settings) -> dict:
 
 
 def _pod_selector(job: Mapping, component: str) -> dict:
-    return {"matchLabels": {"bouquet.dev/job": job["metadata"]["name"], "app.kubernetes.io/component": component}}
+    return {"matchLabels": {JOB_LABEL: job["metadata"]["name"], "app.kubernetes.io/component": component}}
 
 
 def _dns_rules(settings: Settings) -> list[dict]:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from bouquet import controller, identity, keep, kubeyaml, schema, tls
+from bouquet import identity, keep, kubeyaml, reconcile, schema, tls
 from bouquet import render as render_module
 from bouquet.render import CHILD_KINDS, Settings, render
 from bouquet_workloads import progress
@@ -77,7 +77,7 @@ def expected_children(client, job: dict) -> list[dict] | None:
             site_keys[site["name"]] = identity.SiteKey(data[identity.PRIVATE], data[identity.PUBLIC])
     # Where the API server listens (its `kubernetes` Service's endpoints), as the operator
     # reads it for the jobs' NetworkPolicies; this control plane runs no DNS.
-    api_server = controller._network(client, "default", "kubernetes")
+    api_server = reconcile._network(client, "default", "kubernetes")
     assert api_server is not None
     return render(job, Settings("bouquet-workloads:0.1.0", bundle, site_keys, api_server=api_server))
 
@@ -532,8 +532,8 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     Event say so. Reconciled by hand (no operator running), to count the reconciles."""
     job = apply_job(cluster, namespace, EXAMPLES["breast-cancer"])
     name = job["metadata"]["name"]
-    config, memory = controller.Config(), controller.Memory()
-    controller.reconcile(client, config, namespace, name, memory, force=False)
+    config, memory = reconcile.Config(), reconcile.Memory()
+    reconcile.reconcile(client, config, namespace, name, memory, force=False)
     server = client.get("apps/v1", "Deployment", namespace, f"{name}-server")
     hash_before = server["spec"]["template"]["metadata"]["annotations"]["bouquet.dev/site-keys-hash"]
     assert client.get("batch/v1", "Job", namespace, f"{name}--hospital-c") and client.get(
@@ -544,7 +544,7 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     old_jobs = {o["metadata"]["uid"] for (kind, _), o in children(client, namespace, name).items() if kind == "Job"}
 
     kubectl(cluster, "patch", "fj", name, "-n", namespace, "--type=json", "-p", '[{"op":"remove","path":"/spec/sites/2"}]')
-    controller.reconcile(client, config, namespace, name, memory, force=False)
+    reconcile.reconcile(client, config, namespace, name, memory, force=False)
 
     assert client.get("batch/v1", "Job", namespace, f"{name}--hospital-c") is None
     assert client.get("v1", "Secret", namespace, f"{name}--hospital-c-key") is None
@@ -568,7 +568,7 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     # The withdrawal stays on record, and nothing more is deleted or announced. (The other
     # sites' Jobs were replaced, as for any change of spec: they restart, and the run goes on
     # from the server's checkpoint.)
-    controller.reconcile(client, config, namespace, name, memory, force=True)
+    reconcile.reconcile(client, config, namespace, name, memory, force=True)
     assert get_job(client, namespace, name)["status"]["sites"][2]["state"] == "Removed"
     events = json.loads(
         kubectl(cluster, "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
@@ -576,7 +576,7 @@ def test_removing_a_site_deletes_its_job_and_key_in_one_reconcile(cluster, clien
     assert [e["reason"] for e in events["items"]].count("SiteRemoved") == 1
 
     def replaced() -> bool:  # each once its old Job is gone, pods and all (the requeue does this)
-        controller.reconcile(client, config, namespace, name, memory, force=False)
+        reconcile.reconcile(client, config, namespace, name, memory, force=False)
         jobs = {n: o for (kind, n), o in children(client, namespace, name).items() if kind == "Job"}
         return (
             sorted(jobs) == [f"{name}--hospital-a", f"{name}--hospital-b"] and not {o["metadata"]["uid"] for o in jobs.values()} & old_jobs

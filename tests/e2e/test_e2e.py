@@ -249,8 +249,11 @@ def test_gpu_site_placed_on_gpu_node_and_server_pod_deleted_mid_run_resumes(e2e_
     assert resumed_after >= round_before
     waited = release.run("kubectl wait --for=condition=Succeeded fj/gpu --timeout=15m", timeout=1000, check=False)
     assert waited.returncode == 0, f"{waited.output}\n{diagnose(e2e_cluster, 'default')}"
-    history = json.loads(read_claim(e2e_cluster, "default", "gpu-output", ["history.json"])["history.json"])
+    model = job_status(e2e_cluster, "default", "gpu")["model"]
+    files = read_claim(e2e_cluster, "default", "gpu-output", ["history.json", model["path"].lstrip("/")])
+    history = json.loads(files["history.json"])
     assert [entry["round"] for entry in history] == list(range(1, rounds + 1)), "every round exactly once"
+    assert hashlib.sha256(files[model["path"].lstrip("/")]).hexdigest() == model["sha256"], "the status names the model in the claim"
 
 
 def outsider_pod(kubeconfig: str, job: str) -> str:

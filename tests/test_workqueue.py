@@ -7,7 +7,8 @@ import asyncio
 
 from prometheus_client import generate_latest
 
-from bouquet.controller import Metrics, WorkQueue
+from bouquet.metrics import Metrics
+from bouquet.workqueue import WorkQueue
 
 
 def test_a_job_is_queued_once_however_often_it_is_added_and_its_wait_is_measured():
