@@ -1,11 +1,16 @@
-"""The operator's speed and memory on a real control plane (scripts/cluster), printed.
+"""The operator's speed, memory and load on the API server on a real control plane
+(scripts/cluster), printed.
 
-    python benchmarks/operator_load.py [--jobs 20] [--live 100]
+    python benchmarks/operator_load.py [--jobs 20] [--live 100] [--sites 10] [--rest 60]
 
-1. Time from `kubectl apply` of a job to every one of its children created (the Secret,
-   claim, ConfigMap, service account, Role, RoleBinding, Deployment, Service, NetworkPolicy
-   and one Job per site): median and p95 over --jobs jobs applied one after another.
+1. Time from `kubectl apply` of a job (of --sites sites) to every one of its children created
+   (the Secrets, claim, ConfigMaps, service account, Role, RoleBinding, Deployment, Service,
+   NetworkPolicies and one Job per site): median and p95 over --jobs jobs applied one after
+   another.
 2. The operator's resident memory with --live jobs live, once every one has its children.
+3. At rest (nothing changes for --rest seconds, a resync every --rest/3 s): the operator's
+   requests to the API server per minute, by method, from its bouquet_api_requests_total,
+   and the writes (PATCH, POST that is no dry run, DELETE) per resync.
 
 The operator runs as `bouquet operator` in a process of its own; the control plane is
 started for the benchmark and stopped afterwards.
@@ -16,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -42,10 +49,27 @@ def kubectl(kubeconfig: str, *args: str, input: str | None = None) -> str:
     return subprocess.run([binary, "--kubeconfig", kubeconfig, *args], check=True, capture_output=True, text=True, input=input).stdout
 
 
-def job(name: str) -> dict:
+def job(name: str, sites: int) -> dict:
     document = yaml.safe_load(EXAMPLE.read_text())
     document["metadata"] = {"name": name, "namespace": "bench"}
+    document["spec"]["sites"] = [{"name": f"site-{i}"} for i in range(sites)]
     return document
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def requests_made(port: int) -> dict[tuple[str, str], float]:
+    """The operator's bouquet_api_requests_total, by (method, dry_run)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'^bouquet_api_requests_total\{dry_run="(\w+)",method="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {(method, dry_run): float(count) for dry_run, method, count in found}
 
 
 def expected_count(document: dict) -> int:
@@ -72,6 +96,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20, help="jobs timed one after another (default: %(default)s)")
     parser.add_argument("--live", type=int, default=100, help="jobs live when the memory is read (default: %(default)s)")
+    parser.add_argument("--sites", type=int, default=10, help="sites of each job (default: %(default)s)")
+    parser.add_argument("--rest", type=float, default=60, help="seconds at rest the requests are counted over (default: %(default)s)")
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="bouquet-bench-")) / "cluster"
@@ -91,9 +117,12 @@ def main() -> int:
         os.environ["KUBECONFIG"] = kubeconfig
         client = kube.Client.from_environment()
         log = open(state.parent / "operator.log", "w")  # noqa: SIM115 - open for the operator's life
-        operator = subprocess.Popen([sys.executable, "-m", "bouquet", "operator", "--port", "0"], env=env, stdout=log, stderr=log)
+        port = free_port()
+        resync = max(1.0, args.rest / 3)
+        command = [sys.executable, "-m", "bouquet", "operator", "--port", str(port), "--resync-seconds", str(resync)]
+        operator = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         time.sleep(3)
-        wanted = expected_count(job("j"))
+        wanted = expected_count(job("j", args.sites))
 
         def wait(names: list[str]) -> None:
             """Until every job named has all its children; a clear failure, with the operator's
@@ -115,7 +144,7 @@ def main() -> int:
         for i in range(args.jobs):
             name = f"timed-{i}"
             started = time.monotonic()
-            kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(name)))
+            kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(name, args.sites)))
             wait([name])
             timings.append(time.monotonic() - started)
         timings.sort()
@@ -124,12 +153,22 @@ def main() -> int:
 
         started = time.monotonic()
         for i in range(args.jobs, args.live):
-            kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(f"live-{i}")))
+            kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(job(f"live-{i}", args.sites)))
         names = [f"timed-{i}" for i in range(args.jobs)] + [f"live-{i}" for i in range(args.jobs, args.live)]
         wait(names)
         print(f"{args.live} jobs live, every child created {time.monotonic() - started:.1f} s after the last apply started")
         time.sleep(10)  # a few reconciles of each
-        print(f"operator memory (RSS) with {args.live} jobs live: {rss_mib(operator.pid):.0f} MiB")
+        print(f"operator memory (RSS) with {args.live} jobs of {args.sites} sites live: {rss_mib(operator.pid):.0f} MiB")
+
+        time.sleep(resync)  # the reconciles of the jobs' own changes done
+        before = requests_made(port)
+        time.sleep(args.rest)
+        after = requests_made(port)
+        made = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+        per_minute = ", ".join(f"{m}{' (dry run)' if d == 'true' else ''} {n * 60 / args.rest:.0f}" for (m, d), n in sorted(made.items()))
+        print(f"at rest, requests to the API server per minute: {per_minute}")
+        writes = sum(n for (m, d), n in made.items() if m != "GET" and d == "false")
+        print(f"at rest, writes per resync (every {resync:.0f} s): {writes / (args.rest / resync):.1f}")
     finally:
         if operator:
             operator.terminate()

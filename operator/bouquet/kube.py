@@ -62,8 +62,9 @@ def path(api_version: str, kind: str, namespace: str, name: str = "", subresourc
 class Client:
     def __init__(self, api_client) -> None:
         self.api = api_client
-        # Requests made, by HTTP method (the operator's load on the API server, as a metric).
-        self.requests: Counter[str] = Counter()
+        # Requests made, by HTTP method and whether a dry run (the operator's load on the API
+        # server, as a metric: a dry run writes nothing).
+        self.requests: Counter[tuple[str, bool]] = Counter()
         self.counting = threading.Lock()
 
     @classmethod
@@ -83,7 +84,7 @@ class Client:
 
     def request(self, method: str, url: str, body=None, query: Mapping | None = None, content_type: str = "application/json"):
         with self.counting:
-            self.requests[method] += 1
+            self.requests[method, bool(query and query.get("dryRun"))] += 1
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type

@@ -54,10 +54,14 @@ class _RequestCollector:
         self.requests = requests
 
     def collect(self):
-        family = CounterMetricFamily("bouquet_api_requests", "Requests the operator made to the API server, by method.", labels=["method"])
-        counts = {method: 0 for method in ("GET", "POST", "PATCH", "DELETE")} | self.requests()
-        for method, count in sorted(counts.items()):
-            family.add_metric([method], count)
+        family = CounterMetricFamily(
+            "bouquet_api_requests",
+            "Requests the operator made to the API server, by method, and whether a dry run (which writes nothing).",
+            labels=["method", "dry_run"],
+        )
+        counts = {(method, False): 0 for method in ("GET", "POST", "PATCH", "DELETE")} | {("POST", True): 0} | self.requests()
+        for (method, dry_run), count in sorted(counts.items()):
+            family.add_metric([method, str(dry_run).lower()], count)
         yield family
 
 

@@ -287,21 +287,43 @@ class ClusterNetwork:
 cluster_network = ClusterNetwork()
 
 
-def _not_its_own(client: kube.Client, job: Mapping, child: Mapping, site_jobs: Mapping[str, dict]) -> str:
-    """Why child cannot be applied: an object of its kind and name exists that the job does
-    not control (made by someone else, or another job's of a name that renders the same).
-    Server-side apply would take it over; it is refused instead. "" when there is none."""
+def _live(client: kube.Client, child: Mapping, site_jobs: Mapping[str, dict]) -> dict | None:
+    """The object of child's kind and name as it is (the job's site Jobs are listed already,
+    by its labels: a Job not among them is looked up)."""
     meta = child["metadata"]
-    # The job's site Jobs are listed already (by its labels); any other object is looked up.
-    live = site_jobs.get(meta["name"]) if child["kind"] == "Job" else None
-    live = live or client.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+    listed = site_jobs.get(meta["name"]) if child["kind"] == "Job" else None
+    if listed is not None:  # (a list's items do not say their kind)
+        return {**listed, "apiVersion": child["apiVersion"], "kind": child["kind"]}
+    return client.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+
+
+def _not_its_own(job: Mapping, child: Mapping, live: Mapping | None) -> str:
+    """Why child cannot be applied: an object of its kind and name exists (live) that the job
+    does not control (made by someone else, or another job's). Server-side apply would take
+    it over; it is refused instead. "" when there is none."""
     if live is None:
         return ""
     owner = next((o for o in live["metadata"].get("ownerReferences", []) if o.get("controller")), None)
     if owner is not None and owner.get("uid") == job["metadata"]["uid"]:
         return ""
     whose = f"{owner['kind']} {owner['name']}'s" if owner else "made by someone else"
-    return f"{child['kind']} {meta['name']} exists and is not this job's ({whose}): delete or rename it, or rename the job"
+    return f"{child['kind']} {child['metadata']['name']} exists and is not this job's ({whose}): delete or rename it, or rename the job"
+
+
+def holds(live, wanted) -> bool:
+    """Whether live already has every field that wanted sets, as wanted sets it: then a
+    server-side apply of wanted would change nothing. Fields live has besides (defaults,
+    other managers' fields, status) do not count; an empty map or list wanted is held by a
+    field the API server left out."""
+    if isinstance(wanted, Mapping):
+        if not isinstance(live, Mapping):
+            return not wanted and live is None
+        return all(holds(live.get(key), value) for key, value in wanted.items())
+    if isinstance(wanted, list):
+        if not isinstance(live, list):
+            return not wanted and live is None
+        return len(live) == len(wanted) and all(holds(have, want) for have, want in zip(live, wanted, strict=True))
+    return live == wanted
 
 
 def _settled(before: Mapping, after: Mapping, memory: Memory, generation: int, force: bool) -> bool:
@@ -320,12 +342,17 @@ def _apply_children(
     site_jobs: Mapping[str, dict],
     record: keep.Record,
     memory: Memory,
+    compare: bool = False,
 ) -> float | None:
     """Applies every child but finished site Jobs; returns seconds to requeue after when one
     had to be replaced. No pod of the job is created unguarded: the job's NetworkPolicies are
     applied first, and each is read back before the server's Deployment or a site's Job is
     applied. An object of a child's name that the job does not control is refused, never
-    taken over (each child is looked up once: memory keeps those seen to be the job's)."""
+    taken over (each child is looked up once: memory keeps those seen to be the job's).
+    With compare, a child is applied only if it is not as rendered (a resync: nothing
+    changed but what someone else may have done to the children), so a job at rest costs
+    reads, never writes; without, every child is applied (what is rendered changed, and
+    an apply also removes the fields the operator no longer sets)."""
     own = memory.own
     finished = {name for name, site_job in site_jobs.items() if observe.finished(site_job)}
     going = {name for name, site_job in site_jobs.items() if site_job["metadata"].get("deletionTimestamp")}
@@ -350,10 +377,13 @@ def _apply_children(
                     )
             guarded = True
         key, owned = (child["kind"], child["metadata"]["name"]), bool(child["metadata"].get("ownerReferences"))
-        if owned and key not in own:
-            problem = _not_its_own(client, job, child, site_jobs)
-            if problem:
-                raise Refused(problem)
+        live = _live(client, child, site_jobs) if compare or (owned and key not in own) else None
+        if owned and key not in own and (problem := _not_its_own(job, child, live)):
+            raise Refused(problem)
+        if compare and live is not None and holds(live, child):
+            if owned:
+                own[key] = live["metadata"]["uid"]
+            continue
         try:
             applied = client.apply(child, FIELD_MANAGER)
             if owned:
@@ -473,7 +503,10 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
         children = render.render(job, settings)
         digest = json.dumps(children, sort_keys=True)
         if force or digest != memory.applied:
-            requeue = _apply_children(client, config, job, children, site_jobs, record, memory)
+            # Rendered as last applied (a resync, a child's event): only what is not as
+            # rendered is applied.
+            compare = digest == memory.applied
+            requeue = _apply_children(client, config, job, children, site_jobs, record, memory, compare)
             _pruned_events(client, job, _prune(client, config, job, children, site_jobs, record))
             memory.applied = "" if requeue else digest
         memory.generation = generation
