@@ -1,8 +1,9 @@
 """The FederatedJob operator, run by kopf: `bouquet operator`, or `kopf run -m bouquet.controller`.
 
-Level-based, in the shape of a controller-runtime controller: kopf's watches only say which
-job to look at (the job itself changed, or a Deployment, Job or Pod labelled with its name
-did), and a work queue hands each job to one worker at a time. A worker reconciles from
+Level-based, in the shape of a controller-runtime controller: watches only say which job to
+look at (kopf's of the jobs; informer.py's of the Deployments, Jobs and Pods labelled with a
+job's name, which also cache them for the reconciles), and a work queue hands each job to
+one worker at a time. A worker reconciles from
 scratch every time (reconcile.py, observe.py). Every job is also queued again every resync
 period, which restores a child whose deletion no watch reported (a Secret, a ConfigMap).
 The queue is workqueue.py's, the metrics metrics.py's.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import kopf
 
 from . import keep, kube, leader, status
+from .informer import CachedClient
 from .metrics import CONTROLLER, Metrics
 from .reconcile import Config, Memory, Refused, reconcile, record_event
 from .render import API_VERSION, JOB_LABEL, KIND
@@ -50,8 +52,11 @@ class Controller:
     tasks: list = field(default_factory=list)
     metrics: Metrics | None = None
     elector: leader.Elector | None = None
+    cache: CachedClient | None = None  # what reconciles read through: the watched kinds from memory
+    loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
+        self.cache = CachedClient(self.client, self._child_changed)
         self.metrics = Metrics(lambda: self.jobs, lambda: dict(self.client.requests), lambda: self.leading())
         self.queue.added, self.queue.waited = self.metrics.adds.inc, self.metrics.queue_duration.observe
         self.metrics.depth.set_function(lambda: len(self.queue.pending))
@@ -59,6 +64,7 @@ class Controller:
     async def start(self) -> None:
         """Serves the metrics and acts: at once, or (with leader election) once it holds the
         Lease. Meanwhile the watches keep the jobs it would act on."""
+        self.loop = asyncio.get_running_loop()
         if self.config.port:
             self.tasks.append(asyncio.create_task(self._serve()))
         if self.config.leader_election:
@@ -84,6 +90,7 @@ class Controller:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.cache.stop()
         if self.elector is not None:
             await asyncio.to_thread(self.elector.release)
 
@@ -101,6 +108,7 @@ class Controller:
             return
         self.jobs[key] = body.get("status", {}).get("phase")
         self.uids[key] = body["metadata"].get("uid")
+        self.cache.watch(key[0])
         self.queue.add(key)
 
     def _forget(self, key: tuple[str, str]) -> None:
@@ -108,6 +116,11 @@ class Controller:
         self.uids.pop(key, None)
         self.memory.pop(key, None)
         self.queue.forget(key)
+
+    def _child_changed(self, kind: str, event_type: str, obj: Mapping) -> None:
+        """From an informer's thread: a Pod, Deployment or Job of a job changed."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.child_seen, event_type, obj)
 
     def child_seen(self, event_type: str | None, body: Mapping) -> None:
         meta = body["metadata"]
@@ -136,7 +149,7 @@ class Controller:
             memory = self.memory.setdefault(key, Memory())
             started = time.monotonic()
             try:
-                outcome = await asyncio.to_thread(reconcile, self.client, self.config, *key, memory, force)
+                outcome = await asyncio.to_thread(reconcile, self.cache, self.config, *key, memory, force)
             except Exception as error:  # noqa: BLE001 - any failure: report it, and try again
                 self.metrics.errors.labels(CONTROLLER).inc()
                 self.metrics.reconciles.labels(CONTROLLER, "error").inc()
@@ -232,10 +245,3 @@ async def _cleanup(memo: kopf.Memo, **_) -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def _job_event(event: Mapping, body: kopf.Body, memo: kopf.Memo, **_) -> None:
     memo.controller.job_seen(event.get("type"), body)
-
-
-for _api_version, _plural in (("apps/v1", "deployments"), ("batch/v1", "jobs"), ("v1", "pods")):
-
-    @kopf.on.event(_api_version, _plural, labels={JOB_LABEL: kopf.PRESENT})
-    def _child_event(event: Mapping, body: kopf.Body, memo: kopf.Memo, **_) -> None:
-        memo.controller.child_seen(event.get("type"), body)
