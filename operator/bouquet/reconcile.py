@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from . import identity, keep, kube, observe, render, status, tls
 from .render import API_VERSION, KIND, Settings, names
@@ -82,8 +82,6 @@ class Memory:
 
     applied: str = ""  # digest of the children last applied in full
     generation: int = -1  # the job's generation they were applied for
-    # (kind, name) -> uid of the children seen to be the job's own, so not looked up again
-    own: dict[tuple[str, str], str] = field(default_factory=dict)
     last_error: str = ""
     attempt: int = 0  # failed reconciles in a row, for the backoff
 
@@ -341,19 +339,18 @@ def _apply_children(
     children: list[dict],
     site_jobs: Mapping[str, dict],
     record: keep.Record,
-    memory: Memory,
     compare: bool = False,
 ) -> float | None:
     """Applies every child but finished site Jobs; returns seconds to requeue after when one
     had to be replaced. No pod of the job is created unguarded: the job's NetworkPolicies are
     applied first, and each is read back before the server's Deployment or a site's Job is
     applied. An object of a child's name that the job does not control is refused, never
-    taken over (each child is looked up once: memory keeps those seen to be the job's).
+    taken over: each child is looked up before it is applied (the watched kinds in the
+    informers' caches), so one deleted and made again by someone else is refused too.
     With compare, a child is applied only if it is not as rendered (a resync: nothing
     changed but what someone else may have done to the children), so a job at rest costs
     reads, never writes; without, every child is applied (what is rendered changed, and
     an apply also removes the fields the operator no longer sets)."""
-    own = memory.own
     finished = {name for name, site_job in site_jobs.items() if observe.finished(site_job)}
     going = {name for name, site_job in site_jobs.items() if site_job["metadata"].get("deletionTimestamp")}
     requeue = None
@@ -376,18 +373,13 @@ def _apply_children(
                         f"NetworkPolicy {policy['metadata']['name']} does not exist after it was applied: no pod of the job starts without it"
                     )
             guarded = True
-        key, owned = (child["kind"], child["metadata"]["name"]), bool(child["metadata"].get("ownerReferences"))
-        live = _live(client, child, site_jobs) if compare or (owned and key not in own) else None
-        if owned and key not in own and (problem := _not_its_own(job, child, live)):
+        live = _live(client, child, site_jobs)
+        if child["metadata"].get("ownerReferences") and (problem := _not_its_own(job, child, live)):
             raise Refused(problem)
         if compare and live is not None and holds(live, child):
-            if owned:
-                own[key] = live["metadata"]["uid"]
             continue
         try:
-            applied = client.apply(child, FIELD_MANAGER)
-            if owned:
-                own[key] = applied["metadata"]["uid"]
+            client.apply(child, FIELD_MANAGER)
         except kube.ApiError as error:
             immutable = error.status == 422 and "field is immutable" in str(error)
             if child["kind"] == "Job" and immutable:
@@ -396,7 +388,6 @@ def _apply_children(
                 # the old one's pods are gone: never two SuperNodes of one site at once.
                 namespace, name = child["metadata"]["namespace"], child["metadata"]["name"]
                 client.delete("batch/v1", "Job", namespace, name, propagation="Foreground")
-                own.pop(key, None)
                 record_event(client, job, "Normal", "SiteRestarted", f"Job {name} is replaced: the job's spec changed")
                 requeue = 1.0
                 continue
@@ -506,7 +497,7 @@ def reconcile(client: kube.Client, config: Config, namespace: str, name: str, me
             # Rendered as last applied (a resync, a child's event): only what is not as
             # rendered is applied.
             compare = digest == memory.applied
-            requeue = _apply_children(client, config, job, children, site_jobs, record, memory, compare)
+            requeue = _apply_children(client, config, job, children, site_jobs, record, compare)
             _pruned_events(client, job, _prune(client, config, job, children, site_jobs, record))
             memory.applied = "" if requeue else digest
         memory.generation = generation

@@ -400,6 +400,18 @@ def test_an_object_of_a_childs_name_that_is_not_the_jobs_is_refused_not_taken_ov
     wait_for(lambda: len(children(client, namespace, name)) == 17, what="17 children")
     assert condition(get_job(client, namespace, name), "Reconciled")["status"] == "True"
 
+    # The job's own deleted and one of someone else's made in its place, between two looks
+    # of the operator's: refused as well, not taken over.
+    client.delete("v1", "ConfigMap", namespace, "breast-cancer-job")
+    mine = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "breast-cancer-job", "namespace": namespace}}
+    client.create({**mine, "data": {"mine": "again"}})  # at once: the operator looks every 2 s
+    wait_for(
+        lambda: condition(get_job(client, namespace, name), "Reconciled").get("status") == "False",
+        what="refused at the next resync",
+    )
+    mine = client.get("v1", "ConfigMap", namespace, "breast-cancer-job")
+    assert mine["data"] == {"mine": "again"} and "ownerReferences" not in mine["metadata"], "left as it was"
+
 
 def test_two_jobs_whose_names_run_into_their_sites_names_share_no_child(cluster, client, namespace, operator, kubelet):
     """Job `a-b` with site `c` and job `a` with site `b-c` once both named a site Job (and key)
