@@ -11,16 +11,20 @@ from pathlib import Path
 from support.prometheus import free_port
 
 
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes (not zombies) that contain text."""
+def processes_mentioning(text: str, but_own_children: bool = False) -> list[str]:
+    """Command lines of live processes (not zombies) that contain text; with
+    but_own_children, not those this process runs itself (a kubectl of the tests' asking a
+    cluster that is going down is not something the cluster left behind)."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         if int(proc.name) == os.getpid():
             continue
         try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            state, parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
             command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
+            continue
+        if but_own_children and int(parent) == os.getpid():
             continue
         if state != "Z" and text in command:
             found.append(f"{proc.name}: {command}")
