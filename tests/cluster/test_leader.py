@@ -4,20 +4,14 @@ processes of which one is killed."""
 from __future__ import annotations
 
 import copy
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 
 import yaml
 
 from bouquet import leader
 from support.cluster import ROOT, apply_job
+from support.faults import OperatorProcess
 from support.kubelet import wait_for
-from support.prometheus import free_port
 
 EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
 
@@ -71,42 +65,19 @@ class _ReadsOnce:
         return getattr(self.client, name)
 
 
-class OperatorProcess:
+def operator_process(cluster: str, namespace: str, log) -> OperatorProcess:
     """`bouquet operator` in a process of its own, watching one namespace and keeping its
     Lease (and records) there."""
-
-    def __init__(self, cluster: str, namespace: str, log) -> None:
-        self.port = free_port()
-        env = {**os.environ, "KUBECONFIG": cluster, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'workloads'}"}
-        command = [sys.executable, "-m", "bouquet", "operator", f"--namespace={namespace}", f"--own-namespace={namespace}"]
-        command += [f"--port={self.port}", "--resync-seconds=2"]
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def leading(self) -> float | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as response:
-                found = re.search(r"^bouquet_leader (\S+)$", response.read().decode(), re.MULTILINE)
-        except OSError:
-            return None
-        return float(found.group(1)) if found else None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    return OperatorProcess(cluster, namespace, namespace, log, leader_election=True)
 
 
 def test_of_two_operators_one_acts_and_the_other_takes_over_when_it_is_killed(cluster, client, namespace, tmp_path):
     log = (tmp_path / "operators.log").open("w")
-    first = OperatorProcess(cluster, namespace, log)
+    first = operator_process(cluster, namespace, log)
     second = None
     try:
         wait_for(lambda: first.leading() == 1.0, timeout=60, what="the first operator leading")
-        second = OperatorProcess(cluster, namespace, log)
+        second = operator_process(cluster, namespace, log)
         wait_for(lambda: second.leading() is not None, timeout=60, what="the second operator serving its metrics")
         time.sleep(3)
         assert (first.leading(), second.leading()) == (1.0, 0.0), "one leads, the other follows"
@@ -143,7 +114,7 @@ def test_without_the_lease_an_operator_does_not_act(cluster, client, namespace, 
     holder = leader.Elector(client, namespace, holder="someone-else", lease_seconds=30)
     assert holder.try_hold()
     with (tmp_path / "operator.log").open("w") as log:
-        follower = OperatorProcess(cluster, namespace, log)
+        follower = operator_process(cluster, namespace, log)
         try:
             wait_for(lambda: follower.leading() == 0.0, timeout=60, what="the operator following")
             apply_job(cluster, namespace, yaml.safe_load(EXAMPLE.read_text()))
