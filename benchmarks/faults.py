@@ -46,6 +46,10 @@ def kubectl(kubeconfig: str, *args: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10, help="runs of each fault (default: %(default)s)")
+    parser.add_argument("--first", type=int, default=0, help="the first trial's seed (default: %(default)s)")
+    parser.add_argument(
+        "--faults", default="killed,leader,restarted", help="which series, of killed, leader, restarted (default: %(default)s)"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bouquet-faults-"))
@@ -75,17 +79,20 @@ def main() -> int:
 
         def series(title: str, namespace: str, replicas: int, fault, moments: int) -> None:
             nonlocal failures
+            if namespace not in args.faults.split(","):
+                return
             kubectl(kubeconfig, "create", "namespace", namespace)
             operators = faults.Operators(kubeconfig, namespace, namespace, workdir / f"{namespace}.log", replicas=replicas)
             held, seconds = 0, []
             try:
-                for seed in range(args.trials):
+                for seed in range(args.first, args.first + args.trials):
                     trial = faults.Trial(kubeconfig, client, namespace, identity, name=f"trial-{seed}", seed=seed)
                     started = time.monotonic()
                     found = trial.run(fault(operators), moments=moments, span=5.0, timeout=240)
                     seconds.append(time.monotonic() - started)
                     if found:
                         print(f"  {title}, trial {seed}: {'; '.join(found)} ({'; '.join(trial.log)})")
+                        print(faults.snapshot(client, namespace, trial.name))
                     else:
                         held += 1
             finally:

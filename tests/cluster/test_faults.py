@@ -53,7 +53,9 @@ def test_the_api_server_restarted_mid_job_the_job_completes(cluster, client, kub
     try:
         run = trial(cluster, client, namespace, server_identity, "api-restarted", seed=3)
         found = run.run(faults.api_server_outage(cluster, kubelet), moments=1, span=5.0, timeout=240)
-        assert found == [], f"{run.log}: {found}\n{(tmp_path / 'operators.log').read_text()[-3000:]}"
+        assert found == [], (
+            f"{run.log}: {found}\n{faults.snapshot(client, namespace, run.name)}\n{(tmp_path / 'operators.log').read_text()[-3000:]}"
+        )
         assert [line for line in run.log if "fault at" in line], run.log
     finally:
         operators.stop()

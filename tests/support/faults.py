@@ -410,3 +410,28 @@ def impersonating(kubeconfig: str, user: str):
 
 def server_identity(kubeconfig: str) -> Callable[[str, str], object]:
     return lambda namespace, job: impersonating(kubeconfig, f"system:serviceaccount:{namespace}:{job}-server")
+
+
+def snapshot(client: kube.Client, namespace: str, job: str) -> str:
+    """What a trial that did not complete left: the job's status, its workloads, their pods
+    and the nodes' taints, a line each (for the failure's message)."""
+    lines = []
+    try:
+        found = client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, job) or {}
+        status = found.get("status", {})
+        lines.append(f"job {job}: phase {status.get('phase')}")
+        lines += [f"  {c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}" for c in status.get("conditions", [])]
+        selector = f"bouquet.dev/job={job}"
+        for d in client.list("apps/v1", "Deployment", namespace, selector):
+            lines.append(f"Deployment {d['metadata']['name']}: replicas {d['spec'].get('replicas')}, status {d.get('status', {})}")
+        for j in client.list("batch/v1", "Job", namespace, selector):
+            lines.append(f"Job {j['metadata']['name']}: status {j.get('status', {})}")
+        for p in client.list("v1", "Pod", namespace, selector):
+            meta, spec, status = p["metadata"], p["spec"], p.get("status", {})
+            deleting = " (deleting)" if meta.get("deletionTimestamp") else ""
+            lines.append(f"Pod {meta['name']}: node {spec.get('nodeName')}, {status.get('phase')}{deleting}")
+        for n in client.request("GET", "/api/v1/nodes")["items"]:
+            lines.append(f"Node {n['metadata']['name']}: taints {[t['key'] for t in n['spec'].get('taints', [])]}")
+    except Exception as error:  # noqa: BLE001 - what could be read is enough
+        lines.append(f"(could not read the rest: {error})")
+    return "\n".join(lines)
