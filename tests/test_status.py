@@ -252,3 +252,37 @@ def test_a_pod_that_cannot_start_or_keeps_crashing_is_a_condition_with_kubernete
         "site hospital-b: CrashLoopBackOff: back-off 40s restarting failed container"
     )
     assert conditions(derive(job, running(), T0))["PodsFailing"] == "False"
+
+
+def test_a_site_failed_for_good_ends_the_job_only_once_fewer_than_min_sites_are_left(job):
+    job["spec"]["strategy"]["minSites"] = 2
+    one = {"hospital-a": Site(active=1), "hospital-b": Site(active=1), "hospital-c": Site(failed=True)}
+    going_on = derive(job, running(sites=one), T0)
+    assert going_on["phase"] == "Running"
+    assert going_on["sites"][2] == {"name": "hospital-c", "state": "Failed", "message": "failed more than runPolicy.backoffLimit times"}
+    assert conditions(going_on)["Ready"] == "True", "every site that has not failed runs"
+    assert derive(job, running(sites=one, model={"sha256": "ab"}), T0)["phase"] == "Succeeded"
+
+    two = {**one, "hospital-b": Site(failed=True)}
+    ended = derive(job, running(sites=two), T0)
+    failed = next(c for c in ended["conditions"] if c["type"] == "Failed")
+    assert (ended["phase"], failed["reason"]) == ("Failed", "SiteFailed")
+    assert failed["message"] == (
+        "site hospital-b, hospital-c failed more than runPolicy.backoffLimit times, leaving 1 of 3 sites, fewer than strategy.minSites (2)"
+    )
+    del job["spec"]["strategy"]["minSites"]
+    assert next(c for c in derive(job, running(sites=one), T0)["conditions"] if c["type"] == "Failed")["message"] == (
+        "site hospital-c failed more than runPolicy.backoffLimit times, leaving 2 of 3 sites, fewer than strategy.minSites (3, the default: every site)"
+    )
+
+
+def test_a_sites_only_job_succeeds_once_its_sites_are_done_but_those_failed_while_enough_are_left(job):
+    job["spec"]["mode"] = "SitesOnly"
+    job["spec"]["strategy"]["minSites"] = 2
+    sites = {"hospital-a": Site(succeeded=True), "hospital-b": Site(active=1), "hospital-c": Site(failed=True)}
+    assert derive(job, Observation(sites=sites), T0)["phase"] == "Running"
+    done = derive(job, Observation(sites={**sites, "hospital-b": Site(succeeded=True)}), T0)
+    assert done["phase"] == "Succeeded"
+    assert next(c for c in done["conditions"] if c["type"] == "Succeeded")["message"] == (
+        "2 of 3 sites finished their part of the run, site hospital-c failed (the model is the remote server's)"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable, Mapping
 
@@ -22,6 +23,11 @@ from .render import JOB_LABEL
 
 KINDS = (("v1", "Pod"), ("apps/v1", "Deployment"), ("batch/v1", "Job"))
 WATCH_SECONDS = 300  # each watch is renewed after this, from where it stood
+# The API server sends a bookmark on every watch about once a minute: a watch silent for longer
+# is taken for dead (a connection gone without a reset, a server gone quiet) and made again,
+# so that the cache is never stale for long. As kopf's watching.inactivity_timeout.
+READ_SECONDS = 70
+BACKOFF_CAP = 15  # seconds, between attempts to watch again
 log = logging.getLogger("bouquet.operator")
 
 
@@ -38,6 +44,7 @@ class Informer:
         self.synced = threading.Event()
         self.stopping = threading.Event()
         self.response = None  # the watch under way, shut down by stop()
+        self.version = ""  # the resourceVersion the cache stands at (empty: to be listed)
         self.thread = threading.Thread(target=self._run, name=f"informer {namespace} {kind}", daemon=True)
 
     def start(self) -> Informer:
@@ -60,22 +67,27 @@ class Informer:
 
     def _run(self) -> None:
         url = kube.path(self.api_version, self.kind, self.namespace)
-        version, failures = "", 0
+        failures = 0
         while not self.stopping.is_set():
             try:
-                if not version:
-                    version = self._list(url)
-                version = self._watch(url, version)
+                if not self.version:
+                    self.version = self._list(url)
+                self._watch(url)
                 failures = 0
-            except Exception as error:  # noqa: BLE001 - the API server away, a watch expired: list again
+            except Exception as error:  # noqa: BLE001 - the API server away, a watch expired or gone quiet
                 if self.stopping.is_set():
                     return
+                if isinstance(error, kube.ApiError) and error.status == 410:
+                    self.version = ""  # too old to watch from: list again, at once
+                    continue
+                # Anything else (refused, reset, silent for READ_SECONDS): watched again from
+                # where it stood, which replays what was missed meanwhile, or is refused with
+                # 410 and listed again. Backed off with jitter, so that the watches of many
+                # namespaces do not all come back at one moment to an API server starting.
                 failures += 1
-                expired = isinstance(error, kube.ApiError) and error.status == 410
-                if not expired:
-                    log.warning("watching %s in %s failed (again in %ds): %s", self.kind, self.namespace, min(30, 2**failures), error)
-                version = ""
-                self.stopping.wait(0 if expired else min(30, 2**failures))
+                pause = min(BACKOFF_CAP, 2**failures) * random.uniform(0.5, 1.0)
+                log.warning("watching %s in %s failed (again in %.0fs): %s", self.kind, self.namespace, pause, error)
+                self.stopping.wait(pause)
 
     def _list(self, url: str) -> str:
         listed = self.client.request("GET", url, query={"labelSelector": JOB_LABEL})
@@ -95,12 +107,14 @@ class Informer:
             self.on_change(self.kind, "ADDED", obj)
         return listed["metadata"]["resourceVersion"]
 
-    def _watch(self, url: str, version: str) -> str:
+    def _watch(self, url: str) -> None:
+        """Follows the watch from self.version until the API server ends it, moving
+        self.version on with each event (a watch cut short is taken up from there)."""
         api = self.client.api
         query = [
             ("watch", "true"),
             ("labelSelector", JOB_LABEL),
-            ("resourceVersion", version),
+            ("resourceVersion", self.version),
             ("timeoutSeconds", str(WATCH_SECONDS)),
             ("allowWatchBookmarks", "true"),
         ]
@@ -109,7 +123,7 @@ class Informer:
         )
         with self.client.counting:
             self.client.requests["GET", False] += 1
-        response = self.response = api.call_api(*params, _request_timeout=(10, WATCH_SECONDS + 30)).response
+        response = self.response = api.call_api(*params, _request_timeout=(10, READ_SECONDS)).response
         try:
             if response.status >= 400:
                 raise kube.ApiError(response.status, {"message": response.read()[:500].decode(errors="replace")})
@@ -122,8 +136,8 @@ class Informer:
                 obj = event["object"]
                 if event["type"] == "ERROR":
                     raise kube.ApiError(obj.get("code", 500), obj)
-                version = obj["metadata"].get("resourceVersion", version)
                 if event["type"] == "BOOKMARK":
+                    self.version = obj["metadata"].get("resourceVersion", self.version)
                     continue
                 obj = {**obj, "apiVersion": self.api_version, "kind": self.kind}
                 with self.lock:
@@ -131,11 +145,11 @@ class Informer:
                         self.objects.pop(obj["metadata"]["name"], None)
                     else:
                         self.objects[obj["metadata"]["name"]] = obj
+                    self.version = obj["metadata"].get("resourceVersion", self.version)
                 self.on_change(self.kind, event["type"], obj)
         finally:
             self.response = None
             response.release_conn()
-        return version
 
 
 class CachedClient:

@@ -236,7 +236,17 @@ def _transition_events(client: kube.Client, job: Mapping, before: Mapping, after
             moved = f"phase {before['phase']} -> {after['phase']}" if before.get("phase") else f"phase {after['phase']}"
             record_event(client, job, "Normal", after["phase"], moved)
     refused_before = {s["name"]: s.get("refusedRuns", 0) for s in before.get("sites", [])}
+    failed_before = {s["name"] for s in before.get("sites", []) if s["state"] == "Failed"}
     for site in after["sites"]:
+        if site["state"] == "Failed" and site["name"] not in failed_before and after["phase"] != "Failed":
+            record_event(
+                client,
+                job,
+                "Warning",
+                "SiteFailed",
+                f"site {site['name']} {site['message']}; the run goes on without it, "
+                f"as enough sites are left for {status.min_sites_rule(job['spec'])}",
+            )
         if site.get("refusedRuns", 0) > refused_before.get(site["name"], 0):
             record_event(
                 client,

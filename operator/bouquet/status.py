@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 METRIC_DECIMALS = 4
 
 # Condition types, as `kubectl wait --for=condition=<type>` names them.
-READY = "Ready"  # the server is up and every site is running
+READY = "Ready"  # the server is up and every site is running (but those failed for good)
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
@@ -105,7 +105,7 @@ def derive(job: Mapping, seen: Observation, now: str) -> dict:
         status["completionTime"] = previous.get("completionTime") or now
     wanted = {
         READY: (
-            seen.server_ready and all(s.active for s in seen.sites.values()) and phase == "Running",
+            seen.server_ready and all(s.active for s in seen.sites.values() if not s.failed) and phase == "Running",
             "Running" if phase == "Running" else phase,
             message,
         ),
@@ -159,10 +159,23 @@ def _ended(previous: Mapping) -> tuple[str, str, str] | None:
 
 def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
     """(phase, reason, message)."""
+    failed = sorted(name for name, s in seen.sites.items() if s.failed)
     if seen.model:
         return "Succeeded", "TrainingComplete", f"the final model is written after {spec['rounds']} rounds"
-    if spec["mode"] == "SitesOnly" and seen.sites and all(s.succeeded for s in seen.sites.values()):
-        return "Succeeded", "SitesComplete", "every site finished its part of the run (the model is the remote server's)"
+    if (
+        spec["mode"] == "SitesOnly"
+        and seen.sites
+        and all(s.succeeded or s.failed for s in seen.sites.values())
+        and not too_few(spec, failed)
+    ):
+        if not failed:
+            return "Succeeded", "SitesComplete", "every site finished its part of the run (the model is the remote server's)"
+        done = len(seen.sites) - len(failed)
+        return (
+            "Succeeded",
+            "SitesComplete",
+            f"{done} of {len(seen.sites)} sites finished their part of the run, site {', '.join(failed)} failed (the model is the remote server's)",
+        )
     if seen.deadline_exceeded:
         return (
             "Failed",
@@ -171,10 +184,15 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
         )
     if seen.failure:
         return "Failed", "TrainingFailed", seen.failure
-    failed = sorted(name for name, s in seen.sites.items() if s.failed)
-    if failed:
+    if too_few(spec, failed):
         why = "".join(f"; site {name}: {seen.sites[name].error}" for name in failed if seen.sites[name].error)
-        return "Failed", "SiteFailed", f"site {', '.join(failed)} failed more than runPolicy.backoffLimit times{why}"
+        left = len(spec["sites"]) - len(failed)
+        return (
+            "Failed",
+            "SiteFailed",
+            f"site {', '.join(failed)} failed more than runPolicy.backoffLimit times, leaving {left} of {len(spec['sites'])} sites, "
+            f"fewer than {min_sites_rule(spec)}{why}",
+        )
     if spec["runPolicy"]["suspend"]:
         return "Suspended", "Suspended", "runPolicy.suspend is true"
     if spec["mode"] == "SitesOnly":
@@ -185,6 +203,22 @@ def _phase(spec: Mapping, seen: Observation) -> tuple[str, str, str]:
     if seen.server_ready:
         return "Running", "Running", f"{seen.current_round} of {spec['rounds']} rounds done"
     return "Pending", "Pending", f"waiting for the server{': ' + seen.server_waits_for if seen.server_waits_for else ''}"
+
+
+def min_sites(spec: Mapping) -> int:
+    """strategy.minSites: the fewest sites a round goes ahead with (default: every site)."""
+    return spec["strategy"].get("minSites", len(spec["sites"]))
+
+
+def min_sites_rule(spec: Mapping) -> str:
+    default = "" if "minSites" in spec["strategy"] else ", the default: every site"
+    return f"strategy.minSites ({min_sites(spec)}{default})"
+
+
+def too_few(spec: Mapping, failed: list[str]) -> bool:
+    """Whether the sites that failed for good leave fewer than a round needs: until then the
+    run goes on without them (the server's rounds need only strategy.minSites sites)."""
+    return bool(failed) and len(spec["sites"]) - len(failed) < min_sites(spec)
 
 
 def _site_status(name: str, site: Site, refused_runs: int = 0) -> dict:

@@ -4,13 +4,17 @@ request, and a lookup by name of what it does not hold still asks the API server
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
+
+from kubernetes import client as k8s
 
 from bouquet import kube
 from bouquet.informer import CachedClient
 from support.cluster import kubectl
 from support.kubelet import wait_for
+from support.proxy import SilentCut
 
 
 def suspended_job(namespace: str, name: str, labels: dict) -> dict:
@@ -65,3 +69,36 @@ def test_only_the_jobs_objects_are_cached_and_followed_and_lists_cost_no_request
     finally:
         cache.stop()
     wait_for(lambda: not any(i.thread.is_alive() for i in cache.informers.values()), timeout=10, what="the informers stopped at once")
+
+
+def test_a_watch_gone_silent_is_taken_up_again_from_where_it_stood(cluster, client, namespace, monkeypatch):
+    """A watch whose connection goes quiet without a reset is given up after READ_SECONDS and
+    made again from its resourceVersion: what changed meanwhile comes, with no new list."""
+    from urllib.parse import urlsplit
+
+    from bouquet import informer
+
+    monkeypatch.setattr(informer, "READ_SECONDS", 3)  # the API server's bookmarks come each minute
+    lists = []
+    listing = informer.Informer._list
+    monkeypatch.setattr(informer.Informer, "_list", lambda self, url: lists.append(self.kind) or listing(self, url))
+    seen: list[tuple[str, str, str]] = []
+    api = urlsplit(client.api.configuration.host)
+    proxy = SilentCut(api.hostname, api.port)
+    configuration = copy.copy(client.api.configuration)
+    configuration.host = f"https://{api.hostname}:{proxy.port}"
+    cache = CachedClient(
+        kube.Client(k8s.ApiClient(configuration)), lambda kind, event, obj: seen.append((kind, event, obj["metadata"]["name"]))
+    )
+    cache.watch(namespace)
+    try:
+        wait_for(lambda: all(i.synced.is_set() for i in cache.informers.values()), what="the first lists in")
+        assert sorted(lists) == ["Deployment", "Job", "Pod"]
+        assert proxy.cut() >= 3, "the watches' connections cut"
+        kubectl(cluster, "create", "-f", "-", input=json.dumps(suspended_job(namespace, "meanwhile", {"bouquet.dev/job": "j"})))
+        wait_for(lambda: ("Job", "ADDED", "meanwhile") in seen, timeout=30, what="the Job made while the watch was silent heard of")
+        assert cache.informers[namespace, "Job"].get("meanwhile") is not None
+        assert sorted(lists) == ["Deployment", "Job", "Pod"], "taken up from its resourceVersion, not listed again"
+    finally:
+        cache.stop()
+        proxy.stop()

@@ -709,22 +709,41 @@ def test_the_deadline_fails_the_job_and_stops_its_pods(cluster, client, namespac
     assert "DeadlineExceeded" in event_reasons(cluster, namespace, "deadline")
 
 
-def test_a_site_failing_past_the_backoff_limit_fails_the_job(cluster, client, namespace, operator, kubelet):
+def test_a_site_failing_past_the_backoff_limit_fails_the_job_once_fewer_than_min_sites_are_left(
+    cluster, client, namespace, operator, kubelet
+):
+    """With strategy.minSites 2 of 3, the run goes on without one site failed for good (a
+    Warning event says so); a second leaves too few, and the job fails naming both."""
     job = yaml.safe_load(EXAMPLES["breast-cancer"].read_text())
     job["metadata"]["name"] = "backoff"
     job["spec"]["runPolicy"] = {"backoffLimit": 0}
+    job["spec"]["strategy"]["minSites"] = 2
     start_and_run(cluster, client, namespace, job)
     # The site's last line, as `bouquet site` prints it when the server refuses its key (the
     # termination message of a container with FallbackToLogsOnError: the end of its log).
     why = "the server does not admit site hospital-b's key (public key sha256 0123456789abcdef...): it is not a key the job registered"
     log_tail = f"WARNING :   Connection attempt failed, retrying in 0.85 seconds\nerror: {why}\n"
     assert kubelet.finish(namespace, "bouquet.dev/job=backoff,bouquet.dev/site=hospital-b", "Failed", 1, log_tail) == 1
+
+    def site_b(job: dict) -> dict:
+        return next(s for s in job["status"]["sites"] if s["name"] == "hospital-b")
+
+    job = wait_for(lambda: (j := get_job(client, namespace, "backoff")) and site_b(j)["state"] == "Failed" and j, what="hospital-b Failed")
+    assert site_b(job) == {"name": "hospital-b", "state": "Failed", "message": f"failed more than runPolicy.backoffLimit times: {why}"}
+    assert job["status"]["phase"] == "Running" and condition(job, "Ready")["status"] == "True", job["status"]
+    wait_for(lambda: "SiteFailed" in event_reasons(cluster, namespace, "backoff"), what="the SiteFailed event")
+    time.sleep(3)  # the operator has looked again (it watches the Jobs) and the run goes on
+    assert get_job(client, namespace, "backoff")["status"]["phase"] == "Running"
+    assert client.get("apps/v1", "Deployment", namespace, "backoff-server")["spec"]["replicas"] == 1
+
+    assert kubelet.finish(namespace, "bouquet.dev/job=backoff,bouquet.dev/site=hospital-c", "Failed", 1) == 1
     job = wait_for(lambda: (j := get_job(client, namespace, "backoff"))["status"]["phase"] == "Failed" and j, timeout=30, what="Failed")
     failed = condition(job, "Failed")
     assert failed["reason"] == "SiteFailed"
-    assert failed["message"] == f"site hospital-b failed more than runPolicy.backoffLimit times; site hospital-b: {why}", failed["message"]
-    site = next(s for s in job["status"]["sites"] if s["name"] == "hospital-b")
-    assert site == {"name": "hospital-b", "state": "Failed", "message": f"failed more than runPolicy.backoffLimit times: {why}"}
+    assert failed["message"] == (
+        "site hospital-b, hospital-c failed more than runPolicy.backoffLimit times, leaving 1 of 3 sites, "
+        f"fewer than strategy.minSites (2); site hospital-b: {why}"
+    ), failed["message"]
 
 
 def test_a_server_restarting_past_the_backoff_limit_fails_the_job_for_good(cluster, client, namespace, operator, kubelet):

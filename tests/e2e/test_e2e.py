@@ -35,6 +35,7 @@ from support.e2e import (
     diagnose,
     host_state,
     job_status,
+    kill_pod,
     leftovers,
     plain_pod,
     read_claim,
@@ -550,6 +551,69 @@ def test_a_site_withdrawn_mid_run_is_stopped_and_left_out_of_later_rounds(e2e_cl
         raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
     finally:
         kubectl(e2e_cluster, "delete", "fj", "withdrawal", "--wait=false", check=False)
+
+
+def site_pod(kubeconfig: str, job: str, site: str) -> str:
+    found = kubectl(kubeconfig, "get", "pods", "-l", f"bouquet.dev/job={job},bouquet.dev/site={site}", "-o", "name").stdout.split()
+    assert len(found) == 1, f"{site} of {job} has pods {found}"
+    return found[0].removeprefix("pod/")
+
+
+def test_a_site_killed_mid_round_the_run_goes_on_while_min_sites_hold_and_fails_naming_it_once_not(e2e_cluster, release):
+    """A site's processes SIGKILLed mid-round (as the OOM killer does), with
+    runPolicy.backoffLimit 0, so that it does not come back: with strategy.minSites 2 of 3 the
+    run goes on without it and completes, every round once; with the default (every site)
+    the job fails at once, with SiteFailed naming it, and its pods stop."""
+    job = yaml.safe_load((ROOT / "examples" / "breast-cancer.yaml").read_text())
+    job["spec"]["runPolicy"] = {"backoffLimit": 0}
+    rounds = job["spec"]["rounds"] = 12
+    going_on = {**job, "metadata": {"name": "site-killed", "namespace": "default"}}
+    going_on["spec"] = {**job["spec"], "strategy": {**job["spec"]["strategy"], "minSites": 2}}
+    too_few = {**job, "metadata": {"name": "too-few-left", "namespace": "default"}}
+    try:
+        kubectl(e2e_cluster, "apply", "-f", "-", input=yaml.safe_dump_all([going_on, too_few]))
+        wait_for_round(e2e_cluster, "default", "site-killed", 2)
+        assert kill_pod(e2e_cluster, "default", site_pod(e2e_cluster, "site-killed", "hospital-c")) >= 1, "hospital-c's processes killed"
+        killed_at = job_status(e2e_cluster, "default", "site-killed")["progress"]["round"]
+
+        def sites(name: str) -> dict[str, str]:
+            return {s["name"]: s["state"] for s in job_status(e2e_cluster, "default", name).get("sites", [])}
+
+        wait_for(lambda: sites("site-killed").get("hospital-c") == "Failed", timeout=120, interval=1, what="hospital-c Failed")
+        assert job_status(e2e_cluster, "default", "site-killed")["phase"] == "Running"
+        waited = release.run("kubectl wait --for=condition=Succeeded fj/site-killed --timeout=10m", timeout=700, check=False)
+        assert waited.returncode == 0, waited.output
+        reasons = kubectl(
+            e2e_cluster, "get", "events", "--field-selector", "involvedObject.name=site-killed", "-o", "jsonpath={.items[*].reason}"
+        ).stdout.split()
+        assert "SiteFailed" in reasons, reasons
+        history = json.loads(read_claim(e2e_cluster, "default", "site-killed-output", ["history.json"])["history.json"])
+        assert [entry["round"] for entry in history] == list(range(1, rounds + 1)), "every round exactly once"
+        taking_part = [sorted(entry["sites"]) for entry in history]
+        left = next(i for i, sites_of in enumerate(taking_part) if "hospital-c" not in sites_of)
+        assert 2 <= left <= killed_at + 1, (killed_at, taking_part)
+        assert taking_part[left:] == [["hospital-a", "hospital-b"]] * (rounds - left), taking_part
+
+        wait_for_round(e2e_cluster, "default", "too-few-left", 1)
+        assert kill_pod(e2e_cluster, "default", site_pod(e2e_cluster, "too-few-left", "hospital-c")) >= 1
+        failed = release.run("kubectl wait --for=condition=Failed fj/too-few-left --timeout=2m", timeout=200, check=False)
+        assert failed.returncode == 0, failed.output
+        condition = next(c for c in job_status(e2e_cluster, "default", "too-few-left")["conditions"] if c["type"] == "Failed")
+        assert condition["reason"] == "SiteFailed"
+        assert condition["message"].startswith(
+            "site hospital-c failed more than runPolicy.backoffLimit times, leaving 2 of 3 sites, "
+            "fewer than strategy.minSites (3, the default: every site)"
+        ), condition["message"]
+        wait_for(
+            lambda: kubectl(e2e_cluster, "get", "pods", "-l", "bouquet.dev/job=too-few-left", "-o", "name").stdout.split() == [],
+            timeout=120,
+            interval=2,
+            what="the failed job's pods gone",
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnose(e2e_cluster, 'default')}") from None
+    finally:
+        kubectl(e2e_cluster, "delete", "fj", "site-killed", "too-few-left", "--wait=false", check=False)
 
 
 def test_the_chart_ships_both_dashboards(release):

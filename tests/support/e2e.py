@@ -4,8 +4,10 @@ claim through a Pod, a job's status, and what to show when a job fails."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -183,3 +185,28 @@ def connections(kubeconfig: str, namespace: str, pod: str, targets: list[str]) -
     """Which of the host:port targets a TCP connection from the Pod's first container opens."""
     done = kubectl(kubeconfig, "exec", "-n", namespace, pod, "--", "python3", "-c", CONNECT, json.dumps(targets), timeout=60)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def kill_pod(kubeconfig: str, namespace: str, pod: str) -> int:
+    """SIGKILLs the processes of a pod's containers on the host, as the kernel's OOM killer
+    would (the pod's sandbox is left alone: the kubelet sees its container die); returns how
+    many. The processes are found by their cgroup, which names the pod's uid (cgroupfs and
+    systemd drivers spell it differently)."""
+    uid = kubectl(kubeconfig, "get", "pod", pod, "-n", namespace, "-o", "jsonpath={.metadata.uid}").stdout.strip()
+    marks = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cgroup = (entry / "cgroup").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(mark in cgroup for mark in marks) and "bouquet" in command:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed

@@ -145,6 +145,11 @@ class Kubelet:
                 )
             elif status.get("phase") == "Pending" and not any(key.startswith(h) for h in self.held):
                 self.set_phase(pod, "Running")
+            elif status.get("phase") == "Running" and _marked_not_ready(status):
+                # The node lifecycle controller marks a node's pods not ready when it misses
+                # the node's heartbeats (the API server away for longer than its grace
+                # period); a kubelet says again what it knows of them once it is heard.
+                self.set_phase(pod, "Running", restarts=max(c.get("restartCount", 0) for c in status["containerStatuses"]))
 
     def set_phase(self, pod: dict, phase: str, exit_code: int = 0, message: str = "", restarts: int = 0) -> None:
         """Reports pod as Running (and ready), or as Succeeded or Failed with exit_code and its
@@ -255,3 +260,10 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.2, what: str = 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+def _marked_not_ready(status: dict) -> bool:
+    """A running pod whose containers are ready and the pod is not: not this kubelet's doing."""
+    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+    containers = status.get("containerStatuses", [])
+    return ready is not None and ready["status"] == "False" and bool(containers) and all(c.get("ready") for c in containers)
