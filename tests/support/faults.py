@@ -201,24 +201,33 @@ class OperatorProcess:
 def restart_api_server(kubeconfig: str) -> None:
     """Stops the control plane's kube-apiserver (SIGTERM, as a rollout would) and starts it
     again with the same command line, as scripts/cluster/up.sh did; returns once it answers."""
-    state = Path(kubeconfig).parent
-    pid_file = state / "pids" / "kube-apiserver.pid"
+    restart_component(Path(kubeconfig).parent, "kube-apiserver")
+    client = kube.Client.from_environment()
+    wait_for(lambda: _answers(client), timeout=120, what="the API server back")
+
+
+def restart_component(state: Path, name: str) -> None:
+    """Stops one process of a cluster of scripts/cluster (kube-apiserver, kubelet, ...) with
+    SIGTERM and starts it again with the same command line and environment, as up.sh and
+    node.sh started it (its pid file names it, for down.sh to stop)."""
+    pid_file = state / "pids" / f"{name}.pid"
     pid = int(pid_file.read_text())
     command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    environment = dict(entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in entry)
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    log = open(state / "logs" / "kube-apiserver.log", "ab")  # noqa: SIM115 - the server's for its life
-    # As up.sh starts it: the pid file names the server itself (down.sh stops what it names).
+    if Path(f"/proc/{pid}").exists():
+        raise AssertionError(f"{name} (process {pid}) did not stop within 90 s of SIGTERM")
+    log = open(state / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the process's for its life
     subprocess.Popen(
         ["setsid", "bash", "-c", 'echo $$ >"$0" && exec "$@"', str(pid_file), *(c.decode() for c in command)],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={k.decode(): v.decode() for k, v in environment.items()},
     )
-    client = kube.Client.from_environment()
-    wait_for(lambda: _answers(client), timeout=120, what="the API server back")
 
 
 def _answers(client: kube.Client) -> bool:
