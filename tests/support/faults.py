@@ -206,20 +206,25 @@ def restart_api_server(kubeconfig: str) -> None:
     wait_for(lambda: _answers(client), timeout=120, what="the API server back")
 
 
-def restart_component(state: Path, name: str) -> None:
-    """Stops one process of a cluster of scripts/cluster (kube-apiserver, kubelet, ...) with
-    SIGTERM and starts it again with the same command line and environment, as up.sh and
-    node.sh started it (its pid file names it, for down.sh to stop)."""
+def restart_component(state: Path, name: str, grace: float = 30) -> None:
+    """Stops one process of a cluster of scripts/cluster (kube-apiserver, kubelet, ...) as a
+    kubelet stops a static pod's container: SIGTERM, and SIGKILL if it has not ended after
+    grace seconds (a pod's default terminationGracePeriodSeconds; kube-apiserver drains its
+    watches for up to a minute and more); then starts it again with the same command line and
+    environment, as up.sh and node.sh started it (its pid file names it, for down.sh)."""
     pid_file = state / "pids" / f"{name}.pid"
     pid = int(pid_file.read_text())
     command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
     environment = dict(entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in entry)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 90
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if Path(f"/proc/{pid}").exists():
-        raise AssertionError(f"{name} (process {pid}) did not stop within 90 s of SIGTERM")
+    for stop, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        os.kill(pid, stop)
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _alive(pid):
+            break
+    else:
+        raise AssertionError(f"{name} (process {pid}) did not end on SIGKILL")
     log = open(state / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the process's for its life
     subprocess.Popen(
         ["setsid", "bash", "-c", 'echo $$ >"$0" && exec "$@"', str(pid_file), *(c.decode() for c in command)],
@@ -228,6 +233,14 @@ def restart_component(state: Path, name: str) -> None:
         stderr=subprocess.STDOUT,
         env={k.decode(): v.decode() for k, v in environment.items()},
     )
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _answers(client: kube.Client) -> bool:
