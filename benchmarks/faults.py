@@ -93,6 +93,7 @@ def main() -> int:
                     if found:
                         print(f"  {title}, trial {seed}: {'; '.join(found)} ({'; '.join(trial.log)})")
                         print(faults.snapshot(client, namespace, trial.name))
+                        print(operators.threads())
                     else:
                         held += 1
             finally:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -329,5 +331,8 @@ def _operator(args) -> int:
     )
     logging.getLogger().handlers.clear()  # kopf's format only (an imported module may have set one)
     kopf.configure(verbose=False)
+    # `kill -USR1` writes where every thread stands to the log: a reconcile or a watch that
+    # hangs shows itself (the threads block in requests; a debugger may not be there).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True)
     return 0

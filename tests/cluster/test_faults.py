@@ -55,6 +55,7 @@ def test_the_api_server_restarted_mid_job_the_job_completes(cluster, client, kub
         found = run.run(faults.api_server_outage(cluster, kubelet), moments=1, span=5.0, timeout=240)
         assert found == [], (
             f"{run.log}: {found}\n{faults.snapshot(client, namespace, run.name)}\n{(tmp_path / 'operators.log').read_text()[-3000:]}"
+            f"\n{operators.threads()[-8000:]}"
         )
         assert [line for line in run.log if "fault at" in line], run.log
     finally:

@@ -398,6 +398,15 @@ class Operators:
             self.takeovers.append(time.monotonic() - killed)
         self.running.append(self._start())
 
+    def threads(self) -> str:
+        """Where each thread of each operator stands (`kill -USR1` writes it to the log)."""
+        self.log.flush()
+        start = Path(self.log.name).stat().st_size
+        for operator in self.running:
+            operator.process.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        return Path(self.log.name).read_text(errors="replace")[start:]
+
     def stop(self) -> None:
         for operator in self.running:
             operator.stop()
