@@ -134,7 +134,9 @@ class Controller:
             self._queue_every_job()
             try:
                 await asyncio.to_thread(keep.collect, self.client, self.config.own_namespace, self._job_exists)
-            except kube.ApiError as error:
+            except Exception as error:  # noqa: BLE001 - refused, or the API server away: next time
+                # Whatever it is, the resync goes on: it is what brings every job back to be
+                # looked at after an outage.
                 log.warning("could not look for the records of deleted jobs: %s", error)
 
     def _job_exists(self, namespace: str, name: str, uid: str) -> bool:
