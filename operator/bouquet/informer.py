@@ -80,10 +80,12 @@ class Informer:
                 if isinstance(error, kube.ApiError) and error.status == 410:
                     self.version = ""  # too old to watch from: list again, at once
                     continue
-                # Anything else (refused, reset, silent for READ_SECONDS): watched again from
-                # where it stood, which replays what was missed meanwhile, or is refused with
-                # 410 and listed again. Backed off with jitter, so that the watches of many
-                # namespaces do not all come back at one moment to an API server starting.
+                # Anything else (refused, reset, silent for READ_SECONDS): listed again, after
+                # a pause, as client-go's reflector does, so that the cache is whole whatever
+                # the API server that answers now knows of the watch it had. The pause grows,
+                # with jitter, so that the watches of many namespaces do not all come back at
+                # one moment to an API server starting.
+                self.version = ""
                 failures += 1
                 pause = min(BACKOFF_CAP, 2**failures) * random.uniform(0.5, 1.0)
                 log.warning("watching %s in %s failed (again in %.0fs): %s", self.kind, self.namespace, pause, error)
@@ -109,7 +111,7 @@ class Informer:
 
     def _watch(self, url: str) -> None:
         """Follows the watch from self.version until the API server ends it, moving
-        self.version on with each event (a watch cut short is taken up from there)."""
+        self.version on with each event (a watch the server ends is taken up from there)."""
         api = self.client.api
         query = [
             ("watch", "true"),

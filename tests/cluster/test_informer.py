@@ -71,9 +71,9 @@ def test_only_the_jobs_objects_are_cached_and_followed_and_lists_cost_no_request
     wait_for(lambda: not any(i.thread.is_alive() for i in cache.informers.values()), timeout=10, what="the informers stopped at once")
 
 
-def test_a_watch_gone_silent_is_taken_up_again_from_where_it_stood(cluster, client, namespace, monkeypatch):
-    """A watch whose connection goes quiet without a reset is given up after READ_SECONDS and
-    made again from its resourceVersion: what changed meanwhile comes, with no new list."""
+def test_a_watch_gone_silent_is_given_up_and_what_changed_meanwhile_comes(cluster, client, namespace, monkeypatch):
+    """A watch whose connection goes quiet without a reset is given up after READ_SECONDS, and
+    the kind listed and watched again: what changed meanwhile comes."""
     from urllib.parse import urlsplit
 
     from bouquet import informer
@@ -98,7 +98,7 @@ def test_a_watch_gone_silent_is_taken_up_again_from_where_it_stood(cluster, clie
         kubectl(cluster, "create", "-f", "-", input=json.dumps(suspended_job(namespace, "meanwhile", {"bouquet.dev/job": "j"})))
         wait_for(lambda: ("Job", "ADDED", "meanwhile") in seen, timeout=30, what="the Job made while the watch was silent heard of")
         assert cache.informers[namespace, "Job"].get("meanwhile") is not None
-        assert sorted(lists) == ["Deployment", "Job", "Pod"], "taken up from its resourceVersion, not listed again"
+        assert lists.count("Job") >= 2, "listed again"
     finally:
         cache.stop()
         proxy.stop()
