@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from support import faults, readme
-from support.cluster import ROOT, kubectl
+from support.cluster import ROOT, event_reasons, kubectl
 from support.dashboards import empty_panels
 from support.e2e import (
     RELEASE,
@@ -533,9 +533,7 @@ def test_a_site_withdrawn_mid_run_is_stopped_and_left_out_of_later_rounds(e2e_cl
             interval=2,
             what="hospital-a and hospital-b Succeeded, hospital-c Removed in the job's status",
         )
-        reasons = kubectl(
-            e2e_cluster, "get", "events", "--field-selector", "involvedObject.name=withdrawal", "-o", "jsonpath={.items[*].reason}"
-        ).stdout.split()
+        reasons = event_reasons(e2e_cluster, "default", "withdrawal")
         assert "SiteRemoved" in reasons, reasons
 
         history = json.loads(read_claim(e2e_cluster, "default", "withdrawal-output", ["history.json"])["history.json"])
@@ -603,9 +601,7 @@ def test_a_site_killed_mid_round_the_run_goes_on_while_min_sites_hold_and_fails_
             faults.restart_component(local_node.state, "kubelet")
         waited = release.run("kubectl wait --for=condition=Succeeded fj/site-killed --timeout=10m", timeout=700, check=False)
         assert waited.returncode == 0, waited.output
-        reasons = kubectl(
-            e2e_cluster, "get", "events", "--field-selector", "involvedObject.name=site-killed", "-o", "jsonpath={.items[*].reason}"
-        ).stdout.split()
+        reasons = event_reasons(e2e_cluster, "default", "site-killed")
         assert "SiteFailed" in reasons, reasons
         history = json.loads(read_claim(e2e_cluster, "default", "site-killed-output", ["history.json"])["history.json"])
         assert [entry["round"] for entry in history] == list(range(1, rounds + 1)), "every round exactly once"
