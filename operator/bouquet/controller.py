@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import kopf
+from urllib3.exceptions import HTTPError
 
 from . import keep, kube, leader, status
 from .informer import CachedClient
@@ -131,6 +132,10 @@ class Controller:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
+            try:
+                self._listed(await asyncio.to_thread(self._list_jobs))
+            except Exception as error:  # noqa: BLE001 - the API server away: the jobs known are queued
+                log.warning("could not list the jobs: %s", error)
             self._queue_every_job()
             try:
                 await asyncio.to_thread(keep.collect, self.client, self.config.own_namespace, self._job_exists)
@@ -138,6 +143,26 @@ class Controller:
                 # Whatever it is, the resync goes on: it is what brings every job back to be
                 # looked at after an outage.
                 log.warning("could not look for the records of deleted jobs: %s", error)
+
+    def _list_jobs(self) -> dict:
+        """Lists the jobs of the namespaces watched: one that no watch event brought is taken
+        up, one that is gone is queued, to be found gone. A watch taken up from its
+        resourceVersion on an API server that restarted may miss events (kopf's of the jobs
+        is), so the jobs a resync looks at are the API server's, not only the watch's."""
+        found = []
+        for namespace in self.config.namespaces or (None,):
+            url = kube.path(API_VERSION, KIND, namespace) if namespace else f"/apis/{API_VERSION}/{PLURAL}"
+            found += self.client.request("GET", url)["items"]
+        return {(j["metadata"]["namespace"], j["metadata"]["name"]): j for j in found}
+
+    def _listed(self, listed: dict) -> None:
+        for key, body in listed.items():
+            if key not in self.jobs or self.uids.get(key) != body["metadata"].get("uid"):
+                log.info("job %s/%s, which no watch event brought, is taken up", *key)
+                self._forget(key)  # what was kept of another job of its name
+                self.job_seen(None, body)
+        for key in [k for k in self.jobs if k not in listed]:
+            self.queue.add(key)
 
     def _job_exists(self, namespace: str, name: str, uid: str) -> bool:
         if self.uids.get((namespace, name)) == uid:
@@ -148,43 +173,58 @@ class Controller:
     async def _worker(self, number: int) -> None:
         while True:
             key, force = await self.queue.get()
-            memory = self.memory.setdefault(key, Memory())
-            started = time.monotonic()
             try:
-                outcome = await asyncio.to_thread(reconcile, self.cache, self.config, *key, memory, force)
-            except Exception as error:  # noqa: BLE001 - any failure: report it, and try again
-                self.metrics.errors.labels(CONTROLLER).inc()
-                self.metrics.reconciles.labels(CONTROLLER, "error").inc()
-                text = str(error)
-                memory.attempt += 1
-                delay = min(60.0, 0.5 * 2**memory.attempt)
-                if text != memory.last_error:
-                    memory.last_error = text
-                    level = logging.WARNING if isinstance(error, Refused | kube.ApiError) else logging.ERROR
-                    log.log(level, "reconciling %s/%s failed (again in %.0fs): %s", *key, delay, text, exc_info=level == logging.ERROR)
-                    await asyncio.to_thread(self._error_event, key, text)
-                self.queue.add_after(key, delay, force=True)
+                await self._work(key, force)
+            except Exception:  # noqa: BLE001 - a bug: logged, the job looked at again, the worker goes on
+                log.exception("worker %d failed on %s/%s", number, *key)
+                self.queue.add_after(key, 5.0, force=True)
+
+    async def _work(self, key: tuple[str, str], force: bool) -> None:
+        """One reconcile of a job the queue handed out; the job is queued again after a
+        failure (with a growing delay) or when its outcome asks for it."""
+        memory = self.memory.setdefault(key, Memory())
+        started = time.monotonic()
+        try:
+            outcome = await asyncio.to_thread(reconcile, self.cache, self.config, *key, memory, force)
+        except Exception as error:  # noqa: BLE001 - any failure: report it, and try again
+            self.metrics.errors.labels(CONTROLLER).inc()
+            self.metrics.reconciles.labels(CONTROLLER, "error").inc()
+            text = str(error)
+            memory.attempt += 1
+            delay = min(60.0, 0.5 * 2**memory.attempt)
+            self.queue.add_after(key, delay, force=True)
+            if text != memory.last_error:
+                memory.last_error = text
+                # A refusal, an API error or the API server unreachable is a line; anything
+                # else, a bug, comes with its traceback.
+                level = logging.WARNING if isinstance(error, Refused | kube.ApiError | HTTPError) else logging.ERROR
+                log.log(level, "reconciling %s/%s failed (again in %.0fs): %s", *key, delay, text, exc_info=level == logging.ERROR)
+                await asyncio.to_thread(self._error_event, key, text)
+        else:
+            memory.last_error, memory.attempt = "", 0
+            if outcome.gone:
+                self._forget(key)
             else:
-                memory.last_error, memory.attempt = "", 0
-                if outcome.gone:
-                    self._forget(key)
-                else:
-                    self.jobs[key] = outcome.phase
-                    if outcome.requeue_after is not None:
-                        self.queue.add_after(key, outcome.requeue_after)
-                result = "requeue" if outcome.requeue_after is not None and not outcome.gone else "success"
-                self.metrics.reconciles.labels(CONTROLLER, result).inc()
-            finally:
-                self.metrics.duration.labels(CONTROLLER).observe(time.monotonic() - started)
-                self.queue.done(key)
+                self.jobs[key] = outcome.phase
+                if outcome.requeue_after is not None:
+                    self.queue.add_after(key, outcome.requeue_after)
+            result = "requeue" if outcome.requeue_after is not None and not outcome.gone else "success"
+            self.metrics.reconciles.labels(CONTROLLER, result).inc()
+        finally:
+            self.metrics.duration.labels(CONTROLLER).observe(time.monotonic() - started)
+            self.queue.done(key)
 
     def _error_event(self, key: tuple[str, str], text: str) -> None:
+        """The failure as a Warning on the job, if it can be posted. It is posted from the
+        worker's own error path, so nothing may escape from here: a connection refused (the
+        API server away, the likeliest cause of the failure itself) once ended the worker,
+        and after a few outages no worker was left and no job was reconciled again."""
         try:
             job = self.client.get(API_VERSION, KIND, *key)
-        except kube.ApiError:
-            return
-        if job:
-            record_event(self.client, job, "Warning", "ReconcileFailed", text)
+            if job:
+                record_event(self.client, job, "Warning", "ReconcileFailed", text)
+        except Exception as error:  # noqa: BLE001 - an event lost is only an event lost
+            log.warning("could not post the failure of %s/%s as an event: %s", *key, error)
 
     async def _serve(self) -> None:
         from aiohttp import web
