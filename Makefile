@@ -15,7 +15,7 @@ export FLWR_HOME := $(CURDIR)/.flwr
 JOB ?= examples/breast-cancer.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help run test e2e e2e-kind lint venv debian-packages images cluster-build helm-build cluster cluster-down bench bench-local bench-operator bench-faults
+.PHONY: help run test e2e e2e-kind lint venv debian-packages images cluster-build helm-build cluster cluster-down bench bench-local bench-operator bench-faults bench-server-faults
 
 help:
 	@echo "make run    train $(JOB) on this machine (output in runs/)"
@@ -28,7 +28,8 @@ help:
 	@echo "make bench        Bouquet next to stock Flower 1.41 on the same jobs (CASES=abc): round times, bytes, memory"
 	@echo "make bench-local  time a local run of $(JOB) and print figures"
 	@echo "make bench-operator  time the operator on the test control plane and print figures"
-	@echo "make bench-faults    kill the operator, its leader and the API server at random moments of jobs (TRIALS=10 each) and print what held"
+	@echo "make bench-faults    kill the operator, its leader and the API server at random moments of jobs (TRIALS=10 each), crash-loop a server, and print what held"
+	@echo "make bench-server-faults  delete or SIGKILL a real run's server pod at a random round (TRIALS=10, on this host's single-node cluster) and print what held"
 
 venv:
 	@scripts/venv.sh >/dev/null
@@ -97,3 +98,6 @@ bench-operator: venv cluster-build
 TRIALS ?= 10
 bench-faults: venv cluster-build
 	$(PYTHON) benchmarks/faults.py --trials $(TRIALS)
+
+bench-server-faults: venv debian-packages cluster-build helm-build images
+	$(PYTHON) benchmarks/server_faults.py --trials $(TRIALS)

@@ -8,6 +8,9 @@ and what held (tests/support/faults.py says what is checked):
    of one site or of the server live at once and no phase out of order.
 2. The leader of two operators SIGKILLed: the same, and how long the other took to lead.
 3. The API server restarted at a random moment: the same.
+4. A server that restarts past runPolicy.backoffLimit: the job Failed, and still Failed, its
+   server at 0 and no server pod made again, two minutes later, through an operator SIGKILLed
+   halfway (one trial).
 
 The control plane (scripts/cluster) and the nodes' stand-in kubelet (tests/support/kubelet.py)
 are started for the benchmark and stopped afterwards; the operators run as `bouquet operator`
@@ -48,8 +51,11 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=10, help="runs of each fault (default: %(default)s)")
     parser.add_argument("--first", type=int, default=0, help="the first trial's seed (default: %(default)s)")
     parser.add_argument(
-        "--faults", default="killed,leader,restarted", help="which series, of killed, leader, restarted (default: %(default)s)"
+        "--faults",
+        default="killed,leader,restarted,crashloop",
+        help="which series, of killed, leader, restarted, crashloop (default: %(default)s)",
     )
+    parser.add_argument("--hold", type=float, default=120, help="seconds a crash-looped job is watched after Failed (default: %(default)s)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bouquet-faults-"))
@@ -110,6 +116,18 @@ def main() -> int:
         series("operator SIGKILLed twice a run", "killed", 1, lambda ops: ops.kill, moments=2)
         series("leader of two operators SIGKILLed", "leader", 2, lambda ops: ops.kill, moments=1)
         series("API server restarted", "restarted", 1, lambda ops: faults.api_server_outage(kubeconfig, kubelet), moments=1)
+        if "crashloop" in args.faults.split(","):
+            kubectl(kubeconfig, "create", "namespace", "crashloop")
+            operators = faults.Operators(kubeconfig, "crashloop", "crashloop", workdir / "crashloop.log")
+            try:
+                found = faults.crash_loop(kubeconfig, client, "crashloop", kubelet, operators, "crashloop", hold=args.hold)
+            finally:
+                operators.stop()
+            failures += bool(found)
+            print(
+                f"a server restarting past backoffLimit: {'; '.join(found) if found else 'Failed'} for {args.hold:.0f} s after,"
+                " through an operator SIGKILLed halfway"
+            )
         if kubelet.errors:
             print(f"the stand-in kubelet's errors: {kubelet.errors[:5]}")
     finally:

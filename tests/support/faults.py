@@ -413,6 +413,56 @@ class Operators:
         self.log.close()
 
 
+def crash_loop(
+    kubeconfig: str, client: kube.Client, namespace: str, kubelet, operators: Operators, name: str, hold: float = 120
+) -> list[str]:
+    """A server that restarts past runPolicy.backoffLimit: the job must read Failed, for that
+    reason, and stay so for `hold` seconds (its server at 0 replicas, no server pod back),
+    through the operator SIGKILLed and started again halfway; returns what did not hold."""
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["metadata"] = {"name": name, "namespace": namespace}
+    document["spec"]["runPolicy"] = {"backoffLimit": 1}
+    subprocess.run(
+        [str(Path(kubeconfig).parent / "bin" / "kubectl"), "--kubeconfig", kubeconfig, "apply", "-f", "-"],
+        input=json.dumps(document),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    selector = f"bouquet.dev/job={name},app.kubernetes.io/component=server"
+
+    def phase() -> str:
+        return (client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name) or {}).get("status", {}).get("phase", "")
+
+    try:
+        wait_for(lambda: phase() == "Running", timeout=60, what="the job Running")
+        [server] = client.list("v1", "Pod", namespace, selector)
+        kubelet.set_phase(server, "Running", restarts=2)
+        wait_for(lambda: phase() == "Failed", timeout=30, what="the job Failed")
+    except AssertionError as error:
+        return [str(error)]
+    failed = next(
+        c for c in client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name)["status"]["conditions"] if c["type"] == "Failed"
+    )
+    found: list[str] = []
+    started, killed = time.monotonic(), False
+    while time.monotonic() - started < hold and not found:
+        time.sleep(1)
+        if not killed and time.monotonic() - started >= hold / 2:
+            operators.kill()
+            killed = True
+        status = client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name)["status"]
+        now = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
+        replicas = client.get("apps/v1", "Deployment", namespace, f"{name}-server")["spec"]["replicas"]
+        if status.get("phase") != "Failed" or (now.get("reason"), now.get("message")) != (failed["reason"], failed["message"]):
+            found.append(f"{time.monotonic() - started:.0f} s after Failed the job read {status.get('phase')}: {now}")
+        elif replicas != 0:
+            found.append(f"{time.monotonic() - started:.0f} s after Failed its server was scaled to {replicas}")
+        elif [p for p in client.list("v1", "Pod", namespace, selector) if not p["metadata"].get("deletionTimestamp")]:
+            found.append(f"{time.monotonic() - started:.0f} s after Failed a server pod was made again")
+    return found
+
+
 def api_server_outage(kubeconfig: str, kubelet) -> Callable[[float], None]:
     """A fault: the API server restarted (the nodes' kubelet stands by meanwhile)."""
 
