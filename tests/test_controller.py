@@ -45,6 +45,47 @@ def test_the_resync_goes_on_through_an_api_server_that_does_not_answer(monkeypat
     asyncio.run(run())
 
 
+def test_the_resync_takes_up_a_job_no_watch_event_brought_and_queues_one_gone():
+    """kopf's watch of the jobs, taken up from its resourceVersion on an API server that
+    restarted, can miss a job's ADDED event: the resync lists the jobs, so that such a job is
+    reconciled all the same, and one listed no more is looked at (to be found gone)."""
+    from collections import Counter
+
+    from bouquet import controller
+    from bouquet.reconcile import Config
+
+    def job(namespace, name, uid):
+        return {"metadata": {"namespace": namespace, "name": name, "uid": uid}, "status": {}}
+
+    class Client:
+        requests: Counter = Counter()
+        urls: list = []
+
+        def request(self, method, url, **_):
+            self.urls.append((method, url))
+            jobs = {"/apis/bouquet.dev/v1alpha1/namespaces/a/federatedjobs": [job("a", "missed", "1"), job("a", "known", "2")]}
+            return {"items": jobs.get(url, [])}
+
+    running = controller.Controller(Config(namespaces=("a", "b"), port=0, leader_election=False), Client())
+    running.cache.watch = lambda namespace: None  # no informers here
+    running.jobs[("a", "known")], running.uids[("a", "known")] = "Running", "2"
+    running.jobs[("b", "deleted")], running.uids[("b", "deleted")] = "Running", "3"
+
+    running._listed(running._list_jobs())
+
+    assert Client.urls == [
+        ("GET", "/apis/bouquet.dev/v1alpha1/namespaces/a/federatedjobs"),
+        ("GET", "/apis/bouquet.dev/v1alpha1/namespaces/b/federatedjobs"),
+    ]
+    assert running.uids[("a", "missed")] == "1"
+    assert set(running.queue.pending) == {("a", "missed"), ("b", "deleted")}, "a job the watches knew and still listed waits for its resync"
+
+    everywhere = controller.Controller(Config(port=0, leader_election=False), Client())
+    Client.urls.clear()
+    everywhere._list_jobs()
+    assert Client.urls == [("GET", "/apis/bouquet.dev/v1alpha1/federatedjobs")]
+
+
 def test_a_worker_goes_on_after_a_failure_it_cannot_post_as_an_event(monkeypatch):
     """A reconcile that fails while the API server is away, whose Warning event cannot be
     posted either (connection refused, not an API error), is retried, and its worker takes

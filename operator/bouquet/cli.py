@@ -325,6 +325,7 @@ def _operator(args) -> int:
         own_namespace=args.own_namespace,
         own_account=args.own_service_account,
         resync_seconds=args.resync_seconds,
+        namespaces=tuple(args.namespace),
         workers=args.workers,
         port=args.port,
         leader_election=args.leader_election,

@@ -132,6 +132,10 @@ class Controller:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
+            try:
+                self._listed(await asyncio.to_thread(self._list_jobs))
+            except Exception as error:  # noqa: BLE001 - the API server away: the jobs known are queued
+                log.warning("could not list the jobs: %s", error)
             self._queue_every_job()
             try:
                 await asyncio.to_thread(keep.collect, self.client, self.config.own_namespace, self._job_exists)
@@ -139,6 +143,28 @@ class Controller:
                 # Whatever it is, the resync goes on: it is what brings every job back to be
                 # looked at after an outage.
                 log.warning("could not look for the records of deleted jobs: %s", error)
+
+    def _list_jobs(self) -> dict:
+        """Lists the jobs of the namespaces watched, so that what a resync looks at is the API
+        server's set of jobs, not only what kopf's watch brought: one no event brought is
+        taken up, one listed no more is queued, to be found gone. (kopf finds the jobs' API
+        once, at start, in the API server's discovery, and watches nothing if it missed it
+        there; in one benchmark trial an operator started just after an API server restart
+        heard of no job for a minute.)"""
+        found = []
+        for namespace in self.config.namespaces or (None,):
+            url = kube.path(API_VERSION, KIND, namespace) if namespace else f"/apis/{API_VERSION}/{PLURAL}"
+            found += self.client.request("GET", url)["items"]
+        return {(j["metadata"]["namespace"], j["metadata"]["name"]): j for j in found}
+
+    def _listed(self, listed: dict) -> None:
+        for key, body in listed.items():
+            if key not in self.jobs or self.uids.get(key) != body["metadata"].get("uid"):
+                log.info("job %s/%s, which no watch event brought, is taken up", *key)
+                self._forget(key)  # what was kept of another job of its name
+                self.job_seen(None, body)
+        for key in [k for k in self.jobs if k not in listed]:
+            self.queue.add(key)
 
     def _job_exists(self, namespace: str, name: str, uid: str) -> bool:
         if self.uids.get((namespace, name)) == uid:

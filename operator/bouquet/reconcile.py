@@ -42,6 +42,8 @@ class Config:
     own_namespace: str = "bouquet-system"
     own_account: str | None = None  # the operator's ServiceAccount there, which then owns the records
     resync_seconds: float = 60.0
+    # The namespaces watched (none: every namespace): where the resync lists the jobs.
+    namespaces: tuple[str, ...] = ()
     workers: int = 4
     port: int = 8080  # /metrics and /healthz; 0 for none
     host: str = "0.0.0.0"
@@ -58,6 +60,7 @@ class Config:
             own_namespace=env.get("BOUQUET_OWN_NAMESPACE", cls.own_namespace),
             own_account=env.get("BOUQUET_OWN_SERVICE_ACCOUNT") or None,
             resync_seconds=float(env.get("BOUQUET_RESYNC_SECONDS", cls.resync_seconds)),
+            namespaces=tuple(n for n in env.get("BOUQUET_NAMESPACES", "").split(",") if n),
             workers=int(env.get("BOUQUET_WORKERS", cls.workers)),
             port=int(env.get("BOUQUET_OPERATOR_PORT", cls.port)),
             host=env.get("BOUQUET_OPERATOR_HOST", cls.host),

@@ -77,6 +77,8 @@ class Operator:
             "BOUQUET_OPERATOR_PORT": str(self.port),
             "BOUQUET_OPERATOR_HOST": "127.0.0.1",
         }
+        if namespaces:  # where its resync lists the jobs
+            self.env["BOUQUET_NAMESPACES"] = ",".join(namespaces)
         if kubeconfig:  # another identity than the tests' own
             self.env["KUBECONFIG"] = kubeconfig
         if account:  # its ServiceAccount in bouquet-system, which owns the jobs' records
