@@ -94,7 +94,7 @@ def main() -> int:
                 for seed in range(args.first, args.first + args.trials):
                     trial = faults.Trial(kubeconfig, client, namespace, identity, name=f"trial-{seed}", seed=seed)
                     started = time.monotonic()
-                    found = trial.run(fault(operators), moments=moments, span=5.0, timeout=240)
+                    found = trial.run(fault(operators), moments=moments, span=5.0, timeout=240) + operators.unhealthy()
                     seconds.append(time.monotonic() - started)
                     if found:
                         print(f"  {title}, trial {seed}: {'; '.join(found)} ({'; '.join(trial.log)})")

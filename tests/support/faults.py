@@ -183,6 +183,14 @@ class OperatorProcess:
             return None
         return float(found.group(1)) if found else None
 
+    def healthy(self) -> bool:
+        """Whether its /healthz answers 200: every worker and its resync still running."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
     def kill(self) -> None:
         """SIGKILL: no Lease given up, no request finished."""
         if self.process.poll() is None:
@@ -397,6 +405,11 @@ class Operators:
             wait_for(lambda: self.leader() is not None, timeout=30, interval=0.1, what="another operator leading")
             self.takeovers.append(time.monotonic() - killed)
         self.running.append(self._start())
+
+    def unhealthy(self) -> list[str]:
+        """What /healthz says of each replica that does not answer 200 (a worker or the
+        resync ended: a pod's liveness probe would restart it, hiding why)."""
+        return [f"operator {o.process.pid}: /healthz does not answer 200" for o in self.running if not o.healthy()]
 
     def threads(self) -> str:
         """Where each thread of each operator stands (`kill -USR1` writes it to the log)."""
