@@ -56,14 +56,16 @@ def trial(kubeconfig: str, seed: int) -> tuple[list[str], str, float]:
     document = yaml.safe_load(EXAMPLE.read_text())
     rounds = document["spec"]["rounds"]
     document["metadata"] = {"name": name, "namespace": namespace}
-    kill_after = rng.randint(1, rounds - 2)  # a round reported; the kill lands in one of the next
+    # A round reported (the status is polled every 2 s, and a round takes a few seconds): the
+    # kill lands within the next rounds, never after the last.
+    kill_after = rng.randint(1, rounds - 4)
     how = "SIGKILLed" if seed % 2 else "deleted"
     kubectl(kubeconfig, "create", "namespace", namespace)
     started = time.monotonic()
     try:
         kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(document))
         wait_for_round(kubeconfig, namespace, name, kill_after, timeout=600)
-        time.sleep(rng.uniform(0, 1.5))
+        time.sleep(rng.uniform(0, 1.0))
         round_before = job_status(kubeconfig, namespace, name).get("progress", {}).get("round", 0)
         (pod,) = server_pods(kubeconfig, namespace, name)
         if how == "deleted":
