@@ -61,6 +61,16 @@ def condition(job: dict | None, kind: str) -> dict:
     return next((c for c in (job or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
 
 
+def healthy(port: int) -> bool:
+    """Whether the operator serving on port answers 200 on /healthz: every worker and its
+    resync still running."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 class Operator:
     """The operator under KopfRunner; restartable, as a pod restart would."""
 
@@ -96,11 +106,7 @@ class Operator:
         return self
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return healthy(self.port)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:

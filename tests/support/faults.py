@@ -36,6 +36,7 @@ import yaml
 from bouquet import kube
 from bouquet.render import CHILD_KINDS
 from bouquet_workloads import progress
+from support import cluster
 from support.kubelet import wait_for
 from support.prometheus import free_port
 
@@ -184,12 +185,7 @@ class OperatorProcess:
         return float(found.group(1)) if found else None
 
     def healthy(self) -> bool:
-        """Whether its /healthz answers 200: every worker and its resync still running."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return cluster.healthy(self.port)
 
     def kill(self) -> None:
         """SIGKILL: no Lease given up, no request finished."""
