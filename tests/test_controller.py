@@ -71,7 +71,7 @@ def test_the_resync_takes_up_a_job_no_watch_event_brought_and_queues_one_gone():
     running.jobs[("a", "known")], running.uids[("a", "known")] = "Running", "2"
     running.jobs[("b", "deleted")], running.uids[("b", "deleted")] = "Running", "3"
 
-    running._listed(running._list_jobs())
+    running._listed(running._list_jobs(), began=0.0)
 
     assert Client.urls == [
         ("GET", "/apis/bouquet.dev/v1alpha1/namespaces/a/federatedjobs"),
@@ -128,3 +128,34 @@ def test_a_worker_goes_on_after_a_failure_it_cannot_post_as_an_event(monkeypatch
         worker.cancel()
 
     asyncio.run(run())
+
+
+def test_a_job_deleted_while_the_resync_listed_is_not_brought_back_and_records_it_cannot_judge_are_kept():
+    """A job forgotten (deleted) after the resync's list began is not taken up from that list;
+    and the sweep of deleted jobs' records keeps the record of a job in a namespace the
+    operator does not watch or may not read, instead of failing on it (which once stopped
+    the sweep of every other record)."""
+    import time
+    from collections import Counter
+
+    from bouquet import controller, kube
+    from bouquet.reconcile import Config
+
+    class Client:
+        requests: Counter = Counter()
+
+        def get(self, _api_version, _kind, namespace, name):
+            if namespace == "forbidden":
+                raise kube.ApiError(403, {"message": "forbidden"})
+            return None
+
+    running = controller.Controller(Config(namespaces=("a", "forbidden"), port=0, leader_election=False), Client())
+    running.cache.watch = lambda namespace: None
+    began = time.monotonic()
+    running._forget(("a", "deleted"))
+    running._listed({("a", "deleted"): {"metadata": {"namespace": "a", "name": "deleted", "uid": "1"}}}, began)
+    assert ("a", "deleted") not in running.jobs and not running.uids
+
+    assert running._job_exists("elsewhere", "x", "1"), "a namespace not watched: not this operator's to judge"
+    assert running._job_exists("forbidden", "x", "1"), "a 403: not this operator's to judge"
+    assert not running._job_exists("a", "x", "1"), "a job of a watched namespace that is gone"

@@ -50,6 +50,7 @@ class Controller:
     jobs: dict = field(default_factory=dict)  # (namespace, name) -> phase, from the watch
     memory: dict = field(default_factory=dict)
     uids: dict = field(default_factory=dict)  # (namespace, name) -> uid, from the watch
+    forgotten: dict = field(default_factory=dict)  # (namespace, name) -> when, since the resync's last list
     tasks: list = field(default_factory=list)
     metrics: Metrics | None = None
     elector: leader.Elector | None = None
@@ -113,6 +114,7 @@ class Controller:
         self.queue.add(key)
 
     def _forget(self, key: tuple[str, str]) -> None:
+        self.forgotten[key] = time.monotonic()
         self.jobs.pop(key, None)
         self.uids.pop(key, None)
         self.memory.pop(key, None)
@@ -133,7 +135,8 @@ class Controller:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
             try:
-                self._listed(await asyncio.to_thread(self._list_jobs))
+                began = time.monotonic()
+                self._listed(await asyncio.to_thread(self._list_jobs), began)
             except Exception as error:  # noqa: BLE001 - the API server away: the jobs known are queued
                 log.warning("could not list the jobs: %s", error)
             self._queue_every_job()
@@ -157,8 +160,13 @@ class Controller:
             found += self.client.request("GET", url)["items"]
         return {(j["metadata"]["namespace"], j["metadata"]["name"]): j for j in found}
 
-    def _listed(self, listed: dict) -> None:
+    def _listed(self, listed: dict, began: float) -> None:
+        """Takes up what the list found that the watches did not bring; a job forgotten since
+        the list began (deleted meanwhile) is not brought back from it."""
+        self.forgotten = {key: at for key, at in self.forgotten.items() if at >= began}
         for key, body in listed.items():
+            if key in self.forgotten:
+                continue
             if key not in self.jobs or self.uids.get(key) != body["metadata"].get("uid"):
                 log.info("job %s/%s, which no watch event brought, is taken up", *key)
                 self._forget(key)  # what was kept of another job of its name
@@ -167,9 +175,20 @@ class Controller:
             self.queue.add(key)
 
     def _job_exists(self, namespace: str, name: str, uid: str) -> bool:
+        """Whether the job of a record exists. A job in a namespace this operator does not
+        watch, or may not read, is taken to exist: its record is not this operator's to
+        judge (another release's, or one kept from before watchNamespaces changed), and one
+        such record must not stop the sweep of all the others."""
         if self.uids.get((namespace, name)) == uid:
             return True
-        found = self.client.get(API_VERSION, KIND, namespace, name)
+        if self.config.namespaces and namespace not in self.config.namespaces:
+            return True
+        try:
+            found = self.client.get(API_VERSION, KIND, namespace, name)
+        except kube.ApiError as error:
+            if error.status == 403:
+                return True
+            raise
         return found is not None and found["metadata"]["uid"] == uid
 
     async def _worker(self, number: int) -> None:
