@@ -35,17 +35,10 @@ for folder in ("operator", "workloads", "tests"):
     sys.path.insert(0, str(ROOT / folder))
 
 from support.cluster import kubectl  # noqa: E402
-from support.e2e import diagnose, job_status, kill_pod, read_claim, wait_for_round  # noqa: E402
+from support.e2e import diagnose, job_status, kill_pod, read_claim, server_pods, wait_for_round  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "breast-cancer.yaml"
 SCRIPTS = ROOT / "scripts" / "cluster"
-
-
-def server_pods(kubeconfig: str, namespace: str, job: str) -> list[dict]:
-    listed = kubectl(
-        kubeconfig, "get", "pods", "-n", namespace, "-l", f"bouquet.dev/job={job},app.kubernetes.io/component=server", "-o", "json"
-    )
-    return [p for p in json.loads(listed.stdout)["items"] if not p["metadata"].get("deletionTimestamp")]
 
 
 def trial(kubeconfig: str, seed: int) -> tuple[list[str], str, float]:

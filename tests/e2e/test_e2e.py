@@ -39,6 +39,7 @@ from support.e2e import (
     leftovers,
     plain_pod,
     read_claim,
+    server_pods,
     wait_for_round,
     workloads_image,
 )
@@ -49,11 +50,6 @@ pytestmark = pytest.mark.slow
 # The node folder the README's own-data block puts hospital-a's file in.
 SITE_FOLDER = Path("/srv/bouquet/hospital-a")
 FOREIGN_APP = ROOT / "tests" / "support" / "foreign_app"
-
-
-def server_pods(kubeconfig: str, namespace: str, job: str) -> list[dict]:
-    selector = f"bouquet.dev/job={job},app.kubernetes.io/component=server"
-    return json.loads(kubectl(kubeconfig, "get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
 
 
 @dataclass

@@ -109,6 +109,11 @@ def job_status(kubeconfig: str, namespace: str, name: str) -> dict:
     return json.loads(found.stdout).get("status", {}) if found.returncode == 0 else {}
 
 
+def server_pods(kubeconfig: str, namespace: str, job: str) -> list[dict]:
+    selector = f"bouquet.dev/job={job},app.kubernetes.io/component=server"
+    return json.loads(kubectl(kubeconfig, "get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
+
+
 def wait_for_round(kubeconfig: str, namespace: str, name: str, round_: int, timeout: float = 600) -> None:
     wait_for(
         lambda: job_status(kubeconfig, namespace, name).get("progress", {}).get("round", 0) >= round_,

@@ -255,6 +255,24 @@ def _answers(client: kube.Client) -> bool:
         return False
 
 
+def example_job(namespace: str, name: str) -> dict:
+    """examples/breast-cancer.yaml, named name in namespace."""
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["metadata"] = {"name": name, "namespace": namespace}
+    return document
+
+
+def apply(kubeconfig: str, document: dict) -> None:
+    """`kubectl apply` of a job, with the kubectl of the cluster of kubeconfig."""
+    subprocess.run(
+        [str(Path(kubeconfig).parent / "bin" / "kubectl"), "--kubeconfig", kubeconfig, "apply", "-f", "-"],
+        input=json.dumps(document),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
 @dataclass
 class Trial:
     """One job, from apply to Succeeded, through faults at random moments."""
@@ -271,8 +289,7 @@ class Trial:
     unmade: list[str] = field(default_factory=list)  # faults that failed to happen
 
     def job(self) -> dict:
-        document = yaml.safe_load(EXAMPLE.read_text())
-        document["metadata"] = {"name": self.name, "namespace": self.namespace}
+        document = example_job(self.namespace, self.name)
         document["spec"]["rounds"] = self.rounds
         return document
 
@@ -286,13 +303,7 @@ class Trial:
         try:
             time.sleep(1)  # the watches open
             started = time.monotonic()
-            subprocess.run(
-                [str(Path(self.kubeconfig).parent / "bin" / "kubectl"), "--kubeconfig", self.kubeconfig, "apply", "-f", "-"],
-                input=json.dumps(self.job()),
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            apply(self.kubeconfig, self.job())
             injector = threading.Thread(target=self._inject, args=(faults, when, started), daemon=True)
             injector.start()
             self._serve(started, timeout)
@@ -428,16 +439,9 @@ def crash_loop(
     """A server that restarts past runPolicy.backoffLimit: the job must read Failed, for that
     reason, and stay so for `hold` seconds (its server at 0 replicas, no server pod back),
     through the operator SIGKILLed and started again halfway; returns what did not hold."""
-    document = yaml.safe_load(EXAMPLE.read_text())
-    document["metadata"] = {"name": name, "namespace": namespace}
+    document = example_job(namespace, name)
     document["spec"]["runPolicy"] = {"backoffLimit": 1}
-    subprocess.run(
-        [str(Path(kubeconfig).parent / "bin" / "kubectl"), "--kubeconfig", kubeconfig, "apply", "-f", "-"],
-        input=json.dumps(document),
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    apply(kubeconfig, document)
     selector = f"bouquet.dev/job={name},app.kubernetes.io/component=server"
 
     def phase() -> str:
@@ -450,9 +454,7 @@ def crash_loop(
         wait_for(lambda: phase() == "Failed", timeout=30, what="the job Failed")
     except AssertionError as error:
         return [str(error)]
-    failed = next(
-        c for c in client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name)["status"]["conditions"] if c["type"] == "Failed"
-    )
+    failed = cluster.condition(client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name), "Failed")
     found: list[str] = []
     started, killed = time.monotonic(), False
     while time.monotonic() - started < hold and not found:
@@ -460,8 +462,8 @@ def crash_loop(
         if not killed and time.monotonic() - started >= hold / 2:
             operators.kill()
             killed = True
-        status = client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name)["status"]
-        now = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
+        job = client.get("bouquet.dev/v1alpha1", "FederatedJob", namespace, name)
+        status, now = job["status"], cluster.condition(job, "Failed")
         replicas = client.get("apps/v1", "Deployment", namespace, f"{name}-server")["spec"]["replicas"]
         if status.get("phase") != "Failed" or (now.get("reason"), now.get("message")) != (failed["reason"], failed["message"]):
             found.append(f"{time.monotonic() - started:.0f} s after Failed the job read {status.get('phase')}: {now}")
