@@ -89,13 +89,14 @@ def main() -> int:
                 return
             kubectl(kubeconfig, "create", "namespace", namespace)
             operators = faults.Operators(kubeconfig, namespace, namespace, workdir / f"{namespace}.log", replicas=replicas)
-            held, seconds = 0, []
+            held, seconds, remade = 0, [], 0
             try:
                 for seed in range(args.first, args.first + args.trials):
                     trial = faults.Trial(kubeconfig, client, namespace, identity, name=f"trial-{seed}", seed=seed)
                     started = time.monotonic()
                     found = trial.run(fault(operators), moments=moments, span=5.0, timeout=240) + operators.unhealthy()
                     seconds.append(time.monotonic() - started)
+                    remade += len(trial.witness.remade(trial.name))
                     if found:
                         print(f"  {title}, trial {seed}: {'; '.join(found)} ({'; '.join(trial.log)})")
                         print(faults.snapshot(client, namespace, trial.name))
@@ -108,6 +109,8 @@ def main() -> int:
             print(
                 f"{title}: {held} of {args.trials} runs completed with every check holding (a run: median {statistics.median(seconds):.0f} s)"
             )
+            if remade:
+                print(f"  key copies deleted and made again from their record (being made when the operator was killed): {remade}")
             if operators.takeovers:
                 print(
                     f"  takeover after the leader's SIGKILL: median {statistics.median(operators.takeovers):.1f} s, most {max(operators.takeovers):.1f} s"

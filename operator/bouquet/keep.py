@@ -13,7 +13,9 @@ which reveals nothing of a Secret but that its name is taken. The record says wh
 the operator made (each copy's uid once it is made), so that a Secret of that name it did
 not make is refused, and a copy it made that is gone (someone deleted it: a key revoked)
 is made again from new material. The record is written before a copy is made, so that no
-copy ever holds material the record lacks.
+copy ever holds material the record lacks. A copy still noted as being made (the operator
+stopped between the two) may or may not exist, and the operator cannot read it to know: it is
+deleted and made again from the record, with the same material.
 
 A record lives as long as its job: the operator deletes it when the job is deleted, or at its
 next start when the job went while it was away. When the chart is installed to delete the CRD
@@ -115,15 +117,24 @@ def taken(client: kube.Client, secret: Mapping) -> bool:
     return False
 
 
-def make_copy(client: kube.Client, namespace: str, job: Mapping, record: Record, secret: Mapping) -> None:
+def make_copy(client: kube.Client, namespace: str, job: Mapping, record: Record, secret: Mapping) -> bool:
     """Creates a copy of the record's material: noted in the record as being made first,
-    then made, then noted with its uid."""
+    then made, then noted with its uid. False, and nothing noted, if a Secret of its name was
+    made by someone else since it was looked for (it is not deleted as a copy half made)."""
     name = secret["metadata"]["name"]
     record.copies[name] = ""
     save(client, namespace, job, record)
-    made = client.create(secret)
+    try:
+        made = client.create(secret)
+    except kube.ApiError as error:
+        if error.reason != "AlreadyExists":
+            raise
+        del record.copies[name]
+        save(client, namespace, job, record)
+        return False
     record.copies[name] = made["metadata"]["uid"]
     save(client, namespace, job, record)
+    return True
 
 
 def delete_copy(client: kube.Client, namespace: str, job: Mapping, record: Record, name: str) -> bool:

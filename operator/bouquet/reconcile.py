@@ -89,6 +89,15 @@ class Memory:
     attempt: int = 0  # failed reconciles in a row, for the backoff
 
 
+def _not_its_secret(job: Mapping, name: str) -> str:
+    remedy = (
+        "name your own with spec.security.tls.mode Secret and secretName"
+        if name == names(job)["tls"]
+        else f"rename site {render.site_of(job, name)}"
+    )
+    return f"Secret {name} exists and is not this job's: delete it, or {remedy}"
+
+
 def _material(
     client: kube.Client, config: Config, job: Mapping
 ) -> tuple[tls.Bundle | None, dict[str, identity.SiteKey] | None, keep.Record]:
@@ -111,14 +120,11 @@ def _material(
         probe = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
         if name not in record.copies:
             if keep.taken(client, probe):
-                remedy = (
-                    "name your own with spec.security.tls.mode Secret and secretName"
-                    if name == tls_name
-                    else f"rename site {render.site_of(job, name)}"
-                )
-                raise Refused(f"Secret {name} exists and is not this job's: delete it, or {remedy}")
+                raise Refused(_not_its_secret(job, name))
             return False
-        if record.copies[name] == "":  # being made when the operator stopped: made again
+        if record.copies[name] == "":
+            # Being made when the operator stopped, and maybe made: the operator may not read
+            # it to know, so it is made again (from the same material).
             client.delete("v1", "Secret", namespace, name)
             del record.copies[name]
             return False
@@ -376,8 +382,8 @@ def _apply_children(
             continue
         if child["kind"] == "Secret":
             # A copy of the job's record, made once and never read back (see keep.py).
-            if child["metadata"]["name"] not in record.copies:
-                keep.make_copy(client, config.own_namespace, job, record, child)
+            if child["metadata"]["name"] not in record.copies and not keep.make_copy(client, config.own_namespace, job, record, child):
+                raise Refused(_not_its_secret(job, child["metadata"]["name"]))
             continue
         if child["kind"] in ("Deployment", "Job") and not guarded:
             for policy in (c for c in children if c["kind"] == "NetworkPolicy"):

@@ -66,16 +66,22 @@ def test_the_api_server_restarted_mid_job_the_job_completes(cluster, client, kub
 
 
 def test_the_witness_tells_a_child_made_twice_two_live_pods_of_a_site_and_a_phase_gone_back():
-    """The checks of the trials can fail: fed the events of a run gone wrong, each is told."""
+    """The checks of the trials can fail: fed the events of a run gone wrong, each is told.
+    A key copy made again with the material it held is told apart, not a violation; made
+    again with other material, it is one."""
     witness = faults.Witness(client=None, namespace="n")
     job = {"bouquet.dev/job": "j"}
 
-    def saw(kind, event, name, uid, labels=job, **status):
-        witness._saw(kind, event, {"metadata": {"name": name, "uid": uid, "labels": labels}, "status": status})
+    def saw(kind, event, name, uid, labels=job, data=None, **status):
+        witness._saw(kind, event, {"metadata": {"name": name, "uid": uid, "labels": labels}, "data": data or {}, "status": status})
 
     saw("ConfigMap", "ADDED", "j-job", "1")
     saw("ConfigMap", "DELETED", "j-job", "1")
     saw("ConfigMap", "ADDED", "j-job", "2")
+    for uid in ("k1", "k2"):
+        saw("Secret", "ADDED", "j--a-key", uid, data={"key": "c2FtZQ=="})
+    saw("Secret", "ADDED", "j--b-key", "k3", data={"key": "b25l"})
+    saw("Secret", "ADDED", "j--b-key", "k4", data={"key": "b3RoZXI="})
     site = {**job, "bouquet.dev/site": "a", "app.kubernetes.io/component": "site"}
     saw("Pod", "ADDED", "j--a-x", "p1", site, phase="Running")
     saw("Pod", "ADDED", "j--a-y", "p2", site, phase="Pending")
@@ -85,7 +91,9 @@ def test_the_witness_tells_a_child_made_twice_two_live_pods_of_a_site_and_a_phas
     saw("ConfigMap", "ADDED", "other-job", "3", {"bouquet.dev/job": "other"})
     assert witness.violations("j") == [
         "ConfigMap j-job was made 2 times (uids 1, 2)",
+        "Secret j--b-key was made 2 times (uids k3, k4)",
         "2 pods of a were live at once",
         "the job's phases went Pending -> Running -> Pending -> Running -> Succeeded",
     ]
+    assert witness.remade("j") == ["j--a-key"]
     assert witness.violations("other") == []

@@ -9,13 +9,17 @@ benchmarks/faults.py (`make bench-faults`: ten of each, figures printed).
   with faults injected at random moments of it: the operator SIGKILLed (and started again,
   as its Deployment would), the leader of two operators SIGKILLed, the API server restarted.
 - What must hold (Trial.violations): no child of the job made twice (each (kind, name) has
-  one uid for the whole run, as the spec never changes); never two live pods of one site or
+  one uid for the whole run, as the spec never changes), but for a key copy made again with
+  the very material it held (the operator may not read the copies it makes in a job's
+  namespace, so one it was making when it was killed is deleted and made again from the
+  job's record: operator/bouquet/keep.py; Witness.remade lists them); never two live pods of one site or
   of the server; the phases in order (Pending, Running, Succeeded), none missed back, no
   Failed; the job Succeeded with the model the server reported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -55,6 +59,7 @@ class Witness:
         self.client, self.namespace = client, namespace
         self.uids: dict[tuple[str, str], list[str]] = defaultdict(list)
         self.labels: dict[tuple[str, str], dict] = {}
+        self.material: dict[tuple[str, str], set[str]] = defaultdict(set)  # a Secret's data digests
         self.live_pods: dict[str, set[str]] = defaultdict(set)  # who -> uids of its live pods
         self.most_live: dict[str, int] = defaultdict(int)
         self.phases: dict[str, list[str]] = defaultdict(list)
@@ -121,6 +126,8 @@ class Witness:
             if meta["uid"] not in self.uids[key]:
                 self.uids[key].append(meta["uid"])
             self.labels[key] = meta.get("labels", {})
+            if kind == "Secret":
+                self.material[key].add(hashlib.sha256(json.dumps(obj.get("data", {}), sort_keys=True).encode()).hexdigest())
             if kind == "FederatedJob":
                 phase = obj.get("status", {}).get("phase")
                 if phase and (not self.phases[meta["name"]] or self.phases[meta["name"]][-1] != phase):
@@ -142,15 +149,28 @@ class Witness:
                 k for k in self.uids if k[0] not in ("Pod", "FederatedJob") and self.labels.get(k, {}).get("bouquet.dev/job") == job
             )
 
+    def remade(self, job: str) -> list[str]:
+        """The job's Secrets made more than once, each time with the same material."""
+        with self.lock:
+            return sorted(
+                name
+                for (kind, name), uids in self.uids.items()
+                if kind == "Secret"
+                and len(uids) > 1
+                and len(self.material[(kind, name)]) == 1
+                and self.labels[(kind, name)].get("bouquet.dev/job") == job
+            )
+
     def violations(self, job: str) -> list[str]:
-        """What went wrong for one job: children made twice, two live pods of one site or of
-        the server, phases out of order."""
+        """What went wrong for one job: children made twice (but for a key copy made again
+        with its own material), two live pods of one site or of the server, phases out of order."""
         found = []
+        remade = self.remade(job)
         with self.lock:
             for (kind, name), uids in sorted(self.uids.items()):
                 if kind in ("Pod", "FederatedJob") or self.labels.get((kind, name), {}).get("bouquet.dev/job") != job:
                     continue
-                if len(uids) > 1:
+                if len(uids) > 1 and name not in remade:
                     found.append(f"{kind} {name} was made {len(uids)} times (uids {', '.join(uids)})")
             for who, most in sorted(self.most_live.items()):
                 if who.startswith(f"{job} ") and most > 1:
