@@ -170,7 +170,7 @@ class Witness:
             for (kind, name), uids in sorted(self.uids.items()):
                 if kind in ("Pod", "FederatedJob") or self.labels.get((kind, name), {}).get("bouquet.dev/job") != job:
                     continue
-                if len(uids) > 1 and name not in remade:
+                if len(uids) > 1 and not (kind == "Secret" and name in remade):
                     found.append(f"{kind} {name} was made {len(uids)} times (uids {', '.join(uids)})")
             for who, most in sorted(self.most_live.items()):
                 if who.startswith(f"{job} ") and most > 1:
