@@ -18,6 +18,9 @@ from .gate import Gate
 
 START_SECONDS = 60
 POLL_SECONDS = 0.5  # between looks at the run's status and history (in-process: cheap)
+# Once the ServerApp has reported the run's end, Flower says it is over within a second or so:
+# looked for this often then, so that `bouquet run` goes on to its end at once.
+ENDING_POLL_SECONDS = 0.05
 
 
 def _tls_files(tls: flower.Tls) -> tuple[str | None, str | None, str | None]:
@@ -122,7 +125,8 @@ class Server:
                 reported += 1
             if finished:
                 break
-            time.sleep(POLL_SECONDS)
+            ending = (outputs.read_json(self.out / outputs.PROGRESS, {}) or {}).get("state") in ("Succeeded", "Failed")
+            time.sleep(ENDING_POLL_SECONDS if ending else POLL_SECONDS)
         progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}
         # The built-in task also reports its own end; a job's own app is done when Flower says so.
         builtin_done = "app" in self.job["spec"] or progress.get("state") == "Succeeded"

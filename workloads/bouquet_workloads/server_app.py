@@ -147,9 +147,9 @@ def train_federated(grid: Grid, job: Mapping, out: Path, site_names: str = "clai
 
 
 def _finish(grid: Grid, job: Mapping, out: Path, weights: dict, history: list[dict], sites: list[str]) -> None:
-    """Writes the final model and its report, tells the sites the run is over, and only then
-    reports it Succeeded: from then on the operator stops this server, and a site not told
-    by then would wait for it for ever."""
+    """Writes the final model, tells the sites the run is over, draws the report, and only
+    then reports it Succeeded: from then on the operator stops this server, and a site not
+    told by then would wait for it for ever."""
     spec = job["spec"]
     rounds = spec["rounds"]
     features = _feature_names(spec)
@@ -173,10 +173,10 @@ def _finish(grid: Grid, job: Mapping, out: Path, weights: dict, history: list[di
             "createdAt": _now(),
         },
     )
-    from . import report  # matplotlib: imported only now, not while the sites wait for the first round
+    _tell_sites_the_run_is_over(grid, out, sites)  # (they stop while the report is drawn)
+    from . import report  # matplotlib: imported only now, not while the sites wait for a round
 
     report.plot(out / outputs.REPORT, job, history, None)
-    _tell_sites_the_run_is_over(grid, out, sites)
     _progress(out, job, "Succeeded", round_=rounds)
 
 
