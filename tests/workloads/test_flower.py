@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,27 @@ def test_the_superlinks_control_api_is_called_from_this_process(tmp_path):
         processes.stop()
         server.stop()
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_processes_told_to_stop_are_no_failure_and_leave_nothing_behind(tmp_path):
+    """terminate() asks a process tree to stop without waiting (a site once the run is over):
+    its end is then no failure for check(), while another process's end still is; stop()
+    then leaves nothing of either tree."""
+    processes = flower.Processes(tmp_path / "logs", env={})
+    spawner = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    site = processes.start("site-a", [sys.executable, "-c", spawner])
+    other = processes.start("other", [sys.executable, "-c", "import time; time.sleep(60)"])
+    deadline = time.monotonic() + 30
+    while not flower.descendants(site.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [grandchild] = flower.descendants(site.pid)
+    processes.terminate(["site-a"])
+    assert site.wait(10) == -signal.SIGTERM
+    processes.check()
+    other.kill()
+    other.wait()
+    with pytest.raises(flower.LaunchError, match="other exited"):
+        processes.check()
+    processes.stop()
+    assert processes.running == {} and processes.ending == set()
+    assert not flower._alive(grandchild), "the site's child was stopped with it"

@@ -116,6 +116,7 @@ class Processes:
     log_dir: Path
     env: dict[str, str] = field(default_factory=lambda: process_env())
     running: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ending: set[str] = field(default_factory=set)  # told to stop (terminate): their end is no failure
 
     def start(self, name: str, command: list[str], log_as: str | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen:
         """Starts command as name, its output in <log_as or name>.log (appended to), with env
@@ -142,6 +143,8 @@ class Processes:
     def check(self) -> None:
         """Raises if a process ended on its own."""
         for name, process in self.running.items():
+            if name in self.ending:
+                continue
             code = process.poll()
             if code is not None:
                 raise LaunchError(f"{name} exited with code {code} (its log: {self.log_dir / (name + '.log')})", self.tail(name))
@@ -152,16 +155,17 @@ class Processes:
         except FileNotFoundError:
             return ""
 
+    def terminate(self, names: list[str]) -> None:
+        """Tells the named processes and everything they started to stop (SIGTERM), without
+        waiting for them: stop() collects them."""
+        self.ending.update(names)
+        _signal_all(self._trees({n: p for n, p in self.running.items() if n in names}), signal.SIGTERM)
+
     def stop(self, names: list[str] | None = None, grace: float = 5.0) -> None:
         """Stops the named processes (default: all) and everything they started: SIGTERM,
-        then SIGKILL to whatever is left after grace seconds. Flower starts its ServerApp
-        and ClientApps in sessions of their own, so the whole process tree is collected
-        first rather than trusting process groups."""
+        then SIGKILL to whatever is left after grace seconds."""
         chosen = {n: p for n, p in self.running.items() if names is None or n in names}
-        pids = {pid for p in chosen.values() for pid in (p.pid, *descendants(p.pid))}
-        # A process whose parent has exited is no one's descendant any more, but it is still
-        # in the group it was started in (the SuperExec of a SuperNode that gave up).
-        pids |= group_members({p.pid for p in chosen.values()})
+        pids = self._trees(chosen)
         _signal_all(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for process in chosen.values():
@@ -175,6 +179,17 @@ class Processes:
         for name, process in chosen.items():
             process.wait()
             del self.running[name]
+            self.ending.discard(name)
+
+    @staticmethod
+    def _trees(chosen: Mapping[str, subprocess.Popen]) -> set[int]:
+        """The processes and everything they started. Flower starts its ServerApp and
+        ClientApps in sessions of their own, so the whole process tree is collected rather
+        than trusting process groups; and a process whose parent has exited is no one's
+        descendant any more, but still in the group it was started in (the SuperExec of a
+        SuperNode that gave up, a worker whose SuperNode ended first)."""
+        pids = {pid for p in chosen.values() for pid in (p.pid, *descendants(p.pid))}
+        return pids | group_members({p.pid for p in chosen.values()})
 
 
 SUPEREXEC_POLL_SECONDS = 0.1

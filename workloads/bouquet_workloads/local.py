@@ -112,7 +112,10 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         server.submit()
         say(f"server up on {server.address} (TLS: {'on' if tls_files.enabled else 'off'}); {len(job['spec']['sites'])} sites started; "
             f"each checks its data, then round {len(history) + 1} begins")  # fmt: skip
-        server.follow(say, started)
+        sites = [name for name in processes.running if name.startswith("site-")]
+        # The sites are told the run is over before the ServerApp reports its end: they stop
+        # while Flower ends the run.
+        server.follow(say, started, ended=lambda: processes.terminate(sites))
         if "task" in job["spec"]:
             # The centralized baseline trains while the processes stop (they mostly wait).
             trained = {site: path for site, path in site_files.items() if site not in refused}

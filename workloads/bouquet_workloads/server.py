@@ -102,9 +102,11 @@ class Server:
         self.run_id = self.control.start_run(app_dir, config)
         return self.run_id
 
-    def follow(self, say: Callable[[str], None], started: float) -> None:
+    def follow(self, say: Callable[[str], None], started: float, ended: Callable[[], None] | None = None) -> None:
         """Reports each round as it is committed, until Flower says the run is over;
-        raises RunFailed unless the final model was written."""
+        raises RunFailed unless the final model was written. ended is called once the
+        ServerApp has reported the run's end (it has told the sites by then), before Flower
+        says the run is over."""
         rounds = self.job["spec"]["rounds"]
         reported = len(outputs.read_json(self.out / outputs.HISTORY, []) or [])
         if reported:
@@ -126,6 +128,9 @@ class Server:
             if finished:
                 break
             ending = (outputs.read_json(self.out / outputs.PROGRESS, {}) or {}).get("state") in ("Succeeded", "Failed")
+            if ending and ended is not None:
+                ended()
+                ended = None
             time.sleep(ENDING_POLL_SECONDS if ending else POLL_SECONDS)
         progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}
         # The built-in task also reports its own end; a job's own app is done when Flower says so.
