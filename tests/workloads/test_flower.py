@@ -101,3 +101,34 @@ def test_processes_told_to_stop_are_no_failure_and_leave_nothing_behind(tmp_path
     processes.stop()
     assert processes.running == {} and processes.ending == set()
     assert not flower._alive(grandchild), "the site's child was stopped with it"
+
+
+def test_the_servers_verdict_is_passed_on_once_and_only_when_this_run_gave_it(tmp_path, monkeypatch):
+    """Server.follow calls ended once, with the ServerApp's verdict, as soon as the ServerApp
+    reports it (before Flower says the run is over), and never for a verdict an earlier run
+    left in the output folder. Flower's side is played: the run's status, and the progress
+    the ServerApp writes, look by look."""
+    from bouquet_workloads import outputs
+    from bouquet_workloads import server as server_module
+
+    monkeypatch.setattr(server_module, "POLL_SECONDS", 0.0)
+    monkeypatch.setattr(server_module, "ENDING_POLL_SECONDS", 0.0)
+    looks = [("running", "Failed"), ("running", "Failed"), ("running", "Running"), ("running", "Succeeded"), ("running", "Succeeded")]
+    looks += [("finished:completed", "Succeeded")]
+    heard: list[tuple[int, str]] = []
+
+    class Control:
+        calls = 0
+
+        def run_status(self, run_id):
+            status, state = looks[self.calls]
+            outputs.write_json(tmp_path / outputs.PROGRESS, {"state": state})
+            self.calls += 1
+            return status
+
+    server = Server.__new__(Server)
+    server.job, server.out, server.run_id, server.control = {"spec": {"rounds": 1}}, tmp_path, 1, Control()
+    server.processes = flower.Processes(tmp_path / "logs", env={})
+    server.gate = type("Gate", (), {"alive": True})()
+    server.follow(lambda line: None, time.monotonic(), ended=lambda verdict: heard.append((server.control.calls, verdict)))
+    assert heard == [(4, "Succeeded")], "at the first look at this run's verdict, and once"

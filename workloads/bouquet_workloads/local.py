@@ -113,13 +113,20 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         say(f"server up on {server.address} (TLS: {'on' if tls_files.enabled else 'off'}); {len(job['spec']['sites'])} sites started; "
             f"each checks its data, then round {len(history) + 1} begins")  # fmt: skip
         sites = [name for name in processes.running if name.startswith("site-")]
-        # The sites are told the run is over before the ServerApp reports its end: they stop
-        # while Flower ends the run.
-        server.follow(say, started, ended=lambda: processes.terminate(sites))
-        if "task" in job["spec"]:
-            # The centralized baseline trains while the processes stop (they mostly wait).
-            trained = {site: path for site, path in site_files.items() if site not in refused}
-            reference = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bouquet-baseline").submit(_baseline, job, trained)
+        baseline_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bouquet-baseline")
+        trained = {site: path for site, path in site_files.items() if site not in refused}
+        reference: list[concurrent.futures.Future] = []
+
+        def ended(verdict: str) -> None:
+            # The sites were told the run is over before the ServerApp reported its end: they
+            # stop while Flower ends the run, and the centralized baseline trains meanwhile.
+            processes.terminate(sites)
+            if "task" in job["spec"] and verdict == "Succeeded":
+                reference.append(baseline_thread.submit(_baseline, job, trained))
+
+        server.follow(say, started, ended=ended)
+        if "task" in job["spec"] and not reference:
+            reference.append(baseline_thread.submit(_baseline, job, trained))
     finally:
         # The sites first, while the server still answers their goodbye (a SuperNode whose
         # server is gone retries it for seconds), then the gate and the Control client, whose
@@ -135,7 +142,7 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         say(f"done in {clock(time.monotonic() - started)}: the job's own app finished; its output is in {paths.out}")
         return {}
     model = outputs.read_json(paths.out / outputs.MODEL_INFO)
-    baseline = _compare_with_baseline(paths, reference.result(), model, say)
+    baseline = _compare_with_baseline(paths, reference[0].result(), model, say)
     from . import report  # matplotlib, needed only now
 
     report.plot(paths.out / outputs.REPORT, job, outputs.read_json(paths.out / outputs.HISTORY), baseline)

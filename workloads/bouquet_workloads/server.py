@@ -102,16 +102,18 @@ class Server:
         self.run_id = self.control.start_run(app_dir, config)
         return self.run_id
 
-    def follow(self, say: Callable[[str], None], started: float, ended: Callable[[], None] | None = None) -> None:
+    def follow(self, say: Callable[[str], None], started: float, ended: Callable[[str], None] | None = None) -> None:
         """Reports each round as it is committed, until Flower says the run is over;
-        raises RunFailed unless the final model was written. ended is called once the
-        ServerApp has reported the run's end (it has told the sites by then), before Flower
-        says the run is over."""
+        raises RunFailed unless the final model was written. ended is called with the
+        ServerApp's verdict (Succeeded or Failed) once it has reported it after reporting
+        the run Running (with Succeeded, the sites were told the run is over by then), before
+        Flower says the run is over."""
         rounds = self.job["spec"]["rounds"]
         reported = len(outputs.read_json(self.out / outputs.HISTORY, []) or [])
         if reported:
             say(f"continuing after round {reported} (from its checkpoint)")
         first_new = reported
+        running = False
         while True:
             self.processes.check()
             if not self.gate.alive:
@@ -127,9 +129,11 @@ class Server:
                 reported += 1
             if finished:
                 break
-            ending = (outputs.read_json(self.out / outputs.PROGRESS, {}) or {}).get("state") in ("Succeeded", "Failed")
+            state = (outputs.read_json(self.out / outputs.PROGRESS, {}) or {}).get("state")
+            ending = state in ("Succeeded", "Failed") and running  # (not a verdict an earlier run left)
+            running = running or state == "Running"
             if ending and ended is not None:
-                ended()
+                ended(state)
                 ended = None
             time.sleep(ENDING_POLL_SECONDS if ending else POLL_SECONDS)
         progress = outputs.read_json(self.out / outputs.PROGRESS, {}) or {}
