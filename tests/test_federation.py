@@ -5,8 +5,11 @@ opened for it, and the run completes with every round exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -85,61 +88,10 @@ def test_an_outsider_and_a_foreign_app_get_nowhere(tmp_path, job_file):
     markers.mkdir()
     run = start_bouquet(["run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())], log)
     try:
-        wait_for(lambda: "round 1 begins" in log.read_text() or run.poll() is not None, "the server to start")
+        wait_for(lambda: "server up on" in log.read_text() or run.poll() is not None, "the server to start")
         port = int(re.search(r"server up on localhost:(\d+)", log.read_text()).group(1))
-        ca = out / "tls" / "ca.crt"
-        address = f"localhost:{port}"
-
-        # The Control API is not on the port the sites reach: no listing, no submitting, no registering.
-        listed = flwr(["ls", "x"], tmp_path / "outsider", address, ca)
-        assert not listed.get("success", True), listed
-        submitted = flwr(["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "outsider", address, ca)
-        assert not submitted.get("success", True), submitted
-        attacker_key, attacker_pub = identity.make().write(tmp_path / "attacker")
-        registered = flwr(["supernode", "register", str(attacker_pub), "x"], tmp_path / "outsider", address, ca)
-        assert not registered.get("success", True), registered
-        for method, path in [
-            ("POST", "/v1/control/list-runs"),
-            ("POST", "/v1/control/start-run"),
-            ("POST", "/v1/runtime/get-nodes"),
-            ("POST", "/v1/fleet/../control/list-runs"),
-            ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
-            ("GET", "/docs"),
-            ("GET", "/openapi.json"),
-        ]:
-            assert request(port, ca, method, path) == 404, (method, path)
-
-        # SuperNodes of the outsider's own, claiming a real site's name: with no key, with a key of its own.
-        data = out / "data" / "hospital-a.csv"
-        for name, key in [("no-key", None), ("own-key", attacker_key)]:
-            command = flower.supernode_command(
-                address,
-                "hospital-a",
-                data,
-                None,
-                free_port(),
-                ca,
-                flower.SiteIdentity(flower.app_sha256(yaml.safe_load(job_file.read_text())), key),
-            )
-            with (tmp_path / f"{name}.log").open("w") as sink:
-                result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=60, env=flower.process_env())
-            assert result.returncode != 0
-            assert "SuperNode ID" not in (tmp_path / f"{name}.log").read_text()
-
-        # Someone on the server submits an app of its own on the loopback port, where the
-        # Control API answers: the server's SuperExec does not start its ServerApp.
-        # (the SuperLink's one port, which the server's SuperExec is given)
-        [superexec] = [c for c in processes_mentioning(str(out)) if "bouquet_workloads.superexec" in c]
-        internal = re.search(r"--runtime-api-address 127\.0\.0\.1:(\d+)", superexec).group(1)
-        foreign = flwr(
-            ["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "insider", f"localhost:{internal}", ca
-        )
-        assert foreign.get("success", True), foreign
-        server_refusals = out / "logs" / "server-refused.json"
-        wait_for(server_refusals.exists, "the server to refuse the foreign run")
-        assert [str(entry["run"]) for entry in json.loads(server_refusals.read_text())] == [str(foreign["run-id"])]
-        assert "refused run" in (out / "logs" / "server.log").read_text()
-
+        with sites_held(run.pid):
+            attack(tmp_path, out, port, markers, job_file)
         assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         stop_bouquet(run)
@@ -149,6 +101,90 @@ def test_an_outsider_and_a_foreign_app_get_nowhere(tmp_path, job_file):
     assert all(entry["sites"] == ["hospital-a", "hospital-b", "hospital-c"] for entry in history)
     assert not any((out / "logs" / f"site-{site}-refused.json").exists() for site in ("hospital-a", "hospital-b", "hospital-c"))
     assert processes_mentioning(str(out)) == []
+
+
+@contextlib.contextmanager
+def sites_held(run_pid: int):
+    """The run's three site workers stopped (SIGSTOP) while the body runs, then let go: the
+    run cannot get past its first exchange with the sites meanwhile, so every attack meets a
+    run that is under way (a round waits for its replies for roundTimeoutSeconds, 600 s)."""
+    workers: list[int] = []
+
+    def found() -> bool:
+        workers[:] = [pid for pid in flower.descendants(run_pid) if "bouquet_workloads.worker" in command_line(pid)]
+        return len(workers) == 3
+
+    wait_for(found, "the three sites' workers to start")
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def attack(tmp_path: Path, out: Path, port: int, markers: Path, job_file: Path) -> None:
+    """Every attack of an outsider holding the job's CA, then of someone on the server."""
+    ca = out / "tls" / "ca.crt"
+    address = f"localhost:{port}"
+
+    # The Control API is not on the port the sites reach: no listing, no submitting, no registering.
+    listed = flwr(["ls", "x"], tmp_path / "outsider", address, ca)
+    assert not listed.get("success", True), listed
+    submitted = flwr(["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "outsider", address, ca)
+    assert not submitted.get("success", True), submitted
+    attacker_key, attacker_pub = identity.make().write(tmp_path / "attacker")
+    registered = flwr(["supernode", "register", str(attacker_pub), "x"], tmp_path / "outsider", address, ca)
+    assert not registered.get("success", True), registered
+    for method, path in [
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/runtime/get-nodes"),
+        ("POST", "/v1/fleet/../control/list-runs"),
+        ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+    ]:
+        assert request(port, ca, method, path) == 404, (method, path)
+
+    # SuperNodes of the outsider's own, claiming a real site's name: with no key, with a key of its own.
+    data = out / "data" / "hospital-a.csv"
+    for name, key in [("no-key", None), ("own-key", attacker_key)]:
+        command = flower.supernode_command(
+            address,
+            "hospital-a",
+            data,
+            None,
+            free_port(),
+            ca,
+            flower.SiteIdentity(flower.app_sha256(yaml.safe_load(job_file.read_text())), key),
+        )
+        with (tmp_path / f"{name}.log").open("w") as sink:
+            result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=60, env=flower.process_env())
+        assert result.returncode != 0
+        assert "SuperNode ID" not in (tmp_path / f"{name}.log").read_text()
+
+    # Someone on the server submits an app of its own on the loopback port, where the
+    # Control API answers: the server's SuperExec does not start its ServerApp.
+    # (the SuperLink's one port, which the server's SuperExec is given)
+    [superexec] = [c for c in processes_mentioning(str(out)) if "bouquet_workloads.superexec" in c]
+    internal = re.search(r"--runtime-api-address 127\.0\.0\.1:(\d+)", superexec).group(1)
+    foreign = flwr(
+        ["run", str(FOREIGN_APP), "x", "--run-config", f'marker-dir="{markers}"'], tmp_path / "insider", f"localhost:{internal}", ca
+    )
+    assert foreign.get("success", True), foreign
+    server_refusals = out / "logs" / "server-refused.json"
+    wait_for(server_refusals.exists, "the server to refuse the foreign run")
+    assert [str(entry["run"]) for entry in json.loads(server_refusals.read_text())] == [str(foreign["run-id"])]
+    assert "refused run" in (out / "logs" / "server.log").read_text()
 
 
 def test_a_site_runs_only_its_jobs_app_whatever_a_server_asks(tmp_path, job_file):
