@@ -117,16 +117,19 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         trained = {site: path for site, path in site_files.items() if site not in refused}
         reference: list[concurrent.futures.Future] = []
 
+        def train_baseline() -> None:
+            if "task" in job["spec"] and not reference:
+                reference.append(baseline_thread.submit(_baseline, job, trained))
+
         def ended(verdict: str) -> None:
             # The sites were told the run is over before the ServerApp reported its end: they
             # stop while Flower ends the run, and the centralized baseline trains meanwhile.
             processes.terminate(sites)
-            if "task" in job["spec"] and verdict == "Succeeded":
-                reference.append(baseline_thread.submit(_baseline, job, trained))
+            if verdict == "Succeeded":
+                train_baseline()
 
         server.follow(say, started, ended=ended)
-        if "task" in job["spec"] and not reference:
-            reference.append(baseline_thread.submit(_baseline, job, trained))
+        train_baseline()
     finally:
         # The sites first, while the server still answers their goodbye (a SuperNode whose
         # server is gone retries it for seconds), then the gate and the Control client, whose
