@@ -136,6 +136,13 @@ def _memory(pid: int) -> tuple[int, int] | None:
     return rss, pss
 
 
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _command(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -176,7 +183,11 @@ def run_bouquet(job: dict, work: Path) -> tuple[Figures, Path]:
 
         def server_side(pid: int, command: str) -> bool:
             # The run's own process holds the gate in front of the SuperLink and the server's
-            # Control client: the server's side, as in the server's pod.
+            # Control client: the server's side, as in the server's pod. The run's fork server
+            # (bouquet_workloads.forks) and what it forked are the sites' side, but for the
+            # ServerApp (a server's pod has neither the fork server nor the sites' workers).
+            if _name(pid) in ("bouquet-forks", "bouquet-worker", "bouquet-central"):
+                return False
             return not any(
                 "bouquet_workloads.supernode" in _command(p) or "bouquet_workloads.worker" in _command(p) for p in {pid, *_ancestors(pid)}
             )

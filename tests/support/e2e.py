@@ -131,6 +131,10 @@ def diagnose(kubeconfig: str, namespace: str) -> str:
     for pod in pods:
         logs = kubectl(kubeconfig, "logs", "-n", namespace, pod, "--all-containers", "--tail=30", check=False)
         parts.append(f"--- {pod}\n{logs.stdout[-2500:]}{logs.stderr[-500:]}")
+        # A container that crashed and waits to restart has no log of its own yet: its last run's.
+        previous = kubectl(kubeconfig, "logs", "-n", namespace, pod, "--all-containers", "--previous", "--tail=30", check=False)
+        if previous.returncode == 0 and previous.stdout.strip():
+            parts.append(f"--- {pod}, the container's previous run\n{previous.stdout[-2500:]}")
     operator = kubectl(kubeconfig, "logs", "-n", RELEASE_NAMESPACE, f"deployment/{RELEASE}", "--tail=40", check=False)
     parts.append(f"--- the operator\n{operator.stdout[-4000:]}{operator.stderr[-500:]}")
     # Last, where a cut log keeps it: each job's status, whose sites carry their pods' last

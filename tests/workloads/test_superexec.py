@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
 
 import pytest
 from flwr.proto.task_pb2 import Task
+from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec import run_superexec
+from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor.types import LaunchResult, LaunchResultStatus
 
-from bouquet_workloads import superexec
+from bouquet_workloads import forks, superexec
 
 
 @pytest.fixture
@@ -59,3 +62,55 @@ def test_once_it_launched_the_jobs_serverapp_the_superexec_asks_for_tasks_seldom
     pace.sleep(0.1)
     assert slept == [0.1, 0.1, superexec.LAUNCHED_POLL_SECONDS]
     assert pace.monotonic() > 0  # the rest of `time`, as it is
+
+
+def test_flowers_executor_starts_a_serverapp_the_way_the_fork_server_shim_takes_it():
+    # A Flower upgrade that changes this leaves a local run's ServerApp to Flower's own start:
+    # this test says so.
+    source = inspect.getsource(subprocess_executor.SubprocessExecutor.launch)
+    assert "TASK_TYPE_TO_COMMAND[spec.task_type]" in source
+    assert (
+        "subprocess.Popen(  # pylint: disable=consider-using-with\n                args,\n                stdout=subprocess.DEVNULL,\n                stderr=subprocess.DEVNULL,\n            )"
+        in source
+    )
+    assert "subprocess.Popen(args)" in source
+    assert subprocess_executor.TASK_TYPE_TO_COMMAND[TaskType.SERVER_APP] == superexec.SERVERAPP_COMMAND
+
+
+class _Forks:
+    def __init__(self, error: str | None = None) -> None:
+        self.asked: list[tuple[dict, int]] = []
+        self.error = error
+
+    def start(self, request, fds):
+        if self.error:
+            raise forks.ForkError(self.error)
+        self.asked.append((request, len(fds)))
+        return 4242
+
+
+def test_a_serverapp_is_asked_of_the_fork_server_with_its_arguments_and_the_gates_port(monkeypatch):
+    started = []
+    monkeypatch.setattr(superexec.subprocess, "Popen", lambda *args, **options: started.append(args[0]))
+    monkeypatch.setenv("BOUQUET_GATE_NOTICE_PORT", "5555")
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/not-passed.so")
+    fork_server = _Forks()
+    launches = superexec._Launches(fork_server)
+    args = ["flwr-serverapp", "--serverappio-api-address", "127.0.0.1:1", "--token", "t", "--insecure", "--parent-pid", "7"]
+    assert launches.Popen(args, stdout=launches.DEVNULL, stderr=launches.DEVNULL) is None
+    assert launches.Popen(args) is None
+    expected = {"kind": "serverapp", "args": args[1:], "env": {"BOUQUET_GATE_NOTICE_PORT": "5555"}}
+    assert fork_server.asked == [(expected, 2), (expected, 2)]
+    launches.Popen(["flwr-clientapp", "--insecure"])  # anything else: started as Flower would
+    launches.Popen(["flwr-serverapp", "--insecure"], cwd="/tmp")  # options the shim does not know
+    assert started == [["flwr-clientapp", "--insecure"], ["flwr-serverapp", "--insecure"]]
+
+
+def test_a_serverapp_the_fork_server_does_not_start_is_started_as_flower_would(monkeypatch):
+    started = []
+    monkeypatch.setattr(superexec.subprocess, "Popen", lambda *args, **options: started.append((args[0], options)))
+    launches = superexec._Launches(_Forks(error="the fork server has ended"))
+    launches.Popen(["flwr-serverapp", "--insecure"], stdout=launches.DEVNULL, stderr=launches.DEVNULL)
+    launches.Popen(["flwr-serverapp", "--insecure"])
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    assert started == [(["flwr-serverapp", "--insecure"], quiet), (["flwr-serverapp", "--insecure"], {})]

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,9 +118,16 @@ class Processes:
     running: dict[str, subprocess.Popen] = field(default_factory=dict)
     ending: set[str] = field(default_factory=set)  # told to stop (terminate): their end is no failure
 
-    def start(self, name: str, command: list[str], log_as: str | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        log_as: str | None = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Collection[int] = (),
+    ) -> subprocess.Popen:
         """Starts command as name, its output in <log_as or name>.log (appended to), with env
-        added to the processes' environment."""
+        added to the processes' environment and the file descriptors pass_fds kept open in it."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with (self.log_dir / f"{log_as or name}.log").open("ab") as log:
             process = subprocess.Popen(
@@ -130,6 +137,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 env={**self.env, **(env or {})},
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
             )
         self.running[name] = process
         return process
@@ -300,12 +308,15 @@ def superlink_command(port: int, tls: Tls, authenticate_sites: bool) -> list[str
     return command
 
 
-def superexec_command(port: int, tls: Tls, app_sha256: str, refusals: Path | None) -> list[str]:
+def superexec_command(port: int, tls: Tls, app_sha256: str, refusals: Path | None, forks_fd: int | None = None) -> list[str]:
     """The server's SuperExec, which starts the ServerApp of the job's app and of no other
-    (bouquet_workloads.superexec), connected to the SuperLink's runtime API on loopback."""
+    (bouquet_workloads.superexec), connected to the SuperLink's runtime API on loopback; with
+    forks_fd, forked by a local run's fork server (bouquet_workloads.forks)."""
     command = [sys.executable, "-m", "bouquet_workloads.superexec", "--app-sha256", app_sha256]
     if refusals:
         command += ["--refusals", _absolute(refusals)]
+    if forks_fd is not None:
+        command += ["--forks-fd", str(forks_fd)]
     command += ["--", "--runtime-api-address", f"127.0.0.1:{port}"]
     command += ["--root-certificates", _absolute(tls.ca)] if tls.enabled else ["--insecure"]
     return command
@@ -327,6 +338,32 @@ def client_module(job: Mapping) -> str:
     return job["spec"].get("app", {}).get("clientApp", CLIENT_APP).partition(":")[0]
 
 
+def server_module(job: Mapping) -> str:
+    """The module of the job's ServerApp (the built-in one or the job's own)."""
+    return job["spec"].get("app", {}).get("serverApp", SERVER_APP).partition(":")[0]
+
+
+def forks_command(
+    app_sha256: str, askers: Mapping[int, str], preload: list[str], job: Path | None, baseline_sites: Mapping[str, Path]
+) -> list[str]:
+    """A local run's fork server (bouquet_workloads.forks), for the askers (fd -> the kind it may
+    ask for), with the modules preload imported; with job, it trains the centralized baseline
+    on baseline_sites (site -> data file) when asked."""
+    command = [sys.executable, "-m", "bouquet_workloads.forks", "--app-sha256", app_sha256, "--parent-pid", str(os.getpid())]
+    for fd, kind in askers.items():
+        command += ["--asker", f"{kind}:{fd}"]
+    for module in preload:
+        command += ["--preload", module]
+    if job is not None:
+        command += [
+            "--job",
+            _absolute(job),
+            "--baseline-sites",
+            json.dumps({site: _absolute(path) for site, path in baseline_sites.items()}),
+        ]
+    return command
+
+
 def supernode_command(
     server: str,
     site: str,
@@ -336,9 +373,11 @@ def supernode_command(
     ca: Path | None,
     identity: SiteIdentity,
     preload: str | None = None,
+    forks_fd: int | None = None,
 ) -> list[str]:
     """A site's SuperNode, pinned to the job's app (bouquet_workloads.supernode); its warm
-    worker imports the module preload (client_module) before the first message comes."""
+    worker imports the module preload (client_module) before the first message comes, or with
+    forks_fd is forked by a local run's fork server (bouquet_workloads.forks)."""
     node_config = f'site="{site}" data-path="{_absolute(data)}"'
     if data_format:
         node_config += f' data-format="{data_format}"'
@@ -351,6 +390,8 @@ def supernode_command(
         command += ["--connection-error", _absolute(identity.connection_error)]
     if preload:
         command += ["--preload", preload]
+    if forks_fd is not None:
+        command += ["--worker-forks-fd", str(forks_fd)]
     # The SuperNode serves its runtime API on loopback at runtime_port to the site's warm worker.
     command += ["--runtime-port", str(runtime_port), "--", "--superlink", server, "--node-config", node_config]
     command += ["--root-certificates", _absolute(ca)] if ca else ["--insecure"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ from pathlib import Path
 from bouquet import identity, jobfile, tls
 from bouquet.schema import InvalidJob, Violation
 
-from . import datasets, flower, metrics, outputs
+from . import datasets, flower, forks, metrics, outputs
 from .roster import min_sites_to_start, resume_problem, rule
-from .server import Server, clock
+from .server import RunFailed, Server, clock
 from .tables import DataError, read_task_table, write_csv
 
 BASELINE = "baseline.json"
 HELD_OUT = "held-out.csv"
+FORK_SERVER = "fork-server"  # its log: logs/fork-server.log
 
 
 @dataclass
@@ -88,12 +90,26 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
     started = time.monotonic()
     stop_on_sigterm = signal.signal(signal.SIGTERM, flower.raise_interrupt)
     server = None
+    trained = {site: path for site, path in site_files.items() if site not in refused}
     gate_log = _log_to_file("bouquet_workloads.gate", paths.logs / "gate.log")
+    askers: dict[str, socket.socket] = {}  # asker -> its end of its socket with the fork server
+    followed = False
     try:
         say(f"job {name}: {len(job['spec']['sites'])} sites, {job['spec']['rounds']} rounds of {job['spec']['strategy']['name']}; "
             f"output in {paths.out}, metrics on http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip
-        server = Server(job, paths.out, tls_files, processes, public_keys={site: public for site, (_, public) in site_keys.items()})
+        askers = _start_fork_server(job, paths, processes, app_sha256, trained)
+        superexec_forks = askers.get("superexec")
+        server = Server(
+            job,
+            paths.out,
+            tls_files,
+            processes,
+            public_keys={site: public for site, (_, public) in site_keys.items()},
+            forks_fd=superexec_forks.fileno() if superexec_forks else None,
+        )
         server.start()
+        if superexec_forks:
+            askers.pop("superexec").close()
         for site in job["spec"]["sites"]:
             identity = flower.SiteIdentity(
                 app_sha256, site_keys[site["name"]][0] if site_keys else None, paths.logs / f"site-{site['name']}-refused.json"
@@ -107,19 +123,20 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
                 tls_files.ca,
                 identity,
                 preload=flower.client_module(job),
+                forks_fd=askers[f"site-{site['name']}"].fileno(),
             )
-            processes.start(f"site-{site['name']}", command)
+            processes.start(f"site-{site['name']}", command, pass_fds=[askers[f"site-{site['name']}"].fileno()])
+            askers.pop(f"site-{site['name']}").close()
         server.submit()
         say(f"server up on {server.address} (TLS: {'on' if tls_files.enabled else 'off'}); {len(job['spec']['sites'])} sites started; "
             f"each checks its data, then round {len(history) + 1} begins")  # fmt: skip
         sites = [name for name in processes.running if name.startswith("site-")]
         baseline_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bouquet-baseline")
-        trained = {site: path for site, path in site_files.items() if site not in refused}
         reference: list[concurrent.futures.Future] = []
 
         def train_baseline() -> None:
             if "task" in job["spec"] and not reference:
-                reference.append(baseline_thread.submit(_baseline, job, trained))
+                reference.append(baseline_thread.submit(_baseline, job, trained, paths, askers.pop("baseline", None)))
 
         def ended(verdict: str) -> None:
             # The sites were told the run is over before the ServerApp reported its end: they
@@ -130,14 +147,20 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
 
         server.follow(say, started, ended=ended)
         train_baseline()
+        followed = True
     finally:
         # The sites first, while the server still answers their goodbye (a SuperNode whose
         # server is gone retries it for seconds), then the gate and the Control client, whose
-        # connections a SuperLink told to stop would wait for, then the server's processes.
+        # connections a SuperLink told to stop would wait for, then the server's processes
+        # and, once the baseline it forked has finished, the fork server.
         processes.stop([name for name in processes.running if name.startswith("site-")])
         if server is not None:
             server.stop()
+        if followed:
+            concurrent.futures.wait(reference)
         processes.stop()
+        for asker in askers.values():
+            asker.close()
         metrics_server.shutdown()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
         gate_log()
@@ -249,9 +272,59 @@ def _make_site_keys(job: dict, directory: Path) -> dict[str, tuple[Path, Path]]:
     return {site["name"]: identity.make().write(directory / site["name"]) for site in job["spec"]["sites"]}
 
 
-def _baseline(job: dict, site_files: dict[str, Path]) -> dict:
+def _start_fork_server(
+    job: dict, paths: Paths, processes: flower.Processes, app_sha256: str, trained: dict[str, Path]
+) -> dict[str, socket.socket]:
+    """Starts the run's fork server (bouquet_workloads.forks), which imports torch and the
+    job's app once for the sites' workers, the ServerApp and the centralized baseline; returns
+    each asker's end of its socket with it ("site-<name>", "superexec", "baseline")."""
+    ends: dict[str, tuple[socket.socket, socket.socket]] = {}
+    try:
+        kinds = {f"site-{site['name']}": "worker" for site in job["spec"]["sites"]} | {"superexec": "serverapp"}
+        if "task" in job["spec"]:
+            kinds["baseline"] = "baseline"
+        ends = {asker: forks.pair() for asker in kinds}
+        preload = [flower.client_module(job), flower.server_module(job), "bouquet_workloads.worker", "flwr.superlink.cli.flwr_serverapp"]
+        preload += ["bouquet_workloads.baseline"] if "task" in job["spec"] else []
+        command = flower.forks_command(
+            app_sha256,
+            {ends[asker][0].fileno(): kind for asker, kind in kinds.items()},
+            preload,
+            paths.job if "task" in job["spec"] else None,
+            trained,
+        )
+        processes.start(FORK_SERVER, command, pass_fds=[theirs.fileno() for theirs, _ in ends.values()])
+    except BaseException:
+        for pair in ends.values():
+            for end in pair:
+                end.close()
+        raise
+    for theirs, _ in ends.values():
+        theirs.close()
+    return {asker: ours for asker, (_, ours) in ends.items()}
+
+
+def _baseline(job: dict, site_files: dict[str, Path], paths: Paths, asker: socket.socket | None) -> dict:
     """Trains the same model on the pooled training data (possible only because every
-    site's data is on this machine)."""
+    site's data is on this machine): forked from the fork server (asker), or in this process
+    when it does not start it."""
+    if asker is not None:
+        forked = forks.Asker(asker.detach())
+        result = paths.out / ".baseline.json"
+        log = (paths.logs / "baseline.log").open("ab")
+        try:
+            forked.start({"kind": "baseline", "result": str(result.resolve())}, [log.fileno(), log.fileno()])
+            code = forked.wait()
+            if code != 0:
+                raise RunFailed(f"the centralized baseline failed (exit {code}; its log: {paths.logs / 'baseline.log'})")
+            found = outputs.read_json(result)
+            result.unlink()
+            return found
+        except forks.ForkError as error:
+            logging.getLogger("bouquet_workloads.local").warning("the fork server did not train the baseline (%s); training it here", error)
+        finally:
+            log.close()
+            forked.close()
     # torch, imported only now: this process holds none of its memory while the run goes on
     from . import baseline
 

@@ -46,8 +46,10 @@ class Server:
         port: int = 0,
         host: str = "127.0.0.1",
         public_keys: Mapping[str, Path] | None = None,
+        forks_fd: int | None = None,
     ) -> None:
         self.job = job
+        self.forks_fd = forks_fd  # a local run's fork server, which forks the ServerApp (bouquet_workloads.forks)
         self.out = out
         self.tls = tls
         self.processes = processes
@@ -84,10 +86,12 @@ class Server:
         flower.wait_healthy(self.port, self.tls, START_SECONDS, self.processes)
         # The ServerApp it starts writes to the SuperLink's log, as it would under the SuperLink.
         pin = flower.superexec_command(
-            self.superlink_port, self.tls, flower.app_sha256(self.job), self.out / "logs" / "server-refused.json"
+            self.superlink_port, self.tls, flower.app_sha256(self.job), self.out / "logs" / "server-refused.json", self.forks_fd
         )
         # The ServerApp it starts tells the gate when it pushed messages (bouquet_workloads.wakes).
-        self.processes.start("superexec", pin, log_as="server", env={wakes.NOTICE_PORT_VARIABLE: str(self.gate.notice_port)})
+        notice = {wakes.NOTICE_PORT_VARIABLE: str(self.gate.notice_port)}
+        passed = () if self.forks_fd is None else (self.forks_fd,)
+        self.processes.start("superexec", pin, log_as="server", env=notice, pass_fds=passed)
 
     def stop(self) -> None:
         self.gate.stop()

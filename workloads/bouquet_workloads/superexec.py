@@ -7,19 +7,28 @@ the sites hold, bouquet_workloads.flower.app_sha256) and refuses any other befor
 the refusal is logged and listed in the refusals file. So even a run submitted on the server's
 own loopback port, where the Control API answers, runs no code but the job's at the server.
 
-    python -m bouquet_workloads.superexec --app-sha256 HEX [--refusals FILE] -- FLOWER-SUPEREXEC-ARGS...
+In `bouquet run` (--forks-fd) the ServerApp is forked from the run's fork server
+(bouquet_workloads.forks), torch and the app already imported, in place of the process Flower's
+executor would start; a fork server that refuses or is gone is logged, and Flower's own launch
+goes ahead.
+
+    python -m bouquet_workloads.superexec --app-sha256 HEX [--refusals FILE] [--forks-fd FD] -- FLOWER-SUPEREXEC-ARGS...
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from flwr.supercore.superexec import run_superexec
+from flwr.supercore.superexec.executor import subprocess_executor
 from flwr.supercore.superexec.executor.types import LaunchResult
 
+from . import forks as forks_
 from .supernode import pinned_parser, record_refusal, run_flower
 
 log = logging.getLogger("bouquet_workloads.server")
@@ -72,9 +81,55 @@ def install(app_sha256: str, refusals: Path | None) -> None:
     run_superexec.AutoExecPlugin = PinnedPlugin
 
 
+SERVERAPP_COMMAND = "flwr-serverapp"
+
+
+class _Launches:
+    """Stands in for the `subprocess` module of Flower's SubprocessExecutor: a ServerApp it
+    would start (`subprocess.Popen(["flwr-serverapp", ...])`, its output to this process's or
+    to nowhere) is forked by the fork server instead. Anything else, or a fork server that does
+    not start it, goes to subprocess as before. Flower keeps nothing of what Popen returns."""
+
+    def __init__(self, forks: forks_.Asker) -> None:
+        self.forks: forks_.Asker | None = forks
+
+    def Popen(self, args, *more, **options):  # noqa: N802 (subprocess's name)
+        quiet = options.get("stdout") == subprocess.DEVNULL and options.get("stderr") == subprocess.DEVNULL
+        plain = not more and set(options) <= {"stdout", "stderr"} and (quiet or not options)
+        if self.forks is not None and plain and list(args[:1]) == [SERVERAPP_COMMAND]:
+            nowhere = os.open(os.devnull, os.O_WRONLY) if quiet else None
+            try:
+                env = {name: os.environ[name] for name in forks_.SERVERAPP_ENV if name in os.environ}
+                request = {"kind": "serverapp", "args": [str(a) for a in args[1:]], "env": env}
+                pid = self.forks.start(request, [nowhere, nowhere] if quiet else [1, 2])
+                log.info("the fork server started the ServerApp (pid %d)", pid)
+                return None
+            except forks_.ForkError as error:
+                log.warning("the fork server did not start the ServerApp (%s); starting it as a process of its own", error)
+                self.forks = None
+            finally:
+                if nowhere is not None:
+                    os.close(nowhere)
+        return subprocess.Popen(args, *more, **options)
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+
+def fork_serverapps(forks: forks_.Asker) -> None:
+    """Makes Flower's executor ask the fork server for the ServerApp (_Launches)."""
+    subprocess_executor.subprocess = _Launches(forks)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = pinned_parser("bouquet_workloads.superexec", __doc__, "this server", "flower-superexec").parse_args(argv)
+    parser = pinned_parser("bouquet_workloads.superexec", __doc__, "this server", "flower-superexec")
+    parser.add_argument(
+        "--forks-fd", type=int, help="socket to a local run's fork server, which forks the ServerApp (bouquet_workloads.forks)"
+    )
+    args = parser.parse_args(argv)
     install(args.app_sha256, args.refusals)
+    if args.forks_fd is not None:
+        fork_serverapps(forks_.Asker(args.forks_fd))
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     return run_flower(log, "flower-superexec", args.flower_args, flower_superexec)

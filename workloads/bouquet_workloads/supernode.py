@@ -28,7 +28,7 @@ with its connection error; with --connection-error the SuperNode leaves Flower's
 that file, for `bouquet site` to say what it means for the site.
 
     python -m bouquet_workloads.supernode --app-sha256 HEX --runtime-port PORT [--preload MODULE] [--refusals FILE]
-        [--connection-error FILE] -- FLOWER-SUPERNODE-ARGS...
+        [--connection-error FILE] [--worker-forks-fd FD] -- FLOWER-SUPERNODE-ARGS...
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from flwr.supercore.exit import ExitCode, add_exit_handler
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import fleet_http_connection, start_client_internal
 
+from . import forks as forks_
 from . import pulls, wakes
 
 log = logging.getLogger("bouquet_workloads.site")
@@ -190,29 +191,46 @@ def record_connection_error(path: Path) -> None:
 WORKER_RESTART_SECONDS = 1.0  # before a worker that ended is replaced
 
 
-def keep_worker(command: list[str], pace: Pace) -> threading.Thread:
+def keep_worker(command: list[str], pace: Pace, forks: tuple[forks_.Asker, dict] | None = None) -> threading.Thread:
     """Starts the site's warm worker, and another each time one ends, for as long as this
     process lives (the worker ends with it: --parent-pid). A worker stopped with the site
     (both are signalled together) is not replaced. Each worker gets two pipes: this process
-    pokes one when it stored a message, the worker the other when it handed back a reply."""
+    pokes one when it stored a message, the worker the other when it handed back a reply.
+    With forks (a local run's fork server, bouquet_workloads.forks, and what to ask it for:
+    worker_request) the worker is forked from it, torch and the app already imported; when the
+    fork server refuses or is gone, that is logged and the worker is started as a process of
+    its own."""
     stopping = threading.Event()
     add_exit_handler(stopping.set)  # Flower runs it when the SuperNode is told to stop
 
     def keep() -> None:
+        nonlocal forks
         while True:
             tasks_read, tasks_write = os.pipe()
             replies_read, replies_write = os.pipe()
             for fd in (tasks_write, replies_read):
                 os.set_blocking(fd, False)
-            worker = subprocess.Popen(
-                [*command, "--tasks-fd", str(tasks_read), "--replies-fd", str(replies_write)],
-                stdin=subprocess.DEVNULL,
-                pass_fds=(tasks_read, replies_write),
-            )
+            wait = None
+            if forks is not None:
+                try:
+                    forks[0].start(forks[1], [tasks_read, replies_write, 1, 2])
+                    wait = forks[0].wait
+                except forks_.ForkError as error:
+                    log.warning("the fork server did not start the worker (%s); starting it as a process of its own", error)
+                    forks = None
+            if wait is None:
+                wait = subprocess.Popen(
+                    [*command, "--tasks-fd", str(tasks_read), "--replies-fd", str(replies_write)],
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(tasks_read, replies_write),
+                ).wait
             os.close(tasks_read)
             os.close(replies_write)
             pace.tasks, pace.replies = tasks_write, replies_read
-            code = worker.wait()
+            try:
+                code = wait()
+            except forks_.ForkError as error:  # the worker it forked ends with it (bouquet_workloads.worker)
+                code, forks = str(error), None
             with pace.lock:  # no poke of a pipe whose number a new file may take
                 pace.tasks = None
                 os.close(tasks_write)
@@ -232,6 +250,12 @@ def worker_command(app_sha256: str, runtime_port: int, refusals: Path | None, pr
     command += ["--runtime-api-address", f"127.0.0.1:{runtime_port}", "--parent-pid", str(os.getpid())]
     command += ["--refusals", str(refusals)] if refusals else []
     return command + (["--preload", preload] if preload else [])
+
+
+def worker_request(runtime_port: int, refusals: Path | None) -> dict:
+    """What a local run's fork server is asked for in place of worker_command: it runs the app
+    it was told to pin, and the modules it imported."""
+    return {"kind": "worker", "runtimeApiAddress": f"127.0.0.1:{runtime_port}", "refusals": str(refusals.resolve()) if refusals else None}
 
 
 def pinned_parser(module: str, doc: str, runs_at: str, flower_command: str) -> argparse.ArgumentParser:
@@ -262,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         "--runtime-port", type=int, required=True, help="port of the SuperNode's runtime API on loopback, which the worker serves"
     )
     parser.add_argument("--preload", metavar="MODULE", help="module the worker imports before the first message (the job's ClientApp's)")
+    parser.add_argument(
+        "--worker-forks-fd", type=int, help="socket to a local run's fork server, which forks the worker (bouquet_workloads.forks)"
+    )
     args = parser.parse_args(argv)
     pace = Pace()
     install(Pin(args.app_sha256, args.refusals), pace)
@@ -269,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         record_connection_error(args.connection_error)
     from flwr.supernode.cli import flower_supernode
 
-    keep_worker(worker_command(args.app_sha256, args.runtime_port, args.refusals, args.preload), pace)
+    forks = None
+    if args.worker_forks_fd is not None:
+        forks = forks_.Asker(args.worker_forks_fd), worker_request(args.runtime_port, args.refusals)
+    keep_worker(worker_command(args.app_sha256, args.runtime_port, args.refusals, args.preload), pace, forks)
     flower_args = [*args.flower_args, "--host", "127.0.0.1", "--port", str(args.runtime_port), "--isolation", "process"]
     return run_flower(log, "flower-supernode", flower_args, flower_supernode)
 

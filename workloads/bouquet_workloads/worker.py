@@ -185,15 +185,17 @@ PARENT_CHECK_SECONDS = 0.2
 
 
 def end_with(parent_pid: int) -> threading.Thread:
-    """Ends this process as soon as parent_pid (its SuperNode) has ended, whatever this process
-    is doing: a worker whose SuperNode is gone has nobody to answer and nothing to keep.
-    (Flower's own monitor raises SIGINT once, which a call in progress can swallow, and which
-    does nothing in a process that inherited SIGINT ignored.)"""
+    """Ends this process as soon as parent_pid (its SuperNode) has ended, or the process that
+    started it (the SuperNode, or a local run's fork server, bouquet_workloads.forks), whatever
+    this process is doing: a worker whose SuperNode is gone has nobody to answer and nothing to
+    keep. (Flower's own monitor raises SIGINT once, which a call in progress can swallow, and
+    which does nothing in a process that inherited SIGINT ignored.)"""
+    starter = os.getppid()
 
     def watch() -> None:
-        while _alive(parent_pid):
+        while _alive(parent_pid) and os.getppid() == starter:
             time.sleep(PARENT_CHECK_SECONDS)
-        log.info("the SuperNode (pid %d) has ended; so does its worker", parent_pid)
+        log.info("the SuperNode (pid %d) or the process that started this worker has ended; so does the worker", parent_pid)
         os._exit(0)
 
     thread = threading.Thread(target=watch, name="bouquet-parent-watch", daemon=True)
