@@ -189,7 +189,8 @@ def run_bouquet(job: dict, work: Path) -> tuple[Figures, Path]:
             if _name(pid) in ("bouquet-forks", "bouquet-worker", "bouquet-central"):
                 return False
             return not any(
-                "bouquet_workloads.supernode" in _command(p) or "bouquet_workloads.worker" in _command(p) for p in {pid, *_ancestors(pid)}
+                "-m bouquet_workloads.supernode " in _command(p) or "-m bouquet_workloads.worker " in _command(p)
+                for p in {pid, *_ancestors(pid)}
             )
 
         sampler = Sampler(lambda: {process.pid}, server_side)

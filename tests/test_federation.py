@@ -111,7 +111,8 @@ def sites_held(run_pid: int):
     workers: list[int] = []
 
     def found() -> bool:
-        workers[:] = [pid for pid in flower.descendants(run_pid) if "bouquet_workloads.worker" in command_line(pid)]
+        # A local run's workers are forked by its fork server, and named so (bouquet_workloads.forks).
+        workers[:] = [pid for pid in flower.descendants(run_pid) if name(pid) == "bouquet-worker"]
         return len(workers) == 3
 
     wait_for(found, "the three sites' workers to start")
@@ -122,6 +123,13 @@ def sites_held(run_pid: int):
     finally:
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
+
+
+def name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def command_line(pid: int) -> str:
