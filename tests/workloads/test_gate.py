@@ -89,6 +89,25 @@ def test_what_the_gate_refuses_never_reaches_the_superlink():
     assert not gate.alive
 
 
+def test_a_body_is_passed_on_whole_and_one_too_long_never_reaches_the_superlink(monkeypatch):
+    monkeypatch.setattr(gate_module, "MAX_BODY", 8 * 1024 * 1024)
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    gate = Gate("127.0.0.1", free_port(), upstream.server_address[1])
+    gate.start()
+    Upstream.seen.clear()
+    chunk = bytes(range(48, 58)) * (6 * 1024 * 1024 // 10)  # an object's chunk: megabytes, passed on as they come
+    try:
+        assert call(gate.port, "POST", "/v1/fleet/push-object", chunk) == (200, b"ok")
+        assert Upstream.seen == [f"POST /v1/fleet/push-object {chunk.decode()}"]
+        status, body = call(gate.port, "POST", "/v1/fleet/push-object", b"0" * (8 * 1024 * 1024 + 1))
+        assert status == 413 and b"at most 8388608 bytes" in body
+        assert len(Upstream.seen) == 1
+    finally:
+        gate.stop()
+        upstream.shutdown()
+
+
 class SuperLink(http.server.BaseHTTPRequestHandler):
     """Answers a site's pull with no message until `pushed`, then with one; counts the pulls."""
 

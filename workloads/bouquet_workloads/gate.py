@@ -49,6 +49,10 @@ START_SECONDS = 10
 # at most (the site then asks again at once: an idle site asks about once a second).
 HOLD_SECONDS = 1.0
 PULL_MESSAGES = "/v1/fleet/pull-messages"
+# The longest body a request may have: Flower sends a message's arrays in chunks of 5 MB
+# (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), each a request of its own. A longer one is refused (413),
+# none of it passed on or kept; a shorter one is passed on as it arrives, never held whole here.
+MAX_BODY = 64 * 1024 * 1024
 REPLIES = ("/v1/fleet/push-messages", "/v1/fleet/push-object")
 
 
@@ -171,12 +175,14 @@ class Gate:
             log.warning("refused %s %s from %s: only Flower's Fleet API is served on this port", method, path, peer[0])
             await _reply(send, 404, b"not found: this port serves only Flower's Fleet API\n")
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        declared = _content_length(scope["headers"])
+        if declared is not None and declared > MAX_BODY:
+            try:
+                await _discard_body(receive)  # read and dropped, so that the site hears why
+            except _Gone:
+                return
+            await _reply(send, 413, f"a request's body is at most {MAX_BODY} bytes\n".encode())
+            return
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
         raw = scope.get("raw_path") or path.encode()
         query = scope.get("query_string") or b""
@@ -186,12 +192,22 @@ class Gate:
             self._loop, self._pushed = asyncio.get_running_loop(), asyncio.Event()
         held = self.notice_port is not None and path == PULL_MESSAGES
         try:
+            if held or declared is None:  # a pull is sent again while it is held: kept whole (it is small)
+                content = await _whole_body(receive)
+            else:  # passed on as it comes (an object's chunk is megabytes), with the length it said
+                content = _body(receive, declared)
+                headers.append((b"content-length", str(declared).encode()))
             # The SuperLink's certificate is checked for localhost, the name the server's own calls use.
-            request = client.build_request(method, target, headers=headers, content=bytes(body), extensions={"sni_hostname": "localhost"})
+            request = client.build_request(method, target, headers=headers, content=content, extensions={"sni_hostname": "localhost"})
             if held:
                 await self._pull_held(client, request, send)
                 return
             reply = await client.send(request, stream=True)
+        except _TooLarge:
+            await _reply(send, 413, f"a request's body is at most {MAX_BODY} bytes, and as long as it says\n".encode())
+            return
+        except _Gone:  # the site hung up before its body was whole: nobody to answer
+            return
         except (httpx.HTTPError, RuntimeError) as error:  # RuntimeError: the gate is stopping (its client closed)
             # Before the SuperLink first answered it is starting (the health check polls it meanwhile).
             log.log(logging.ERROR if self._answered else logging.DEBUG, "the SuperLink did not answer %s %s: %s", method, path, error)
@@ -244,6 +260,53 @@ class Gate:
             # Fleet calls are long polls at most a few seconds long; object transfers are 5 MB chunks.
             self._client = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(120.0), limits=httpx.Limits(max_connections=64))
         return self._client
+
+
+class _TooLarge(Exception):
+    """A request's body is longer than MAX_BODY, or than it said."""
+
+
+class _Gone(Exception):
+    """The site hung up before its request's body was whole."""
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for key, value in headers:
+        if key.lower() == b"content-length":
+            return int(value) if value.isdigit() else MAX_BODY + 1  # not a length: refused as too long
+    return None
+
+
+async def _body(receive, limit: int = MAX_BODY):
+    """A request's body as it arrives, limit bytes at most."""
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Gone()
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge()
+        yield chunk
+        if not message.get("more_body"):
+            return
+
+
+async def _discard_body(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Gone()
+        if not message.get("more_body"):
+            return
+
+
+async def _whole_body(receive) -> bytes:
+    parts = bytearray()
+    async for chunk in _body(receive):
+        parts += chunk
+    return bytes(parts)
 
 
 def _no_messages(content: bytes) -> bool:
