@@ -98,19 +98,18 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
         say(f"job {name}: {len(job['spec']['sites'])} sites, {job['spec']['rounds']} rounds of {job['spec']['strategy']['name']}; "
             f"output in {paths.out}, metrics on http://127.0.0.1:{metrics_port}/metrics")  # fmt: skip
         askers = _start_fork_server(job, paths, processes, app_sha256, trained)
-        superexec_forks = askers.get("superexec")
         server = Server(
             job,
             paths.out,
             tls_files,
             processes,
             public_keys={site: public for site, (_, public) in site_keys.items()},
-            forks_fd=superexec_forks.fileno() if superexec_forks else None,
+            forks_fd=askers["superexec"].fileno(),
         )
         server.start()
-        if superexec_forks:
-            askers.pop("superexec").close()
+        askers.pop("superexec").close()
         for site in job["spec"]["sites"]:
+            forks_end = askers.pop(f"site-{site['name']}")
             identity = flower.SiteIdentity(
                 app_sha256, site_keys[site["name"]][0] if site_keys else None, paths.logs / f"site-{site['name']}-refused.json"
             )
@@ -123,10 +122,12 @@ def run(job_path: Path, out: Path | None, metrics_port: int, say: Callable[[str]
                 tls_files.ca,
                 identity,
                 preload=flower.client_module(job),
-                forks_fd=askers[f"site-{site['name']}"].fileno(),
+                forks_fd=forks_end.fileno(),
             )
-            processes.start(f"site-{site['name']}", command, pass_fds=[askers[f"site-{site['name']}"].fileno()])
-            askers.pop(f"site-{site['name']}").close()
+            try:
+                processes.start(f"site-{site['name']}", command, pass_fds=[forks_end.fileno()])
+            finally:
+                forks_end.close()
         server.submit()
         say(f"server up on {server.address} (TLS: {'on' if tls_files.enabled else 'off'}); {len(job['spec']['sites'])} sites started; "
             f"each checks its data, then round {len(history) + 1} begins")  # fmt: skip
