@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -37,15 +36,6 @@ class LaunchError(RuntimeError):
     def __init__(self, message: str, log: str = "") -> None:
         super().__init__(message)
         self.log = log
-
-
-def _flower_command(name: str) -> str:
-    """Flower's console scripts, from the environment Bouquet itself runs in."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise LaunchError(f"{name} is not installed (it comes with the flwr package)")
-    return found
 
 
 @dataclass(frozen=True)
@@ -290,7 +280,8 @@ def superlink_command(port: int, tls: Tls, authenticate_sites: bool) -> list[str
     again, and each site's SuperNode, no longer known to it, ends and is started again by its
     site (bouquet_workloads.site) and joins."""
     command = [
-        _flower_command("flower-superlink"),
+        # Flower's SuperLink, its HTTP middleware applied only where it acts (bouquet_workloads.superlink).
+        sys.executable, "-m", "bouquet_workloads.superlink",
         "--host", "127.0.0.1",
         "--port", str(port),
         "--database", FLOWER_IN_MEMORY,

@@ -33,7 +33,7 @@ def _role() -> str:
         if "flower-supernode" in command or "bouquet_workloads.supernode" in command:
             found = re.search(r'site="([^"]+)"', command)
             return f"site:{found.group(1)}" if found else "site:?"
-        if "flower-superlink" in command or "bouquet_workloads.superexec" in command:
+        if "flower-superlink" in command or "bouquet_workloads.superlink" in command or "bouquet_workloads.superexec" in command:
             return "server"
         # A worker, a ServerApp and the fork server say whom they belong to: --parent-pid.
         owner = argv[argv.index("--parent-pid") + 1] if "--parent-pid" in argv[:-1] else ""
