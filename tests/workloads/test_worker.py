@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import flwr
+import pytest
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec import run_superexec
@@ -72,7 +73,7 @@ def test_an_idle_worker_backs_off_and_looks_again_soon_after_a_task(monkeypatch)
     w = worker.Worker.__new__(worker.Worker)
     w.idle = worker.IDLE_FIRST
     w.address = "127.0.0.1:1"
-    w.tasks_fd = None  # no SuperNode to say when a task is there: the worker looks on its own
+    w.tasks_fd, w.longest = None, worker.IDLE_LONGEST  # no SuperNode to say when a task is there: the worker looks on its own
     claims = Claims([False] * 60 + [True, False])
 
     def run_next() -> bool:
@@ -91,6 +92,44 @@ def test_an_idle_worker_backs_off_and_looks_again_soon_after_a_task(monkeypatch)
     for i, wait in enumerate(idle):  # a task waits at most about as long as the worker was idle
         assert wait <= worker.IDLE_FIRST + sum(idle[:i]) + 1e-9
     assert after == [worker.IDLE_FIRST]
+
+
+def test_a_told_worker_looks_on_its_own_seldom_after_a_task_and_soon_again_after_a_word(monkeypatch):
+    """With its SuperNode's word (--tasks-fd) a worker's own looks are the fallback: after a
+    task, TOLD_LONGEST apart. A word that finds no task yet (the task not made yet) starts the
+    quick looks again."""
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=E0611
+
+    heard = iter([False, False, True, False, False])  # what each wait hears: the word comes in the third
+    waited: list[float] = []
+
+    def wait_readable(fd: int, seconds: float, read=None) -> bool:
+        waited.append(seconds)
+        try:
+            return next(heard)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr(worker.wakes, "wait_readable", wait_readable)
+    tasks = iter([True] + [False] * 6)
+
+    class Client:
+        def AcquireTask(self, request):
+            if next(tasks):
+                claimed = AcquireTaskResponse(token="token")
+                claimed.task.fab_hash = "0" * 64
+                return claimed
+            return AcquireTaskResponse()
+
+    ran: list[str] = []
+    w = worker.Worker.__new__(worker.Worker)
+    w.client, w.tasks_fd, w.longest, w.idle = Client(), 5, worker.TOLD_LONGEST, worker.IDLE_FIRST
+    w.run_task = lambda token, fab_hash: ran.append(token)
+    with pytest.raises(KeyboardInterrupt):
+        w.serve()
+    assert ran == ["token"]
+    long_, first = worker.TOLD_LONGEST, worker.IDLE_FIRST
+    assert waited == [long_, long_, long_, *(first * worker.IDLE_GROWTH**k for k in (1, 2, 3))]
 
 
 def test_a_worker_told_of_a_task_looks_at_once_and_looks_on_its_own_once_its_supernode_is_gone():

@@ -91,11 +91,17 @@ class Site:
         return table.subset(kept), table.subset(held)
 
     def model(self, arrays: ArrayRecord):
-        """The job's model with the weights of a message (packed, bouquet_workloads.wire)."""
-        task = self.spec["task"]
-        model = build_model(task, self.data[0].features.shape[1], self.spec["seed"])
+        """The job's model with the weights of a message (packed, bouquet_workloads.wire). One
+        model per site, built once: each message's weights replace every parameter and buffer
+        it holds (a large model's random initialisation took longer than its training)."""
+        model = self._model
+        torch.manual_seed(self.spec["seed"])  # the same random state for the message as a model built for it
         load_arrays(model, wire.unpack({k: v.numpy() for k, v in arrays.items()}, state_arrays(model)))
         return model
+
+    @cached_property
+    def _model(self):
+        return build_model(self.spec["task"], self.data[0].features.shape[1], self.spec["seed"])
 
 
 @lru_cache(maxsize=4)

@@ -196,16 +196,21 @@ class Roster:
         in the order of their names. Checks sites that connected since; waits up to the
         round timeout for minSites of them; raises SitesNotReady if they do not come."""
         needed = min_sites(self.spec)
+        nodes: list[int] = []
 
         def ready() -> bool:
-            fresh = [n for n in self._connected() if n not in self.names and n not in self.refused]
+            # One look at who is connected (a request to the SuperLink), another only after
+            # checking newcomers, during which a site may have gone.
+            online = self._online()
+            fresh = [n for n in online if n not in self.names and n not in self.refused]
             if fresh:
                 self.check(fresh)
-            return len(self._taking_part()) >= needed
+                online = self._online()
+            nodes[:] = self._taking_part(online)
+            return len(nodes) >= needed
 
         if not ready():
             self._wait(ready, f"{needed} sites for round {round_}", timeout=self.timeout)
-        nodes = self._taking_part()
         if len(nodes) < needed:
             gone = sorted(set(self.sites) - {self.names[n] for n in nodes})
             raise SitesNotReady(
@@ -216,9 +221,10 @@ class Roster:
         random.seed(f"{self.spec['seed']}:{round_}")
         return _Participants(self.grid, nodes)
 
-    def _taking_part(self) -> list[int]:
-        online = set(self._online())
-        return sorted((n for n in self.names if n in online), key=self.names.__getitem__)
+    def _taking_part(self, online: list[int]) -> list[int]:
+        """The checked sites among the online nodes, in the order of their names."""
+        connected = set(online)
+        return sorted((n for n in self.names if n in connected), key=self.names.__getitem__)
 
     def _connected(self) -> list[int]:
         return [n for n in self._online() if n not in self.refused]

@@ -19,7 +19,8 @@ error, its bundle neither installed nor loaded, and listed in the refusals file.
 It claims a task as soon as its SuperNode says it stored a message (a byte on the pipe
 --tasks-fd, bouquet_workloads.wakes), and says when it handed back a reply (--replies-fd).
 Without that word it looks a few milliseconds after the last task, then each look twice as
-long after the one before, up to IDLE_LONGEST apart. It ends with the SuperNode that started it
+long after the one before, up to IDLE_LONGEST apart; with it, its own looks are the fallback,
+TOLD_LONGEST apart. It ends with the SuperNode that started it
 (--parent-pid), within PARENT_CHECK_SECONDS.
 
     python -m bouquet_workloads.worker --app-sha256 HEX --runtime-api-address HOST:PORT [--parent-pid PID] [--refusals FILE]
@@ -60,6 +61,11 @@ from .supernode import record_refusal
 log = logging.getLogger("bouquet_workloads.site")
 
 IDLE_FIRST, IDLE_LONGEST, IDLE_GROWTH = 0.005, 0.25, 2  # seconds between looks for a task: right after one, at most
+# With the SuperNode's word (--tasks-fd) a look of its own is only the fallback: after a task,
+# and at most, this long apart (each look is a request the SuperNode serves; three idle sites
+# looking four times a second were a tenth of a small model's round here). After a word that
+# found no task yet, the looks start again from IDLE_FIRST.
+TOLD_LONGEST = 1.0
 
 
 class Worker:
@@ -80,6 +86,7 @@ class Worker:
         self.replies_fd = replies_fd  # this worker writes one here when it handed back a reply
         self.apps: dict[str, ClientApp] = {}  # app bundle sha256 -> its loaded ClientApp
         self.client = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"))
+        self.longest = IDLE_LONGEST if tasks_fd is None else TOLD_LONGEST
         self.idle = IDLE_FIRST
 
     def _client(self, *interceptors) -> RuntimeHttpClient:
@@ -101,7 +108,7 @@ class Worker:
                 ran = False
             if not ran:
                 self.wait(self.idle)
-                self.idle = min(self.idle * IDLE_GROWTH, IDLE_LONGEST)
+                self.idle = min(self.idle * IDLE_GROWTH, self.longest)
 
     def wait(self, seconds: float) -> None:
         """Waits until the SuperNode says a message came, or seconds pass."""
@@ -113,6 +120,7 @@ class Worker:
                 self.idle = IDLE_FIRST
         except EOFError:  # the SuperNode ended (this process ends with it): look on its own
             self.tasks_fd = None
+            self.longest = IDLE_LONGEST
 
     def run_next(self) -> bool:
         """Claims and runs the oldest pending ClientApp task; False when there is none."""
@@ -120,7 +128,8 @@ class Worker:
         if not (claimed.HasField("task") and claimed.token):
             return False
         self.run_task(claimed.token, claimed.task.fab_hash)
-        self.idle = IDLE_FIRST
+        # The next message comes with the SuperNode's word; without one, look again soon.
+        self.idle = IDLE_FIRST if self.tasks_fd is None else self.longest
         return True
 
     def run_task(self, token: str, fab_hash: str) -> None:
