@@ -460,8 +460,10 @@ def test_one_exchange_a_round_evaluates_every_rounds_model_as_an_exchange_of_its
     # Every reply carried the evaluation beside the training metrics; the audit lists both.
     audit = [json.loads(line) for line in (tmp_path / "True" / "audit.jsonl").read_text().splitlines()]
     asked = [e for e in audit if e["phase"] == "train" and e["round"] > 1]
-    assert asked and all(e["metrics"]["evaluation"]["accuracy"] == "float" for e in asked)
-    assert all("evaluation" not in e["metrics"] for e in audit if e["phase"] == "train" and e["round"] == 1)
+    assert asked and all(e["metrics"]["metrics"]["evaluation.accuracy"] == "float" for e in asked)
+    assert all(
+        not any(k.startswith("evaluation.") for k in e["metrics"]["metrics"]) for e in audit if e["phase"] == "train" and e["round"] == 1
+    )
 
 
 def test_a_round_committed_before_its_evaluation_is_completed_by_the_resumed_run(tmp_path):

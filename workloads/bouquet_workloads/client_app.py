@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from . import wire
 from .outputs import REFUSED_RUNS
 from .roster import DATA_CHECK
-from .strategies import AUROC_WEIGHT_KEY, EVALUATE_INCOMING, EVALUATION, WEIGHT_KEY
+from .strategies import AUROC_WEIGHT_KEY, EVALUATE_INCOMING, WEIGHT_KEY, with_evaluation
 from .tables import DataError, Table, read_task_table, split_rows
 from .task import build_model, evaluate, feature_moments, load_arrays, pick_device, site_seed, state_arrays, train
 
@@ -164,10 +164,7 @@ def train_site(message: Message, context: Context) -> Message:
         device=device,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    reply = _reply(message, site, {"loss": loss, WEIGHT_KEY: len(train_rows)}, state_arrays(model.cpu()))
-    if evaluation is not None:
-        reply.content[EVALUATION] = MetricRecord(evaluation)
-    return reply
+    return _reply(message, site, with_evaluation({"loss": loss, WEIGHT_KEY: len(train_rows)}, evaluation), state_arrays(model.cpu()))
 
 
 @app.evaluate()

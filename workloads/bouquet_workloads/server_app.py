@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
@@ -36,12 +36,12 @@ from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, claimed_name, min_sites, resume_problem
 from .strategies import (
     EVALUATE_INCOMING,
-    EVALUATION,
     WEIGHT_KEY,
     aggregate_metrics,
     make_strategy,
     restore_strategy_state,
     strategy_state,
+    take_evaluation,
 )
 from .tables import class_names
 from .task import build_model, evaluate, load_arrays, set_standardization, state_arrays
@@ -258,9 +258,9 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     # The evaluations ride beside the training metrics; the strategy aggregates the latter only.
     evaluations = []
     for reply in updates:
-        if EVALUATION in reply.content.metric_records:
-            evaluations.append(RecordDict({"metrics": reply.content.metric_records[EVALUATION]}))
-            del reply.content[EVALUATION]
+        evaluation = take_evaluation(reply.content.metric_records["metrics"])
+        if evaluation is not None:
+            evaluations.append(RecordDict({"metrics": MetricRecord(evaluation)}))
     if previous is not None:
         _settle(previous, aggregate_metrics(evaluations, WEIGHT_KEY) if evaluations else {}, 0)
     sent = record.count_bytes() * len(messages)

@@ -15,8 +15,28 @@ WEIGHT_KEY = "num-examples"
 AUROC_WEIGHT_KEY = "auroc-examples"
 # A training message's config key that asks the site to evaluate the weights it is sent before
 # it trains on them (one exchange per round, bouquet_workloads.server_app); the reply then
-# carries that evaluation as the metric record EVALUATION beside its training metrics.
-EVALUATE_INCOMING, EVALUATION = "evaluate-incoming", "evaluation"
+# carries that evaluation in its training metric record, each key prefixed with EVALUATION
+# (a record of its own would be one more object, one more request on each hop of each reply),
+# and the server takes those keys out before the strategy aggregates the training metrics.
+EVALUATE_INCOMING, EVALUATION = "evaluate-incoming", "evaluation."
+
+
+def with_evaluation(metrics: Mapping[str, float], evaluation: Mapping[str, float] | None) -> dict[str, float]:
+    """A training reply's metrics with the evaluation of the weights it was sent beside them."""
+    return {**metrics, **{EVALUATION + k: v for k, v in (evaluation or {}).items()}}
+
+
+def take_evaluation(metrics: MetricRecord) -> dict[str, float] | None:
+    """Takes the evaluation out of a training reply's metric record (with_evaluation): what
+    is left is the training metrics alone. None when the reply carried none."""
+    keys = [k for k in metrics if k.startswith(EVALUATION)]
+    if not keys:
+        return None
+    evaluation = {k.removeprefix(EVALUATION): metrics[k] for k in keys}
+    for k in keys:
+        del metrics[k]
+    return evaluation
+
 
 # Strategy attributes that change from round to round: the optimiser moments of the
 # adaptive strategies and FedAvgM's momentum. A checkpoint saves them so that a resumed
