@@ -38,9 +38,15 @@ class ForkServer:
         return descendants(self.process.pid)
 
 
-def start_fork_server(tmp_path: Path, parent_pid: int | None = None, extra: list[str] = ()) -> ForkServer:
+def start_fork_server(tmp_path: Path, parent_pid: int | None = None, extra: list[str] = (), command: list[str] | None = None) -> ForkServer:
     ends = {kind: forks.pair() for kind in forks.KINDS}
-    command = [sys.executable, "-m", "bouquet_workloads.forks", "--app-sha256", PIN, "--parent-pid", str(parent_pid or os.getpid())]
+    command = [
+        *(command or [sys.executable, "-m", "bouquet_workloads.forks"]),
+        "--app-sha256",
+        PIN,
+        "--parent-pid",
+        str(parent_pid or os.getpid()),
+    ]
     for kind, (theirs, _) in ends.items():
         command += ["--asker", f"{kind}:{theirs.fileno()}"]
     log = tmp_path / "fork-server.log"
@@ -162,6 +168,31 @@ def test_more_than_eight_descriptors_are_refused_and_none_is_kept(server):
     assert server.children() == set()
     # What it received is closed again: it holds its own descriptors only.
     assert len(list(Path(f"/proc/{server.process.pid}/fd").iterdir())) == own
+
+
+def test_a_fork_that_fails_is_answered_as_an_error_and_the_fork_server_goes_on(tmp_path):
+    """The machine has no process to give (fork fails with EAGAIN, as at a pids limit): the
+    asker hears why, and the fork server answers the next request."""
+    failing = (
+        "import errno, os, sys\n"
+        "from bouquet_workloads import forks\n"
+        "def fork():\n"
+        "    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))\n"
+        "os.fork = fork\n"
+        "sys.exit(forks.main())\n"
+    )
+    found = start_fork_server(tmp_path, command=[sys.executable, "-c", failing])
+    try:
+        answer = ask(found.askers["worker"], json.dumps(WORKER).encode(), 4)
+        assert answer == {"error": "could not fork: [Errno 11] Resource temporarily unavailable"}
+        assert ask(found.askers["serverapp"], json.dumps(SERVERAPP).encode(), 2) == answer
+        assert found.process.poll() is None and found.children() == set()
+        assert "could not fork" in found.log.read_text()
+    finally:
+        found.process.kill()
+        found.process.wait()
+        for asker in found.askers.values():
+            asker.close()
 
 
 def test_an_asker_may_have_one_process_at_a_time_and_hears_its_exit(server):

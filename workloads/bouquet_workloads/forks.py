@@ -193,10 +193,18 @@ class ForkServer:
                 raise Refused("a process this asker asked for still runs: one at a time")
             if pid is None:
                 raise Refused("the request came without the asker's credentials")
-            child = os.fork()
+            try:
+                child = os.fork()
+            except OSError as error:  # no process to be had (EAGAIN, ENOMEM): the asker starts its own, or says so
+                raise Refused(f"could not fork: {error}") from None
             if child == 0:
                 self._become(request, fds, pid)  # never returns
-            pidfd = os.pidfd_open(child)
+            try:
+                pidfd = os.pidfd_open(child)
+            except OSError as error:  # (out of descriptors) a process it cannot follow is not left running
+                _kill(child)
+                os.waitpid(child, 0)
+                raise Refused(f"could not follow the forked process: {error}") from None
             self.children[pidfd] = _Child(child, pidfd, asker)
             self.selector.register(pidfd, selectors.EVENT_READ, pidfd)
             self.busy.add(asker)
