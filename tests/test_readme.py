@@ -178,9 +178,13 @@ def test_the_benchmarks_print_their_figures(session):
     # The three blocks run side by side, each in a shell of its own at the checkout's root:
     # minutes each, much of it waiting (stock Flower's fixed sleeps, a control plane's
     # round trips). Their figures are only printed here, not held to anything.
-    timeouts = {"bench-local": 1200, "bench-operator": 1200, "bench": 1800}
-    with ThreadPoolExecutor(len(timeouts)) as pool:
-        running = [pool.submit(dataclasses.replace(session, history=[]).run_block, block, t) for block, t in timeouts.items()]
+    blocks = [
+        lambda shell: shell.run_block("bench-local", timeout=1200),
+        lambda shell: shell.run_block("bench-operator", timeout=1200),
+        lambda shell: shell.run_block("bench", timeout=1800),
+    ]
+    with ThreadPoolExecutor(len(blocks)) as pool:
+        running = [pool.submit(block, dataclasses.replace(session, history=[])) for block in blocks]
         [local], [operator], [compared] = (r.result() for r in running)
     assert "wall time" in local.stdout and "peak memory, all procs" in local.stdout and "final accuracy          0.9737" in local.stdout
     assert "median" in operator.stdout and "operator memory (RSS)" in operator.stdout
