@@ -73,7 +73,7 @@ def test_an_idle_worker_backs_off_and_looks_again_soon_after_a_task(monkeypatch)
     w = worker.Worker.__new__(worker.Worker)
     w.idle = worker.IDLE_FIRST
     w.address = "127.0.0.1:1"
-    w.tasks_fd, w.longest = None, worker.IDLE_LONGEST  # no SuperNode to say when a task is there: the worker looks on its own
+    w.tasks_fd = None  # no SuperNode to say when a task is there: the worker looks on its own
     claims = Claims([False] * 60 + [True, False])
 
     def run_next() -> bool:
@@ -123,7 +123,7 @@ def test_a_told_worker_looks_on_its_own_seldom_after_a_task_and_soon_again_after
 
     ran: list[str] = []
     w = worker.Worker.__new__(worker.Worker)
-    w.client, w.tasks_fd, w.longest, w.idle = Client(), 5, worker.TOLD_LONGEST, worker.IDLE_FIRST
+    w.client, w.tasks_fd, w.idle = Client(), 5, worker.IDLE_FIRST
     w.run_task = lambda token, fab_hash: ran.append(token)
     with pytest.raises(KeyboardInterrupt):
         w.serve()

@@ -86,8 +86,12 @@ class Worker:
         self.replies_fd = replies_fd  # this worker writes one here when it handed back a reply
         self.apps: dict[str, ClientApp] = {}  # app bundle sha256 -> its loaded ClientApp
         self.client = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"))
-        self.longest = IDLE_LONGEST if tasks_fd is None else TOLD_LONGEST
         self.idle = IDLE_FIRST
+
+    @property
+    def longest(self) -> float:
+        """The longest wait between looks of its own: short without the SuperNode's word."""
+        return IDLE_LONGEST if self.tasks_fd is None else TOLD_LONGEST
 
     def _client(self, *interceptors) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
@@ -120,7 +124,6 @@ class Worker:
                 self.idle = IDLE_FIRST
         except EOFError:  # the SuperNode ended (this process ends with it): look on its own
             self.tasks_fd = None
-            self.longest = IDLE_LONGEST
 
     def run_next(self) -> bool:
         """Claims and runs the oldest pending ClientApp task; False when there is none."""
