@@ -125,7 +125,9 @@ def test_no_one_but_the_operator_and_its_controllers_makes_pods_with_a_jobs_labe
     container = {"name": "main", "image": "bouquet-workloads:0.1.0", "command": ["sleep", "60"]}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "impostor", "namespace": namespace, "labels": site_labels}}
     pod["spec"] = {"containers": [container]}
-    wait_for(lambda: refusal(author, pod), timeout=30, interval=0.5, what="the labels policy in force")
+    # Both the author's RoleBinding and the policy take effect a moment after they are made:
+    # until then the refusal is RBAC's, or there is none.
+    wait_for(lambda: "are for the pods of" in refusal(author, pod), timeout=30, interval=0.5, what="the labels policy in force")
     message = refusal(author, pod)
     assert (
         "Pod impostor: the labels bouquet.dev/job=breast-cancer and app.kubernetes.io/component=site are for the pods of FederatedJob"

@@ -25,7 +25,10 @@ def test_the_operator_sigkilled_at_random_moments_makes_nothing_twice_and_the_jo
             run = trial(cluster, client, namespace, server_identity, f"killed-{seed}", seed)
             # Two kills each, the first often within the first reconcile (children half made).
             found = run.run(operators.kill, moments=2, span=5.0)
-            assert found == [], f"{run.log}: {found}\n{(tmp_path / 'operators.log').read_text()[-3000:]}"
+            assert found == [], (
+                f"{run.log}: {found}\n{faults.snapshot(client, namespace, run.name)}\n{(tmp_path / 'operators.log').read_text()[-3000:]}"
+                f"\n{operators.threads()[-8000:]}"
+            )
             assert len([line for line in run.log if "fault at" in line]) == 2, run.log
             # What the watches saw: every child, and the phases in their order.
             assert len(run.witness.children(run.name)) == EXPECTED_CHILDREN, run.witness.children(run.name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -51,6 +51,8 @@ class InProcessGrid:
         # site -> the round whose first training message finds it gone (0: its data check)
         self.away_once: dict[str, int] = {}
         self.refusals: dict[str, Path] = {}  # site -> the file its SuperNode lists refused runs in
+        self.misfit: set[str] = set()  # sites whose training replies hold an array one value short
+        self.pulled: list[Message] = []  # every reply the server pulled, as it holds it after the run
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
@@ -81,6 +83,10 @@ class InProcessGrid:
                     reply = create_message_error_unavailable_res_message(message.metadata, "node_unavail")
                 else:
                     reply = client_app.app(message, context)
+                if name in self.misfit and message.metadata.message_type == "train" and not reply.has_error():
+                    arrays = reply.content["arrays"]
+                    for key in arrays:
+                        arrays[key] = Array(arrays[key].numpy()[:-1])
             except Exception as error:  # as Flower's site runtime reports a failed ClientApp
                 reply = Message(Error(0, f"{type(error)}:<'{error}'>"), reply_to=message)
             self.replies[message.metadata.message_id] = reply
@@ -89,6 +95,7 @@ class InProcessGrid:
 
     def pull_messages(self, ids) -> list[Message]:
         found = [self.replies.pop(i) for i in list(ids) if i in self.replies]
+        self.pulled += found
         return found[::-1] if self.newest_first else found
 
 
@@ -238,6 +245,38 @@ def test_a_site_dropping_out_mid_run_stops_it_unless_min_sites_allows(tmp_path):
     grid.fail_from["b"] = 2
     server_app.train_federated(grid, job, tmp_path / "two")
     assert [e["sites"] for e in json.loads((tmp_path / "two" / "history.json").read_text())] == [["a", "b", "c"], ["a", "c"], ["a", "c"]]
+
+
+def test_under_a_streamed_strategy_the_server_keeps_no_sites_arrays_and_under_fedmedian_all_until_the_round_ends(tmp_path):
+    """Memory flat in the number of sites: under FedAvg each update is added to the running
+    mean as it is pulled and its arrays let go; FedMedian needs them all at once."""
+    for strategy, kept in (("FedAvg", False), ("FedMedian", True)):
+        grid = train(make_job(strategy), tmp_path / strategy)
+        updates = [r for r in grid.pulled if not r.has_error() and r.metadata.message_type == "train"]
+        assert len(updates) == 2 * 3
+        assert all(("arrays" in r.content) is kept for r in updates), strategy
+
+
+@pytest.mark.parametrize("strategy", ["FedAvg", "FedMedian"])
+def test_an_update_that_does_not_fit_the_model_is_left_out_naming_the_site(strategy, tmp_path):
+    """A site whose update is not the shape of the weights it was sent (a bug, or worse): the
+    server leaves it out, streamed or not, and names it; with minSites to spare the run goes on."""
+    job = make_job(strategy, rounds=2)
+    grid = InProcessGrid(job, tmp_path / "every", sites_and_files(job, tmp_path / "every"))
+    grid.misfit.add("b")
+    with pytest.raises(
+        server_app.RoundFailed,
+        match=r"round 1: 2 of the 3 sites asked returned an update \(not b: b's update does not fit: array float32 is "
+        r"float32\[\d+\], not the float32\[\d+\] it was sent\), fewer than strategy.minSites \(3\)",
+    ):
+        server_app.train_federated(grid, job, tmp_path / "every")
+    assert not (tmp_path / "every" / "model.json").exists()
+
+    job = make_job(strategy, rounds=2, settings={"minSites": 2})
+    grid = InProcessGrid(job, tmp_path / "two", sites_and_files(job, tmp_path / "two"))
+    grid.misfit.add("b")
+    server_app.train_federated(grid, job, tmp_path / "two")
+    assert [e["sites"] for e in json.loads((tmp_path / "two" / "history.json").read_text())] == [["a", "c"], ["a", "c"]]
 
 
 def test_a_site_whose_node_goes_away_mid_round_has_the_round_start_again_without_a_failure(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -36,9 +36,12 @@ from .outputs import REFUSED_RUNS
 from .roster import Roster, SitesNotReady, claimed_name, min_sites, resume_problem
 from .strategies import (
     EVALUATE_INCOMING,
+    STREAMED,
     WEIGHT_KEY,
+    RunningMean,
     aggregate_metrics,
     make_strategy,
+    misfit,
     restore_strategy_state,
     strategy_state,
     take_evaluation,
@@ -58,6 +61,7 @@ FINISH_LOOK_SECONDS = 0.5  # how often a site not yet told the run is over is lo
 # (bouquet_workloads.wakes): then the looks above are only the fallback.
 NOTICE: list[wakes.Notice] = []
 SITE_EVALUATION = "siteEvaluation"
+PULL_ALONE_BYTES = 4 << 20
 AWAITING = outputs.AWAITING_SITE_EVALUATION
 
 app = ServerApp()
@@ -228,13 +232,14 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     previous = history[-1] if history and history[-1].get(AWAITING) else None
     while True:
         grid = roster.participants(round_)
-        record = _to_record(weights)
+        packed = wire.pack(weights)
+        record = ArrayRecord(array_dict={k: Array(v) for k, v in packed.items()})
         config = ConfigRecord({EVALUATE_INCOMING: 1} if previous is not None else {})
         messages = list(strategy.configure_train(round_, record, config, grid))
         gone: set[int] = set()
-        replies = _in_site_order(roster, _exchange(grid, messages, timeout, gone))
-        _audit(out, round_, "train", replies)
-        updates = [r for r in replies if not r.has_error()]
+        taken = _Taken(out, round_, "train", packed, streamed=spec["strategy"]["name"] in STREAMED)
+        replies = _in_site_order(roster, _exchange(grid, messages, timeout, gone, taken))
+        updates = [r for r in replies if not r.has_error() and r.metadata.src_node_id not in taken.unfit]
         if len(updates) >= min_sites(spec):
             break
         asked = {m.metadata.dst_node_id for m in messages}
@@ -250,7 +255,8 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
                 min_sites(spec),
             )
             continue
-        why = _errors(replies) if not gone else f"{', '.join(sorted(roster.site(n) for n in gone))} went away"
+        unfit = [f"{roster.site(n)}'s update does not fit: {why}" for n, why in sorted(taken.unfit.items())]
+        why = _errors(replies, unfit) if not gone else f"{', '.join(sorted(roster.site(n) for n in gone))} went away"
         raise RoundFailed(
             f"round {round_}: {len(updates)} of the {len(messages)} sites asked returned an update (not {', '.join(missing)}: "
             f"{why}), fewer than strategy.minSites ({min_sites(spec)})"
@@ -264,8 +270,15 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     if previous is not None:
         _settle(previous, aggregate_metrics(evaluations, WEIGHT_KEY) if evaluations else {}, 0)
     sent = record.count_bytes() * len(messages)
-    received = sum(r.content.array_records["arrays"].count_bytes() for r in updates)
-    aggregated, train_metrics = strategy.aggregate_train(round_, replies)
+    if taken.mean is not None:
+        # The strategy is handed the sites' mean as one reply of their total weight: FedAvg's
+        # aggregate of it is itself (a weight of 1.0), to which the adaptive strategies apply
+        # their step. The training metrics are the sites' own, aggregated as Flower would.
+        mean = RecordDict({"arrays": taken.mean.mean(), "metrics": MetricRecord({WEIGHT_KEY: taken.mean.examples})})
+        aggregated, _ = strategy.aggregate_train(round_, [Message(mean, reply_to=messages[0])])
+        train_metrics = aggregate_metrics([r.content for r in updates], WEIGHT_KEY)
+    else:
+        aggregated, train_metrics = strategy.aggregate_train(round_, updates)
     if aggregated is None:
         raise RoundFailed(f"round {round_}: no site returned an update ({_errors(replies)})")
     weights = wire.unpack({k: v.numpy() for k, v in aggregated.items()}, weights)
@@ -274,6 +287,7 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
         "sites": sorted(roster.site(r.metadata.src_node_id) for r in updates),
         "train": dict(train_metrics or {}),
     }
+    received = taken.received
     eval_replies: list[Message] = []
     if ahead:
         entry[AWAITING] = True
@@ -301,8 +315,9 @@ def _evaluate_at_sites(roster: Roster, strategy, spec: Mapping, weights: dict, r
     grid = roster.participants(round_)
     record = _to_record(weights)
     messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
-    replies = _in_site_order(roster, _exchange(grid, messages, spec["strategy"]["roundTimeoutSeconds"]))
-    _audit(out, round_, "evaluate", replies)
+    replies = _in_site_order(
+        roster, _exchange(grid, messages, spec["strategy"]["roundTimeoutSeconds"], taken=_Taken(out, round_, "evaluate"))
+    )
     return dict(strategy.aggregate_evaluate(round_, replies) or {}), record.count_bytes() * len(messages), replies
 
 
@@ -435,11 +450,45 @@ def _audit(out: Path, round_: int, phase: str, replies: list[Message]) -> None:
         f.write("".join(line + "\n" for line in lines))
 
 
-def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int] | None = None) -> list[Message]:
-    """Sends messages and collects the sites' replies that arrive within timeout seconds.
-    When a site's node goes away before it replies, Flower's SuperLink answers in its place
-    (an error from node SUPERLINK_NODE_ID): that is no reply of the site's, so it is left
-    out, and the node is added to gone."""
+class _Taken:
+    """What the server does with each site's reply the moment it arrives: writes its audit
+    line; in training (like: the arrays sent), leaves out an update that does not fit them
+    (unfit), and under a streamed strategy adds the update to the running mean and lets its
+    arrays go."""
+
+    def __init__(self, out: Path, round_: int, phase: str, like: Mapping[str, np.ndarray] | None = None, streamed: bool = False) -> None:
+        self.out, self.round, self.phase, self.like = out, round_, phase, like
+        self.mean = RunningMean(like) if like is not None and streamed else None
+        self.unfit: dict[int, str] = {}  # node -> why its update was left out
+        self.received = 0  # bytes of the updates taken
+
+    def __call__(self, reply: Message) -> None:
+        _audit(self.out, self.round, self.phase, [reply])
+        if reply.has_error():
+            return
+        content = reply.content
+        if self.like is not None:
+            problem = misfit(self.like, content)
+            if problem is not None:
+                log.warning("round %d: node %s's update is left out: %s", self.round, reply.metadata.src_node_id, problem)
+                self.unfit[reply.metadata.src_node_id] = problem
+                return
+        if self.mean is not None:
+            self.mean.add(content)
+        if "arrays" in content.array_records:
+            self.received += content.array_records["arrays"].count_bytes()
+        if self.mean is not None:
+            for name in list(content.array_records):
+                del content[name]
+
+
+def _exchange(
+    grid: Grid, messages: list[Message], timeout: float, gone: set[int] | None = None, taken: Callable[[Message], None] | None = None
+) -> list[Message]:
+    """Sends messages and collects the sites' replies that arrive within timeout seconds,
+    handing each to taken as it arrives. When a site's node goes away before it replies,
+    Flower's SuperLink answers in its place (an error from node SUPERLINK_NODE_ID): that is no
+    reply of the site's, so it is left out, and the node is added to gone."""
     if not messages:
         return []
     # Flower returns the ids in the order of messages, "" or None for one it could not push.
@@ -451,8 +500,11 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     wait = FIRST_POLL_SECONDS
+    # A large update is pulled alone, so that the server holds one at a time however many
+    # sites have replied since it last looked (a pull inflates every reply it finds).
+    alone = isinstance(taken, _Taken) and taken.mean is not None and taken.mean.nbytes >= PULL_ALONE_BYTES
     while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(pending):
+        for reply in _pulled(grid, pending, alone):
             pending.discard(reply.metadata.reply_to_message_id)
             if reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error():
                 node = destination.get(reply.metadata.reply_to_message_id)
@@ -460,6 +512,8 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
                 if gone is not None and node is not None:
                     gone.add(node)
                 continue
+            if taken is not None:
+                taken(reply)
             replies.append(reply)
         if pending:
             if not (NOTICE and NOTICE[0].wait(wait)):
@@ -472,14 +526,23 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, gone: set[int
     return replies
 
 
+def _pulled(grid: Grid, pending: set[str], alone: bool) -> Iterator[Message]:
+    """The replies to pending messages that are in, all in one pull or (alone) one per pull."""
+    if not alone:
+        yield from grid.pull_messages(pending)
+        return
+    for message_id in sorted(pending):
+        yield from grid.pull_messages([message_id])
+
+
 def _to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     """The weights as they travel: packed (bouquet_workloads.wire)."""
     return ArrayRecord(array_dict={k: Array(v) for k, v in wire.pack(weights).items()})
 
 
-def _errors(replies: list[Message]) -> str:
+def _errors(replies: list[Message], unfit: list[str] = ()) -> str:
     """What went wrong at the sites, in their words (Flower wraps them as <class>:<message>)."""
-    errors = [r.error.reason for r in replies if r.has_error()]
+    errors = [*(r.error.reason for r in replies if r.has_error()), *unfit]
     return "; ".join(errors) if errors else "no replies in time"
 
 

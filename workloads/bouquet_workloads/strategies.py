@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
 # Weight every site's contribution by the number of examples it trained or evaluated on.
@@ -57,6 +58,95 @@ def aggregate_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecor
     if auroc_total > 0:
         out["auroc"] = sum(float(m["auroc"]) * float(m[AUROC_WEIGHT_KEY]) for m in records) / auroc_total
     return out
+
+
+# The strategies whose aggregate is the example-weighted mean of the sites' updates (FedAvg's),
+# to which the adaptive and momentum ones then apply a server step of their own. Under them the
+# server adds each site's update to a RunningMean as it arrives and lets its arrays go, so the
+# server's memory does not grow with the number of sites. FedMedian, FedTrimmedAvg and Krum
+# need every update at once: the server keeps every reply until the round's last is in.
+STREAMED = frozenset({"FedAvg", "FedProx", "FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"})
+
+_CHUNK = 1 << 18  # elements summed at a time: the scratch arrays stay a few MB whatever the model
+
+
+def misfit(like: Mapping[str, np.ndarray], content: RecordDict) -> str | None:
+    """Why a training reply's content is no update of the arrays sent (like), None when it is
+    one: one array record holding those arrays, of the same shapes and dtypes, and a
+    positive, finite example count."""
+    records = content.array_records
+    if len(records) != 1:
+        return f"{len(records)} array records, not 1"
+    arrays = next(iter(records.values()))
+    if set(arrays) != set(like):
+        return f"arrays {sorted(arrays)}, not the {sorted(like)} it was sent"
+    for key, value in like.items():
+        shape, dtype, array = np.shape(value), np.asarray(value).dtype, arrays[key]
+        if tuple(array.shape) != tuple(shape) or array.dtype != dtype.name:
+            return f"array {key} is {array.dtype}{list(array.shape)}, not the {dtype.name}{list(shape)} it was sent"
+    metrics = content.metric_records
+    examples = next(iter(metrics.values())).get(WEIGHT_KEY) if len(metrics) == 1 else None
+    if isinstance(examples, bool) or not isinstance(examples, int | float) or not math.isfinite(examples) or examples <= 0:
+        return f"{WEIGHT_KEY} {examples!r} in {len(metrics)} metric records, not a positive number in 1"
+    return None
+
+
+class RunningMean:
+    """The example-weighted mean of the sites' updates, added one reply at a time as each
+    arrives, and the same to the last bit whatever order they arrive in.
+
+    A float32 value times a site's example count (an integer below 2**29) is exact in float64:
+    24 significant bits and at most 29 more. The products are summed as the unevaluated pair
+    hi + lo, each addition by Knuth's TwoSum, which loses nothing: hi + lo is the exact sum
+    but for lo's own roundings, some 2**-100 of it. The mean rounds that sum once, at the end,
+    so neither the order of the replies nor the split between hi and lo (which do depend on
+    it) shows in the weights. Memory: two float64 arrays the size of the model, whatever the
+    number of sites."""
+
+    def __init__(self, like: Mapping[str, np.ndarray]) -> None:
+        """like: the arrays sent (their keys, shapes and dtypes are what a reply must hold)."""
+        self.like = {k: (np.shape(v), np.asarray(v).dtype) for k, v in like.items()}
+        self.hi = {k: np.zeros(math.prod(shape), np.float64) for k, (shape, _) in self.like.items()}
+        self.lo = {k: np.zeros(math.prod(shape), np.float64) for k, (shape, _) in self.like.items()}
+        self.examples = 0.0
+        self.nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.like.values())  # of an update
+        self._scratch = (np.empty(_CHUNK), np.empty(_CHUNK), np.empty(_CHUNK))
+
+    def add(self, content: RecordDict) -> None:
+        """Adds a reply's arrays, weighted by its example count (check it with misfit first)."""
+        examples = float(next(iter(content.metric_records.values()))[WEIGHT_KEY])
+        arrays = next(iter(content.array_records.values()))
+        for key in self.like:
+            flat = arrays[key].numpy().reshape(-1)
+            hi, lo = self.hi[key], self.lo[key]
+            for start in range(0, flat.size, _CHUNK):
+                end = min(start + _CHUNK, flat.size)
+                t, s, b = (a[: end - start] for a in self._scratch)
+                h, low = hi[start:end], lo[start:end]
+                np.multiply(flat[start:end], examples, out=t, dtype=np.float64)  # exact: computed in float64
+                # TwoSum: s = h + t, and h + t - s exactly, added to low.
+                np.add(h, t, out=s)
+                np.subtract(s, h, out=b)  # the part of t that went into s
+                np.subtract(t, b, out=t)  # t's part left out
+                np.subtract(s, b, out=b)
+                np.subtract(h, b, out=b)  # h's part left out
+                np.add(b, t, out=b)
+                np.add(low, b, out=low)
+                np.copyto(h, s)
+        self.examples += examples
+
+    def mean(self) -> ArrayRecord:
+        """The mean so far, in the dtypes sent (integer arrays rounded), as an ArrayRecord.
+        It uses up the sums: call it once, when the last reply is in."""
+        out = {}
+        for key, (shape, dtype) in self.like.items():
+            total = np.add(self.hi[key], self.lo[key], out=self.hi[key])  # the exact sum, rounded once
+            total /= self.examples
+            if dtype.kind != "f":
+                np.rint(total, out=total)
+            out[key] = Array(total.astype(dtype).reshape(shape))
+            self.hi[key] = self.lo[key] = np.empty(0)
+        return ArrayRecord(array_dict=out)
 
 
 def make_strategy(spec: Mapping, num_sites: int) -> flwr_strategy.Strategy:
