@@ -15,6 +15,7 @@ from flwr.proto.message_pb2 import Message
 from bouquet_workloads import gate as gate_module
 from bouquet_workloads import wakes
 from bouquet_workloads.gate import Gate, allowed
+from support.kubelet import wait_for
 from support.prometheus import free_port
 
 
@@ -109,14 +110,18 @@ def test_a_body_is_passed_on_whole_and_one_too_long_never_reaches_the_superlink(
 
 
 class SuperLink(http.server.BaseHTTPRequestHandler):
-    """Answers a site's pull with no message until `pushed`, then with one; counts the pulls."""
+    """Answers a site's pull with no message until `pushed`, then with one; counts the pulls
+    and the replies pushed."""
 
     pushed = False
     pulls = 0
+    pushes = 0
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         body = b"{}"
+        if self.path == "/v1/fleet/push-messages":
+            SuperLink.pushes += 1
         if self.path == "/v1/fleet/pull-messages":
             SuperLink.pulls += 1
             body = PullMessagesResponse(messages_list=[Message()] if SuperLink.pushed else []).SerializeToString()
@@ -162,6 +167,56 @@ def test_a_pull_that_finds_nothing_is_held_until_the_serverapp_pushes_and_the_se
         assert not notice.wait(0.2)
         call(gate.port, "POST", "/v1/fleet/push-messages", b"reply")
         assert notice.wait(30)
+    finally:
+        notice.close()
+        gate.stop()
+        upstream.shutdown()
+
+
+def test_with_large_replies_the_gate_lets_a_few_into_the_superlink_ahead_of_what_the_serverapp_took(monkeypatch):
+    """Memory flat in the number of sites: asked to (a streamed strategy's large updates),
+    the gate lets a site's reply into the SuperLink only while fewer than ADMITTED are waiting
+    there for the ServerApp; the next goes in when the ServerApp says it took one, or after
+    REPLY_HOLD_SECONDS. Unasked (small replies), every reply goes in at once."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SuperLink)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    gate = Gate("127.0.0.1", free_port(), upstream.server_address[1], notice_port=0)
+    gate.start()
+    notice = wakes.Notice(gate.notice_port)
+    SuperLink.pushes = 0
+    monkeypatch.setattr(gate_module, "REPLY_HOLD_SECONDS", 60)
+
+    def push() -> threading.Thread:
+        pushing = threading.Thread(target=call, args=(gate.port, "POST", "/v1/fleet/push-messages", b"reply"))
+        pushing.start()
+        return pushing
+
+    try:
+        call(gate.port, "GET", "/health")  # the gate's loop is up
+        notice.pushed(hold=True)
+        wait_for(lambda: gate._holding, timeout=10, what="the gate told to hold replies back")
+        for _ in range(gate_module.ADMITTED):
+            push().join(30)
+        assert SuperLink.pushes == gate_module.ADMITTED
+        held = push()
+        held.join(0.5)
+        assert held.is_alive() and SuperLink.pushes == gate_module.ADMITTED, "a reply beyond ADMITTED went in"
+        notice.taken()
+        held.join(30)
+        assert not held.is_alive() and SuperLink.pushes == gate_module.ADMITTED + 1
+
+        # Nothing taken: the held reply goes in after REPLY_HOLD_SECONDS all the same.
+        monkeypatch.setattr(gate_module, "REPLY_HOLD_SECONDS", 0.3)
+        push().join(30)
+        assert SuperLink.pushes == gate_module.ADMITTED + 2
+
+        # A new exchange with small replies: nothing is held.
+        notice.pushed()
+        wait_for(lambda: not gate._holding, timeout=10, what="the gate told not to hold replies")
+        pushing = [push() for _ in range(gate_module.ADMITTED + 2)]
+        for thread in pushing:
+            thread.join(30)
+        assert SuperLink.pushes == 2 * gate_module.ADMITTED + 4
     finally:
         notice.close()
         gate.stop()

@@ -10,7 +10,10 @@ on. The server itself submits the job's run and registers the sites' keys on loo
 
 With notice_port the gate also takes the ServerApp's word that messages are there
 (bouquet_workloads.wakes): a site's pull that finds nothing is held until then, HOLD_SECONDS at
-most, and asked again; and once a site's reply has passed, the ServerApp is told.
+most, and asked again; and once a site's reply has passed, the ServerApp is told. When the
+ServerApp asks (large replies), a site's reply goes in only while fewer than ADMITTED replies
+are waiting in the SuperLink for the ServerApp to take them, REPLY_HOLD_SECONDS at most: the
+SuperLink then holds a few replies at a time, not one per site.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 import httpx
 import uvicorn
 from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
+
+from . import wakes
 
 log = logging.getLogger("bouquet_workloads.gate")
 
@@ -54,6 +59,12 @@ PULL_MESSAGES = "/v1/fleet/pull-messages"
 # none of it passed on or kept; a shorter one is passed on as it arrives, never held whole here.
 MAX_BODY = 64 * 1024 * 1024
 REPLIES = ("/v1/fleet/push-messages", "/v1/fleet/push-object")
+# A site's reply opens with its push-messages (the message and the ids of its objects), then
+# pushes the objects: held back, the push-messages keeps the whole reply at the site.
+PUSH_MESSAGES = "/v1/fleet/push-messages"
+ADMITTED = 2
+# Below the SuperNode's 30 s read timeout for a call, so that a site never gives up on a hold.
+REPLY_HOLD_SECONDS = 20.0
 
 
 def allowed(method: str, path: str) -> bool:
@@ -86,6 +97,9 @@ class Gate:
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _pushes: int = field(default=0, repr=False)  # how many times the ServerApp said it pushed messages
     _pushed: asyncio.Event | None = field(default=None, repr=False)
+    _holding: bool = field(default=False, repr=False)  # the last push asked for its replies to be held back
+    _untaken: int = field(default=0, repr=False)  # replies let in since, not yet taken by the ServerApp
+    _room: asyncio.Event | None = field(default=None, repr=False)  # set when a reply is taken
 
     @property
     def upstream(self) -> str:
@@ -142,21 +156,47 @@ class Gate:
             self._notices.close()
 
     def _hear(self) -> None:
-        """The ServerApp's datagrams: each says it pushed messages for the sites."""
+        """The ServerApp's datagrams: each says it pushed messages for the sites (and whether
+        to hold their replies back), or that it took a reply."""
         while True:
             try:
-                _, sender = self._notices.recvfrom(64)
+                said, sender = self._notices.recvfrom(64)
             except OSError:  # closed: the gate stopped
                 return
             self._listener = sender
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._count_push)
+                if said == wakes.TAKEN:
+                    self._loop.call_soon_threadsafe(self._count_taken)
+                else:
+                    self._loop.call_soon_threadsafe(self._count_push, said == wakes.PUSHED_HOLD)
 
-    def _count_push(self) -> None:
+    def _count_push(self, hold: bool = False) -> None:
         self._pushes += 1
         if self._pushed is not None:
             self._pushed.set()
         self._pushed = asyncio.Event()
+        # A new exchange: what was let in before is the last one's (taken, or never to be).
+        self._holding, self._untaken = hold, 0
+        self._count_taken()
+
+    def _count_taken(self) -> None:
+        self._untaken = max(0, self._untaken - 1)
+        if self._room is not None:
+            self._room.set()
+        self._room = asyncio.Event()
+
+    async def _admit(self) -> None:
+        """Waits until a site's reply may go in: fewer than ADMITTED let in and not yet taken,
+        or REPLY_HOLD_SECONDS passed."""
+        deadline = self._loop.time() + REPLY_HOLD_SECONDS
+        while self._holding and self._untaken >= ADMITTED:
+            room = self._room
+            try:
+                await asyncio.wait_for(room.wait(), deadline - self._loop.time())
+            except TimeoutError:
+                log.warning("a site's reply went in after %.0f s held back: the server took no reply meanwhile", REPLY_HOLD_SECONDS)
+                break
+        self._untaken += 1
 
     def _tell_listener(self) -> None:
         if self._notices is not None and self._listener is not None:
@@ -189,7 +229,16 @@ class Gate:
         target = self.upstream + raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
         client = self._upstream_client()
         if self._loop is None:
-            self._loop, self._pushed = asyncio.get_running_loop(), asyncio.Event()
+            self._loop, self._pushed, self._room = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
+        if path == PUSH_MESSAGES and self._holding:
+            await self._admit()
+            if not await self._pass_on(method, path, receive, send, declared, headers, target, client):
+                self._count_taken()  # it never reached the SuperLink: its place is free
+            return
+        await self._pass_on(method, path, receive, send, declared, headers, target, client)
+
+    async def _pass_on(self, method: str, path: str, receive, send, declared: int | None, headers: list, target: str, client) -> bool:
+        """Passes a request on to the SuperLink and its answer back; True if it answered 200."""
         held = self.notice_port is not None and path == PULL_MESSAGES
         try:
             if held or declared is None:  # a pull is sent again while it is held: kept whole (it is small)
@@ -201,18 +250,18 @@ class Gate:
             request = client.build_request(method, target, headers=headers, content=content, extensions={"sni_hostname": "localhost"})
             if held:
                 await self._pull_held(client, request, send)
-                return
+                return True
             reply = await client.send(request, stream=True)
         except _TooLarge:
             await _reply(send, 413, f"a request's body is at most {MAX_BODY} bytes, and as long as it says\n".encode())
-            return
+            return False
         except _Gone:  # the site hung up before its body was whole: nobody to answer
-            return
+            return False
         except (httpx.HTTPError, RuntimeError) as error:  # RuntimeError: the gate is stopping (its client closed)
             # Before the SuperLink first answered it is starting (the health check polls it meanwhile).
             log.log(logging.ERROR if self._answered else logging.DEBUG, "the SuperLink did not answer %s %s: %s", method, path, error)
             await _reply(send, 502, b"the server is not ready\n")
-            return
+            return False
         self._answered = True
         try:
             # The body as the SuperLink sent it (not decoded), with its own length and encoding.
@@ -230,6 +279,7 @@ class Gate:
             await reply.aclose()
         if path in REPLIES and reply.status_code == 200:
             self._tell_listener()
+        return reply.status_code == 200
 
     async def _pull_held(self, client: httpx.AsyncClient, request: httpx.Request, send) -> None:
         """A site's pull: passed on, and while the SuperLink has no message for the site, held

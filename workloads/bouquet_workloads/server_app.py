@@ -491,18 +491,19 @@ def _exchange(
     reply of the site's, so it is left out, and the node is added to gone."""
     if not messages:
         return []
+    # A large update is pulled alone, so that the server holds one at a time however many
+    # sites have replied since it last looked (a pull inflates every reply it finds), and the
+    # gate lets only a few replies into the SuperLink ahead of the server's pulls.
+    alone = isinstance(taken, _Taken) and taken.mean is not None and taken.mean.nbytes >= PULL_ALONE_BYTES
     # Flower returns the ids in the order of messages, "" or None for one it could not push.
     ids = list(grid.push_messages(messages))
     for notice in NOTICE:
-        notice.pushed()
+        notice.pushed(hold=alone)
     destination = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=False) if i}
     pending = set(destination)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     wait = FIRST_POLL_SECONDS
-    # A large update is pulled alone, so that the server holds one at a time however many
-    # sites have replied since it last looked (a pull inflates every reply it finds).
-    alone = isinstance(taken, _Taken) and taken.mean is not None and taken.mean.nbytes >= PULL_ALONE_BYTES
     while pending and time.monotonic() < deadline:
         for reply in _pulled(grid, pending, alone):
             pending.discard(reply.metadata.reply_to_message_id)
@@ -514,6 +515,9 @@ def _exchange(
                 continue
             if taken is not None:
                 taken(reply)
+            if alone:
+                for notice in NOTICE:
+                    notice.taken()
             replies.append(reply)
         if pending:
             if not (NOTICE and NOTICE[0].wait(wait)):

@@ -12,11 +12,18 @@ processes tell each other instead, where they share a machine:
   hears of its message at once without asking more than about once a second;
 - the gate, having passed on a site's reply, sends the ServerApp a datagram back (to the
   address its last datagram came from), which wakes the ServerApp's wait for replies;
+- when the replies are large (a streamed strategy, bouquet_workloads.strategies.STREAMED), the
+  ServerApp's datagram asks the gate to hold them back (Notice.pushed(hold=True)), and it says
+  so each time it has taken one (Notice.taken): the gate lets a site's reply in only while
+  fewer than a few are waiting in the SuperLink to be taken, so the SuperLink holds a few
+  replies at a time whatever the number of sites (bouquet_workloads.gate);
 - a site's SuperNode, having stored a message, writes a byte to a pipe its worker waits on,
   and the worker, having handed back a reply, writes one to a pipe the SuperNode waits on.
 
-Each datagram and byte says only "look now": none carries data, and a lost or forged one costs
-at most the fallback wait (the processes still look on their own, only seldom).
+Each datagram and byte says only "look now" (or "hold back", or "one taken"): none carries data,
+and a lost or forged one costs at most the fallback wait (the processes still look on their own,
+only seldom; a reply held back goes in after the gate's longest hold) or, forged, the memory
+the holding back saves.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import socket
 
 # The gate's loopback port for the ServerApp's datagrams, in the ServerApp's environment.
 NOTICE_PORT_VARIABLE = "BOUQUET_GATE_NOTICE_PORT"
+# What the ServerApp's datagrams say: messages pushed; the same, with their replies held back;
+# a reply taken.
+PUSHED, PUSHED_HOLD, TAKEN = b"k", b"h", b"t"
 
 
 class Notice:
@@ -43,12 +53,20 @@ class Notice:
         port = os.environ.get(NOTICE_PORT_VARIABLE)
         return cls(int(port)) if port else None
 
-    def pushed(self) -> None:
-        """Tells the gate that messages for sites are there."""
+    def pushed(self, hold: bool = False) -> None:
+        """Tells the gate that messages for sites are there, and whether to hold their replies
+        back until earlier ones are taken."""
+        self._send(PUSHED_HOLD if hold else PUSHED)
+
+    def taken(self) -> None:
+        """Tells the gate that a reply was taken from the SuperLink."""
+        self._send(TAKEN)
+
+    def _send(self, what: bytes) -> None:
         try:
-            self.socket.sendto(b"k", self.gate)
+            self.socket.sendto(what, self.gate)
         except OSError:
-            pass  # the sites' own look, a second later at most, finds them
+            pass  # the sites' own look, a second later at most, finds them; a held reply goes in in time
 
     def wait(self, seconds: float) -> bool:
         """Waits until the gate says a reply came, or seconds pass; True if it said so."""
