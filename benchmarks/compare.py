@@ -103,11 +103,15 @@ class Sampler:
         while not self._stop.wait(0.2):
             rss = pss = server_rss = 0
             for pid in self._tree():
+                command = _command(pid)
                 sizes = _memory(pid)
-                if sizes is None:
+                server = self.server(pid, command)
+                if sizes is None or not command or not _command(pid):
+                    # Gone while it was read (a site's process at the run's end): its name and
+                    # parents, no longer there, would put it on the server's side.
                     continue
                 rss, pss = rss + sizes[0], pss + sizes[1]
-                if self.server(pid, _command(pid)):
+                if server:
                     server_rss += sizes[0]
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_server_rss = max(self.peak_server_rss, server_rss)

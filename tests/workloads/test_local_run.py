@@ -210,3 +210,35 @@ def test_each_site_runs_every_message_in_one_warm_worker(run):
         assert said.count("Loading ClientApp") == 1, site
         assert said.count("Receiving:") >= rounds + 2, site  # the data check, every round, the end
         assert "flwr-clientapp" not in said and "worker ended" not in said, site
+
+
+def test_a_large_model_over_more_sites_trains_every_round_its_replies_let_in_a_few_at_a_time(tmp_path):
+    """A 4 MB model (past PULL_ALONE_BYTES) over five sites, for real: the ServerApp takes each
+    update alone and asks the gate to hold replies back until it took earlier ones; every
+    round has every site, the bytes are the updates', and no reply waited out the gate's
+    longest hold (the ServerApp said each time it took one)."""
+    job = yaml.safe_load(EXAMPLE.read_text())
+    job["metadata"]["name"] = "large"
+    spec = job["spec"]
+    spec["rounds"] = 2
+    spec["task"]["model"] = {"mlp": {"hiddenSizes": [1024, 1024]}}
+    spec["dataset"] = {"name": "breast-cancer", "partitioning": "IID", "testFraction": 0.2}
+    spec["sites"] = [{"name": f"site-{i}"} for i in range(1, 6)]
+    job_file, out = tmp_path / "large.yaml", tmp_path / "out"
+    job_file.write_text(yaml.safe_dump(job))
+    done = subprocess.run(
+        [sys.executable, "-m", "bouquet", "run", str(job_file), "--out", str(out), "--metrics-port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    update = sum(v.nbytes for v in safetensors.numpy.load_file(out / "model.safetensors").values())
+    assert update >= 4 << 20, "the model is large enough for its updates to be taken alone"
+    history = json.loads((out / "history.json").read_text())
+    assert [(e["round"], e["sites"]) for e in history] == [(r, [f"site-{i}" for i in range(1, 6)]) for r in (1, 2)]
+    assert all(5 * update <= e["bytesReceived"] < 5 * update + 5 * 4096 for e in history), [e["bytesReceived"] for e in history]
+    gate = (out / "logs" / "gate.log").read_text()
+    assert "went in after" not in gate, gate
+    assert processes_mentioning(str(out)) == []

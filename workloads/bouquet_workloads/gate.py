@@ -100,6 +100,7 @@ class Gate:
     _holding: bool = field(default=False, repr=False)  # the last push asked for its replies to be held back
     _untaken: int = field(default=0, repr=False)  # replies let in since, not yet taken by the ServerApp
     _room: asyncio.Event | None = field(default=None, repr=False)  # set when a reply is taken
+    held: int = 0  # sites' replies held back, all exchanges together
 
     @property
     def upstream(self) -> str:
@@ -189,6 +190,10 @@ class Gate:
         """Waits until a site's reply may go in: fewer than ADMITTED let in and not yet taken,
         or REPLY_HOLD_SECONDS passed."""
         deadline = self._loop.time() + REPLY_HOLD_SECONDS
+        if self._holding and self._untaken >= ADMITTED:
+            self.held += 1
+            if self.held == 1:
+                log.info("large replies: a site's is held back while %d wait in the SuperLink for the server to take them", ADMITTED)
         while self._holding and self._untaken >= ADMITTED:
             room = self._room
             try:

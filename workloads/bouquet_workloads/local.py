@@ -258,12 +258,14 @@ def _log_to_file(name: str, path: Path) -> Callable[[], None]:
     logger, handler = logging.getLogger(name), logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
-    logger.propagate = False
+    logger.propagate, level = False, logger.level
+    logger.setLevel(logging.INFO)  # the file is the run's own record: what it says in passing too
 
     def undo() -> None:
         logger.removeHandler(handler)
         handler.close()
         logger.propagate = True
+        logger.setLevel(level)
 
     return undo
 
