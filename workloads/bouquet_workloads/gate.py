@@ -178,10 +178,14 @@ class Gate:
         self._pushed = asyncio.Event()
         # A new exchange: what was let in before is the last one's (taken, or never to be).
         self._holding, self._untaken = hold, 0
-        self._count_taken()
+        self._wake_held()
 
     def _count_taken(self) -> None:
         self._untaken = max(0, self._untaken - 1)
+        self._wake_held()
+
+    def _wake_held(self) -> None:
+        """Wakes the replies held back, to look again whether they may go in."""
         if self._room is not None:
             self._room.set()
         self._room = asyncio.Event()

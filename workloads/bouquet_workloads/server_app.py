@@ -233,7 +233,7 @@ def _round(roster: Roster, strategy, spec: Mapping, weights: dict, round_: int, 
     while True:
         grid = roster.participants(round_)
         packed = wire.pack(weights)
-        record = ArrayRecord(array_dict={k: Array(v) for k, v in packed.items()})
+        record = _to_record(packed)
         config = ConfigRecord({EVALUATE_INCOMING: 1} if previous is not None else {})
         messages = list(strategy.configure_train(round_, record, config, grid))
         gone: set[int] = set()
@@ -313,7 +313,7 @@ def _evaluate_at_sites(roster: Roster, strategy, spec: Mapping, weights: dict, r
     """The sites' evaluation of weights in an exchange of its own: the aggregated metrics
     (empty when site evaluation is off), the bytes sent and the replies."""
     grid = roster.participants(round_)
-    record = _to_record(weights)
+    record = _to_record(wire.pack(weights))
     messages = list(strategy.configure_evaluate(round_, record, ConfigRecord(), grid))
     replies = _in_site_order(
         roster, _exchange(grid, messages, spec["strategy"]["roundTimeoutSeconds"], taken=_Taken(out, round_, "evaluate"))
@@ -473,17 +473,21 @@ class _Taken:
                 log.warning("round %d: node %s's update is left out: %s", self.round, reply.metadata.src_node_id, problem)
                 self.unfit[reply.metadata.src_node_id] = problem
                 return
-        if self.mean is not None:
-            self.mean.add(content)
         if "arrays" in content.array_records:
             self.received += content.array_records["arrays"].count_bytes()
         if self.mean is not None:
+            self.mean.add(content)
             for name in list(content.array_records):
                 del content[name]
 
+    @property
+    def alone(self) -> bool:
+        """Whether each reply is pulled alone and held back at the gate: large streamed updates."""
+        return self.mean is not None and self.mean.nbytes >= PULL_ALONE_BYTES
+
 
 def _exchange(
-    grid: Grid, messages: list[Message], timeout: float, gone: set[int] | None = None, taken: Callable[[Message], None] | None = None
+    grid: Grid, messages: list[Message], timeout: float, gone: set[int] | None = None, taken: _Taken | None = None
 ) -> list[Message]:
     """Sends messages and collects the sites' replies that arrive within timeout seconds,
     handing each to taken as it arrives. When a site's node goes away before it replies,
@@ -494,7 +498,7 @@ def _exchange(
     # A large update is pulled alone, so that the server holds one at a time however many
     # sites have replied since it last looked (a pull inflates every reply it finds), and the
     # gate lets only a few replies into the SuperLink ahead of the server's pulls.
-    alone = isinstance(taken, _Taken) and taken.mean is not None and taken.mean.nbytes >= PULL_ALONE_BYTES
+    alone = taken is not None and taken.alone
     # Flower returns the ids in the order of messages, "" or None for one it could not push.
     ids = list(grid.push_messages(messages))
     for notice in NOTICE:
@@ -539,9 +543,9 @@ def _pulled(grid: Grid, pending: set[str], alone: bool) -> Iterator[Message]:
         yield from grid.pull_messages([message_id])
 
 
-def _to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """The weights as they travel: packed (bouquet_workloads.wire)."""
-    return ArrayRecord(array_dict={k: Array(v) for k, v in wire.pack(weights).items()})
+def _to_record(packed: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The weights as they travel, packed by bouquet_workloads.wire.pack."""
+    return ArrayRecord(array_dict={k: Array(v) for k, v in packed.items()})
 
 
 def _errors(replies: list[Message], unfit: list[str] = ()) -> str:
